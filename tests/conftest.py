@@ -1,0 +1,29 @@
+"""Shared test plumbing: the repo root on sys.path, and helpers that run our scripts as a
+user would (subprocesses, torchrun) so the tests exercise the real command lines."""
+import os, subprocess, sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(args, cwd=None, timeout=600, check=True):
+    """`python <args...>` from the repo root (or cwd); returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed ({p.returncode}): {args}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def torchrun(args, nproc=2, cwd=None, timeout=600, check=True):
+    """A `torchrun --standalone --nproc_per_node=N` run on CPU (gloo)."""
+    return run_script(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+                      cwd=cwd, timeout=timeout, check=check)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (run through the device tool)")
