@@ -183,9 +183,23 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+def _plain(obj):
+    """Plain Python types only, so `torch.load(weights_only=True)` accepts the file
+    (e.g. torch.__version__ is a str subclass that the safe unpickler refuses)."""
+    if isinstance(obj, dict):
+        return {_plain(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def save_checkpoint(obj, path):
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        torch.save(_plain(obj), tmp)
 
 
 def load_checkpoint(path):
