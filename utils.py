@@ -2,7 +2,7 @@
 and the embedded datasets. Everything a model is made of lives in the script of its paper
 section; this file only holds infrastructure that every script needs in the same form.
 """
-import dataclasses, json, os, shutil, sys, time, typing
+import dataclasses, json, os, shutil, time, typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,6 +22,8 @@ def fail(msg):
 
 def _convert(name, typ, text):
     """Parse the command-line string `text` into the type annotated on the dataclass field."""
+    if typ is None:  # not a field: parse_config reports the unknown key
+        return text
     origin = typing.get_origin(typ)
     try:
         if typ is bool:
@@ -61,17 +63,15 @@ def parse_config(cls, argv, presets=None):
         pairs.append((key, val))
         i += 1
     values = {}
-    for key, val in pairs:
+    for key, val in pairs:  # the preset first, wherever it stands on the line
         if key == "preset":
             if val not in presets:
                 fail(f"unknown preset {val!r}; valid presets: {', '.join(presets) or 'none'}")
             values.update(presets[val])
-    for key, val in pairs:
-        if key == "preset":
-            continue
+    values.update((k, _convert(k, hints.get(k), v)) for k, v in pairs if k != "preset")
+    for key in values:
         if key not in fields:
             fail(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-        values[key] = _convert(key, hints[key], val)
     return cls(**values)
 
 

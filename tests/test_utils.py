@@ -53,6 +53,11 @@ def test_config_errors_are_one_line(argv, match):
     assert msg.startswith("error: ") and match in msg and "\n" not in msg
 
 
+def test_config_preset_with_unknown_key_is_caught():
+    with pytest.raises(SystemExit, match="unknown config key 'width'"):
+        utils.parse_config(Cfg, ["--preset=bad"], {"bad": {"width": 3}})
+
+
 def test_config_json_saved(tmp_path):
     from dataclasses import asdict
     utils.save_json(asdict(Cfg()), str(tmp_path / "run" / "config.json"))
