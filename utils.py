@@ -38,6 +38,11 @@ def _convert(name, typ, text):
         fail(f"--{name} expects {getattr(typ, '__name__', typ)}, got {text!r}")
 
 
+# torchrun's own parser takes `--run=...` and `--n ...` for abbreviations of its options
+# (--run-path, --nnodes), even after the script name; these spellings get through it.
+ALIASES = {"run_name": "run", "num": "n"}
+
+
 def parse_config(cls, argv, presets=None):
     """Build a `cls` dataclass from `--preset NAME` then `--key=value` / `--key value` / `--flag`.
 
@@ -53,6 +58,7 @@ def parse_config(cls, argv, presets=None):
             fail(f"unexpected argument {arg!r}; options look like --key=value")
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
+        key = ALIASES[key] if key in ALIASES and ALIASES[key] in fields else key
         if not eq:  # --flag (bool) or --key value
             if key in fields and hints[key] is bool:
                 val = "true"

@@ -31,6 +31,16 @@ def test_config_types_and_forms():
     assert utils.parse_config(Cfg, []) == Cfg()
 
 
+def test_config_aliases_for_torchrun():
+    @dataclass
+    class C:
+        run: str = "toy"   # run folder
+        n: int = 1         # samples
+    assert utils.parse_config(C, ["--run_name=x", "--num", "5"]) == C("x", 5)
+    with pytest.raises(SystemExit, match="unknown config key 'num'"):
+        utils.parse_config(Cfg, ["--num=5"])                  # no alias without its field
+
+
 def test_config_presets_then_overrides():
     cfg = utils.parse_config(Cfg, ["--preset", "big", "--steps=7"], PRESETS)
     assert (cfg.steps, cfg.lr) == (7, 1e-4)          # flag wins over preset, preset over default

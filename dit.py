@@ -1,0 +1,931 @@
+"""DiT conditioned on Discrete Latent Codes: p(x | c), the baselines, classifier-free guidance
+and DLC composition (paper Sections 4-5, 5.1, 5.2, Appendix E).
+
+The image model is the DiT of Peebles & Xie (2023) with its label embedder swapped for an
+embedding of the DLC: a table of shape (L, V+1, D), one vocabulary per position, whose L
+embedded tokens are averaged and added to the timestep embedding (Sec. 4, "We embed the
+tokens ... These embedded tokens are averaged"). Index V is a drop token that stands for
+"no code" and trains the unconditional model used by classifier-free guidance.
+Baselines with the same backbone: `label` (the official label embedder), `embedding` (a
+continuous SSL embedding through a linear layer: the DINOv2 / RCG style baseline), `none`.
+
+Facts from facebookresearch/DiT (models.py, diffusion/gaussian_diffusion.py, respace.py,
+sample.py, https://github.com/facebookresearch/DiT) and the authors' fork
+(https://github.com/lavoiems/DiscreteLatentCode, dit/models.py: SEMEmbedder, ContEmbedder;
+read for facts, code written here). Equations: DDPM = Ho et al. 2020, IDDPM = Nichol &
+Dhariwal 2021, DDIM = Song et al. 2021, CFG = Ho & Salimans 2022.
+
+Commands
+  laptop toy (pixel space, 16 px shapes, CPU, about a minute per model):
+    python dit.py train --cond dlc --dlc runs/dlc-shapes          # DLC set from sem.py encode
+    python dit.py train --cond label --data shapes --run label
+    python dit.py train --cond embedding --dlc runs/dlc-shapes --run emb   # needs embeddings.npy
+    python dit.py train --cond none --run uncond
+    python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
+    python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 \
+        --emb_ckpt runs/dit-emb --out compose.npz
+    python dit.py bench
+  one GPU, ImageNet 256 (SD-VAE latents extracted once, then DiT-XL/2):
+    python dit.py extract --preset imagenet --data_path /data/imagenet/train --vae /models/sd-vae-ft-ema \
+        --latents /data/in256-latents
+    python dit.py train --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
+  N GPUs (the "--" stops torchrun from reading --run / --n as abbreviations of its own options):
+    torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
+    torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet --ckpt runs/dit-imagenet \
+        --dlc sedd_samples --n 50000 --vae /models/sd-vae-ft-ema --out dlc_50k.npz
+"""
+import dataclasses, json, math, os, sys, time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+
+@dataclass
+class Config:
+    # shared by every training script
+    run: str = "toy"                # run folder runs/dit-<run>/
+    resume: bool = False            # continue from the newest checkpoint of the run folder
+    seed: int = 0                   # base seed (noise, timesteps, batches, CFG drops)
+    device: str = "auto"            # auto | cpu | cuda | mps
+    steps: int = 400                # optimiser steps (paper: 800 epochs of ImageNet, about 4M steps at 256)
+    batch_size: int = 64            # per process (paper: 256 global)
+    compile: bool = False           # torch.compile the model (the authors compile)
+    # model and conditioning
+    model: str = "DiT-toy/4"        # size key: DiT-{S,B,L,XL}/{2,4,8}, DiT-toy/{2,4,8} (paper: DiT-XL/2)
+    cond: str = "dlc"               # dlc | label | embedding | none
+    dlc: str = ""                   # DLC set folder (codes.npy, meta.json, embeddings.npy for `embedding`)
+    data: str = "shapes"            # embedded dataset for label / none (dlc, embedding use the set's meta["data"])
+    data_n: int = 4000              # images of the embedded dataset for label / none
+    image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
+    num_classes: int = 0            # label conditioner classes; 0 = from the data (ImageNet 1000)
+    drop_prob: float = 0.1          # probability of replacing the condition by the null / drop token
+    init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
+    # optimisation
+    lr: float = 1e-3                # AdamW learning rate (paper / DiT: 1e-4; a tiny toy model takes 1e-3)
+    ema: float = 0.995              # EMA decay (paper: 0.9999; far too slow for a few hundred toy steps)
+    grad_ckpt: bool = False         # gradient checkpointing through the blocks
+    bf16: bool = True               # bf16 autocast on CUDA (CPU trains in fp32; the authors use fp16)
+    log_every: int = 1              # log line interval (one per step by default)
+    ckpt_every: int = 200           # checkpoint interval
+    sample_every: int = 200         # sample-grid interval during training
+    # latent diffusion (paper scale)
+    latents: str = ""               # folder written by `extract`; training then reads latents only
+    data_path: str = ""             # ImageFolder root for `extract`
+    vae: str = ""                   # local diffusers AutoencoderKL folder (stabilityai/sd-vae-ft-ema)
+    # diffusion and sampling
+    diffusion_steps: int = 1000     # T of the linear beta schedule
+    sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)
+    ddim: bool = False              # DDIM (eta = 0) instead of DDPM on the respaced steps
+    cfg_scale: float = 1.0          # classifier-free guidance scale (paper: 1.4 / 1.7 for Table 1)
+    cfg_channels: int = 3           # guide the first k output channels (paper / DiT: 3; authors' code: all = 4)
+    cfg_interval: list[float] = field(default_factory=list)  # [lo, hi] fraction of T where CFG applies; empty = all
+    ckpt: str = ""                  # checkpoint file or run folder to sample from
+    out: str = "samples.npz"        # samples file (arr_0 uint8 [N, H, W, C]) + a PNG grid next to it
+    n: int = 64                     # number of samples
+    start: int = 0                  # first row of the DLC set used for sampling
+    labels: list[int] = field(default_factory=list)  # labels to sample (cycled); empty = 0..classes-1
+    # composition (Sec. 5.2)
+    pairs: str = "0:1,2:3"          # source DLC rows "a:b,c:d"
+    n_per_pair: int = 8             # compositions per pair
+    mix_p: float = 0.5              # probability that a position takes source A's token
+    emb_ckpt: str = ""              # `embedding` model: the same pairs by averaging continuous embeddings
+
+
+PRESETS = {
+    "toy": {},
+    "imagenet": dict(model="DiT-XL/2", image_size=256, batch_size=32, steps=4_000_000, lr=1e-4,
+                     ema=0.9999, num_classes=1000, ckpt_every=50_000, sample_every=50_000,
+                     log_every=100, cfg_channels=3),
+}
+
+# name -> (depth, hidden, heads); the paper's names with the patch size after the slash
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "toy": (4, 128, 4)}
+DIT_MODELS = {f"DiT-{s}/{p}": (*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
+
+
+#################################################################################
+#                 Embedders: timestep and the four conditioners                  #
+#################################################################################
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, ordered [cos, sin] as in DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                        # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # (B, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoid -> Linear -> SiLU -> Linear (keys mlp.0, mlp.2)."""
+    def __init__(self, hidden):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t))
+
+
+class LabelEmbedder(nn.Module):
+    """The official label embedder: row `num_classes` is the null class used by CFG."""
+    def __init__(self, num_classes, hidden):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)   # [1001, D] on ImageNet
+
+    def forward(self, y, drop):                      # y (B,) int64, drop (B,) bool
+        return self.embedding_table(torch.where(drop, self.num_classes, y))
+
+
+class DLCEmbedder(nn.Module):
+    """Sec. 4: one embedding table per position, (L, V+1, D); index V is the drop token.
+    The L embedded tokens are averaged. Init N(0, 1/D) as in the authors' SEMEmbedder."""
+    def __init__(self, L, V, hidden):
+        super().__init__()
+        self.L, self.V = L, V
+        self.embedding_table = nn.Parameter(torch.randn(L, V + 1, hidden) * hidden ** -0.5)
+
+    def forward(self, codes, drop):                  # codes (B, L) int64, drop (B,) bool
+        codes = torch.where(drop[:, None], self.V, codes)          # drop the WHOLE code
+        pos = torch.arange(self.L, device=codes.device)[None]      # (1, L)
+        return self.embedding_table[pos, codes].mean(1)            # (B, L, D) -> (B, D)
+
+
+class ContEmbedder(nn.Module):
+    """Continuous SSL embedding (sem.py encode --continuous) through a linear layer; a dropped
+    condition is replaced by a learned null vector in the input space (authors' ContEmbedder)."""
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.null = nn.Parameter(torch.randn(1, in_dim) * 0.02)
+        self.proj = nn.Linear(in_dim, hidden, bias=False)
+
+    def forward(self, e, drop):                      # e (B, E) float, drop (B,) bool
+        return self.proj(torch.where(drop[:, None], self.null.to(e.dtype), e))
+
+
+#################################################################################
+#                                 Core DiT model                                #
+#################################################################################
+
+def sincos_pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos position embedding (MAE / DiT): first half encodes the column,
+    second half the row; each half is [sin, cos] of pos * 10000^(-k / (dim/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    def one_d(pos):                                   # (T,) -> (T, dim/2)
+        a = pos.reshape(-1, 1).double() * omega[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+    return torch.cat([one_d(cols), one_d(rows)], dim=1).float()[None]   # (1, T, dim)
+
+
+def modulate(x, shift, scale):                        # adaLN: x * (1 + scale) + shift
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's key names (qkv, proj), through fused SDPA."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v)                       # (B, H, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))              # (B, T, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: LayerNorm without affine, shift / scale / gate from the condition."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):                                              # x (B, T, D), c (B, D)
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim, patch, out_ch):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch * patch * out_ch)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))    # (B, T, p*p*2C)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, in_ch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_ch, dim, patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)                   # (B, C, H, W) -> (B, T, D)
+
+
+class DiT(nn.Module):
+    """DiT with learned sigma (2C output channels: epsilon, then the variance interpolation v).
+    `cond` picks the conditioner: dlc (sem_embedder, the authors' key), label (y_embedder,
+    the official key), embedding (cont_embedder) or none."""
+    def __init__(self, model="DiT-toy/2", input_size=16, in_channels=3, cond="none",
+                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False):
+        super().__init__()
+        depth, dim, heads, patch = DIT_MODELS[model]
+        self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
+        self.grad_ckpt = grad_ckpt
+        self.x_embedder = PatchEmbed(patch, in_channels, dim)
+        self.t_embedder = TimestepEmbedder(dim)
+        if cond == "label":
+            self.y_embedder = LabelEmbedder(num_classes, dim)
+        elif cond == "dlc":
+            self.sem_embedder = DLCEmbedder(L, V, dim)
+        elif cond == "embedding":
+            self.cont_embedder = ContEmbedder(emb_dim, dim)
+        elif cond != "none":
+            utils.fail(f"unknown --cond {cond!r}; use dlc, label, embedding or none")
+        grid = input_size // patch
+        self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)  # (1, T, D), fixed
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
+        self.final_layer = FinalLayer(dim, patch, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """DiT init: xavier linears, patch conv as a linear, N(0, .02) timestep MLP, and zeros on
+        every adaLN output and the final linear, so the network outputs exactly 0 at init."""
+        if self.pos_embed.is_meta:                   # shapes only (torch.device("meta")): nothing to fill
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.cond == "label":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+    def embed_condition(self, y, drop):
+        if self.cond == "label":
+            return self.y_embedder(y, drop)
+        if self.cond == "dlc":
+            return self.sem_embedder(y, drop)
+        if self.cond == "embedding":
+            return self.cont_embedder(y, drop)
+        return 0.0
+
+    def unpatchify(self, x):
+        B, T, _ = x.shape
+        h, p, c = int(T ** 0.5), self.patch, self.out_channels
+        x = x.reshape(B, h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)          # (B, C, h, p, w, p)
+        return x.reshape(B, c, h * p, h * p)                               # (B, 2C, H, W)
+
+    def forward(self, x, t, y=None, drop=None):
+        """x (B, C, H, W), t (B,) timesteps of the 1000-step chain, y the condition, drop (B,)
+        bool = use the null condition (training draws it, CFG sets it)."""
+        if drop is None:
+            drop = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        x = self.x_embedder(x) + self.pos_embed                            # (B, T, D)
+        c = self.t_embedder(t) + self.embed_condition(y, drop)             # (B, D)
+        for block in self.blocks:
+            if self.grad_ckpt and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))                     # (B, 2C, H, W)
+
+    def forward_with_cfg(self, x, t, y, scale, channels=3, interval=None, T=1000):
+        """Classifier-free guidance (CFG eq. 6): eps = eps_u + s (eps_c - eps_u) on the first
+        `channels` channels (paper / DiT: 3 of the 4 latent channels; authors' code: all). The
+        variance channels and the unguided epsilon channels keep the conditional prediction.
+        `interval` = (lo, hi) fractions of T: guidance only for lo*T <= t <= hi*T."""
+        if self.cond == "none" or scale == 1.0:
+            return self(x, t, y)
+        B = len(x)
+        drop = torch.arange(2 * B, device=x.device) >= B                   # second half: null condition
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop)  # (2B, 2C, H, W)
+        cond, uncond = out[:B], out[B:]
+        k = min(channels, self.in_channels)
+        guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        if interval:
+            inside = ((t >= interval[0] * T) & (t <= interval[1] * T)).view(-1, 1, 1, 1)
+            guided = torch.where(inside, guided, cond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1)
+
+
+def load_official(model, state_dict):
+    """Load an official DiT checkpoint: strict for the label model; for the others everything
+    but the conditioning embedder, and the skipped / missing keys are printed, not hidden."""
+    if model.cond == "label":
+        model.load_state_dict(state_dict, strict=True)
+        return [], []
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    bad = [k for k in missing if not k.startswith(("sem_embedder.", "cont_embedder."))] + list(unexpected)
+    if bad:
+        utils.fail(f"checkpoint does not match the DiT architecture: {bad[:4]}; check --model")
+    skipped = sorted(set(state_dict) - set(sd))
+    utils.print0(f"official checkpoint loaded; not loaded (label embedder): {skipped}; "
+                 f"newly initialised (conditioner): {sorted(missing)}")
+    return sorted(missing), skipped
+
+
+#################################################################################
+#                Gaussian diffusion (DDPM / IDDPM), float64 schedules            #
+#################################################################################
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(m1, e^lv1) || N(m2, e^lv2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """DDPM eq. 13: log-probability of the 8-bit bin of x (in [-1, 1], bin width 2/255) under
+    N(mean, e^(2 log_scale)); the edge bins extend to -inf / +inf. (IDDPM uses a tanh
+    approximation of the normal CDF; we use the exact one, torch.special.ndtr.)"""
+    inv = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv * (x - mean + 1 / 255))
+    cdf_min = torch.special.ndtr(inv * (x - mean - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def mean_flat(x):
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def space_timesteps(T, n):
+    """The n kept steps of a T-step chain, evenly spaced and rounded as in DiT's respace.py
+    (a single section); 0 and T-1 are always kept."""
+    if n >= T:
+        return list(range(T))
+    stride = (T - 1) / (n - 1)
+    return sorted({round(i * stride) for i in range(n)})
+
+
+class GaussianDiffusion:
+    """Linear betas, epsilon prediction, learned-range variance. `timestep_map[i]` is the
+    original timestep of chain step i (identity for the full chain); the network always sees
+    the original timesteps."""
+    def __init__(self, betas, timestep_map=None):
+        b = np.asarray(betas, dtype=np.float64)
+        self.T = len(b)
+        self.betas = b
+        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(self.T))
+        self.abar = np.cumprod(1 - b)                                      # alpha-bar_t
+        self.abar_prev = np.append(1.0, self.abar[:-1])
+        # DDPM eq. 7: posterior q(x_{t-1} | x_t, x_0) variance and mean coefficients
+        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)
+        self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))  # clipped at t=0
+        self.post_c0 = b * np.sqrt(self.abar_prev) / (1 - self.abar)
+        self.post_ct = (1 - self.abar_prev) * np.sqrt(1 - b) / (1 - self.abar)
+
+    @classmethod
+    def linear(cls, T=1000):
+        scale = 1000 / T                                                    # DDPM: 1e-4..0.02 at T = 1000
+        return cls(np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64))
+
+    def respace(self, n):
+        """IDDPM sec. 4: keep n steps S and set beta_i = 1 - abar_{S_i} / abar_{S_(i-1)}, so
+        alpha-bar is unchanged at the kept steps."""
+        keep = space_timesteps(self.T, n)
+        abar = self.abar[keep]
+        betas = 1 - abar / np.append(1.0, abar[:-1])
+        return GaussianDiffusion(betas, self.timestep_map[keep].tolist())
+
+    def _at(self, arr, t, x):                                               # gather, broadcast to x
+        return torch.as_tensor(arr, device=x.device)[t].to(x.dtype).view(-1, *[1] * (x.ndim - 1))
+
+    def q_sample(self, x0, t, noise):
+        """DDPM eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        return self._at(np.sqrt(self.abar), t, x0) * x0 + self._at(np.sqrt(1 - self.abar), t, x0) * noise
+
+    def q_posterior(self, x0, xt, t):
+        """DDPM eqs. 6-7: mean and (clipped) log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.post_c0, t, xt) * x0 + self._at(self.post_ct, t, xt) * xt
+        return mean, self._at(self.post_var, t, xt), self._at(self.post_logvar, t, xt)
+
+    def predict_x0(self, xt, t, eps):
+        """DDPM eq. 4 inverted: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return self._at(np.sqrt(1 / self.abar), t, xt) * xt - self._at(np.sqrt(1 / self.abar - 1), t, xt) * eps
+
+    def p_mean_variance(self, out, xt, t, clip=False):
+        """From the network output (eps, v): IDDPM eq. 15 log-variance
+        v' log beta_t + (1 - v') log beta~_t with v' = (v + 1) / 2, and the mean of eq. 11
+        through x_0 = predict_x0(eps) plugged into the posterior mean (eq. 7)."""
+        C = xt.shape[1]
+        eps, v = out[:, :C], out[:, C:]
+        frac = (v + 1) / 2
+        logvar = frac * self._at(np.log(self.betas), t, xt) + (1 - frac) * self._at(self.post_logvar, t, xt)
+        x0 = self.predict_x0(xt, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, _, _ = self.q_posterior(x0, xt, t)
+        return mean, logvar, x0, eps
+
+    def vb_terms(self, out, x0, xt, t):
+        """IDDPM eq. 4-5: L_t = KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the
+        discretised decoder NLL L_0 = -log p(x_0 | x_1) at t = 0; in bits per dimension."""
+        true_mean, _, true_logvar = self.q_posterior(x0, xt, t)
+        mean, logvar, _, _ = self.p_mean_variance(out, xt, t)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2)
+        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model, x0, t, y, drop, noise):
+        """L_hybrid (IDDPM sec. 3.1, as in DiT): ||eps - eps_theta||^2 + L_vlb, where L_vlb sees
+        the epsilon output detached, so the VLB trains the variance only. Per sample (B,)."""
+        xt = self.q_sample(x0, t, noise)
+        out = model(xt, self.timestep_map.to(t.device)[t], y, drop).float()   # (B, 2C, H, W)
+        C = x0.shape[1]
+        mse = mean_flat((noise - out[:, :C]) ** 2)
+        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+        vb = self.vb_terms(frozen, x0, xt, t)
+        return mse + vb, mse, vb
+
+    @torch.no_grad()
+    def sample(self, model_fn, noise, step_noise, clip=True, ddim=False, progress=False):
+        """Ancestral DDPM sampling (DDPM alg. 2 with the learned variance) or DDIM with eta = 0
+        (DDIM eq. 12) over this (respaced) chain. noise (B, C, H, W) is x_T; step_noise(i)
+        returns the noise added at chain step i, drawn per sample by the caller."""
+        x = noise
+        steps = list(range(self.T))[::-1]
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, desc="sampling", leave=False)
+        for i in steps:
+            t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.timestep_map.to(x.device)[t]).float()
+            mean, logvar, x0, eps = self.p_mean_variance(out, x, t, clip)
+            if ddim:
+                eps = (self._at(np.sqrt(1 / self.abar), t, x) * x - x0) / self._at(np.sqrt(1 / self.abar - 1), t, x)
+                x = x0 * self._at(np.sqrt(self.abar_prev), t, x) + self._at(np.sqrt(1 - self.abar_prev), t, x) * eps
+            elif i > 0:
+                x = mean + torch.exp(0.5 * logvar) * step_noise(i).to(x)
+            else:
+                x = mean
+        return x
+
+
+#################################################################################
+#           Data: images (or latents) row-aligned with their conditions         #
+#################################################################################
+
+def resize(images, size):
+    """Area-downsample embedded images to the model's resolution (shapes are drawn at 32 px)."""
+    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="area")
+
+
+def load_conditions(cfg, L=None, V=None):
+    """The condition array for cfg.cond, and the data spec the images come from.
+    Returns (y: tensor or None, info dict with L, V, emb_dim, num_classes, data spec)."""
+    info = {"L": 0, "V": 0, "emb_dim": 0, "num_classes": cfg.num_classes, "data": None}
+    if cfg.cond in ("dlc", "embedding"):
+        if not cfg.dlc:
+            utils.fail(f"--cond {cfg.cond} needs --dlc DIR (a DLC set from sem.py encode)")
+        s = utils.load_dlc_set(cfg.dlc, L=L, V=V)
+        info.update(L=int(s["meta"]["L"]), V=int(s["meta"]["V"]), data=s["meta"].get("data"))
+        if cfg.cond == "dlc":
+            return torch.from_numpy(np.asarray(s["codes"], dtype=np.int64)), info
+        path = os.path.join(cfg.dlc, "embeddings.npy")
+        if not os.path.isfile(path):
+            utils.fail(f"{cfg.dlc} has no embeddings.npy; run sem.py encode --continuous to write it")
+        e = torch.from_numpy(np.load(path).astype(np.float32))              # (N, E)
+        if len(e) != len(s["codes"]):
+            utils.fail(f"{path} has {len(e)} rows but the set has {len(s['codes'])} codes; re-encode")
+        info["emb_dim"] = e.shape[1]
+        return e, info
+    info["data"] = {"name": cfg.data, "n": cfg.data_n, "size": 32, "seed": 0}
+    return None, info
+
+
+def load_training_data(cfg):
+    """x: float [N, C, H, W] images in [-1, 1] (toy) or a float16 latent memmap [N, 2, 4, h, w]
+    (paper; index 1 = the flipped image); y: codes / labels / embeddings / None, same rows."""
+    y, info = load_conditions(cfg)
+    if cfg.latents:
+        x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")
+        labels = torch.from_numpy(np.load(os.path.join(cfg.latents, "labels.npy")))
+    else:
+        if info["data"] is None:
+            utils.fail(f"DLC set {cfg.dlc} has no meta['data']: its images cannot be re-created; "
+                       "train on a set encoded from an embedded dataset or on --latents")
+        d = utils.load_embedded(**info["data"])
+        x, labels = resize(d["images"], cfg.image_size), d["labels"]
+    if cfg.cond == "label":
+        y = labels
+        info["num_classes"] = cfg.num_classes or int(labels.max()) + 1
+    if y is not None and len(y) != len(x):
+        utils.fail(f"{len(x)} images but {len(y)} conditions in {cfg.dlc or cfg.latents}; "
+                   "the DLC set must be row-aligned with the images (re-encode them)")
+    return x, y, info
+
+
+def get_batch(x, y, idx, gen, latent):
+    """Rows idx; for latents pick the plain or flipped copy at random (DiT's random flip)."""
+    if latent:
+        flip = torch.randint(0, 2, (len(idx),), generator=gen).numpy()
+        xb = torch.from_numpy(np.stack([x[i, f] for i, f in zip(idx.tolist(), flip)]).astype(np.float32))
+    else:
+        xb = x[idx]
+    return xb, (y[idx] if y is not None else None)
+
+
+#################################################################################
+#                                     Training                                  #
+#################################################################################
+
+def model_args(cfg, info, in_ch, size):
+    return dict(model=cfg.model, input_size=size, in_channels=in_ch, cond=cfg.cond,
+                num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"])
+
+
+def to_image(x):
+    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, 3) (grey digits repeated to RGB for grids)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return x.cpu().numpy()
+
+
+def save_grid(images, path, ncol=8):
+    """uint8 [N, H, W, C] -> a PNG grid (1 px gaps), written atomically."""
+    import matplotlib.image
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im if c == 3 else im[..., :1]
+    scale = max(1, 512 // (ncol * (w + 1)))                                # upscale tiny toy images
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    with utils.atomic_path(path) as tmp:
+        matplotlib.image.imsave(tmp, grid, format="png")
+
+
+def train(cfg):
+    d = utils.setup_dist(cfg.device)
+    run_dir = os.path.join("runs", f"dit-{cfg.run}")
+    x, y, info = load_training_data(cfg)
+    latent = bool(cfg.latents)
+    in_ch, size = (x.shape[2], x.shape[-1]) if latent else (x.shape[1], x.shape[-1])
+    margs = model_args(cfg, info, in_ch, size)
+    torch.manual_seed(cfg.seed)                      # same init on every rank; step noise is seeded per rank below
+    model = DiT(**margs, grad_ckpt=cfg.grad_ckpt).to(d.device)
+    if cfg.init_from:
+        load_official(model, utils.load_checkpoint(cfg.init_from))
+    ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0)
+    step, log = 0, utils.Logger(run_dir, d)
+    ck = utils.latest_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else None
+    if cfg.resume and ck is None:
+        log(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch")
+    if ck:
+        state = utils.load_checkpoint(ck)
+        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]); step = state["step"]
+        log(f"resumed from {ck} at step {step}")
+    if d.main:
+        utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps)
+    net = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    use_bf16 = cfg.bf16 and d.device.type == "cuda"
+    log(f"DiT {cfg.model} cond={cfg.cond} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"data={len(x)} x {in_ch}x{size}x{size} world={d.world} device={d.device}")
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        # every random draw of a step comes from (seed, step, rank): resuming replays exactly
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+        xb, yb = get_batch(x, y, idx, gen, latent)
+        t = torch.randint(0, diffusion.T, (cfg.batch_size,), generator=gen)
+        noise = torch.randn(xb.shape, generator=gen)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.drop_prob    # CFG: train p(x) too
+        xb, t, noise, drop = (v.to(d.device) for v in (xb, t, noise, drop))
+        yb = yb.to(d.device) if yb is not None else None
+        model.train()
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss, mse, vb = diffusion.training_losses(net, xb, t, yb, drop, noise)
+            loss = loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        opt.step()
+        utils.ema_update(ema, model, cfg.ema)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            stats = torch.stack([loss.detach(), mse.mean().detach(), vb.mean().detach()]).float()
+            if d.world > 1:                                                 # all-reduce only to log
+                dist.all_reduce(stats); stats /= d.world
+            ms = (time.perf_counter() - t0) * 1000
+            log(f"step {step:7d} | loss {stats[0]:.4f} (mse {stats[1]:.4f} vb {stats[2]:.4f}) | lr {cfg.lr:.1e} "
+                f"| grad {gnorm:.3f} | {ms:6.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:7.1f} samples/s")
+        if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                   "step": step, "config": dataclasses.asdict(cfg), "model_args": margs,
+                                   "versions": {"torch": torch.__version__}},
+                                  os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
+        if d.main and not latent and (step % cfg.sample_every == 0 or step == cfg.steps):
+            yg = y[:16].to(d.device) if y is not None else None
+            imgs = generate(ema, diffusion.respace(min(50, cfg.sample_steps)), yg, 16, (in_ch, size, size),
+                            cfg, seeds=range(16), device=d.device)
+            save_grid(imgs, os.path.join(run_dir, f"samples_{step:07d}.png"))
+        if d.world > 1:
+            dist.barrier()                                                  # rank 0 writes, then all go on
+    utils.cleanup_dist()
+    return run_dir
+
+
+#################################################################################
+#                      Sampling, DDP-sharded, per-sample seeds                  #
+#################################################################################
+
+def per_sample_noise(seeds, shape, steps):
+    """x_T and the noise of every chain step for each sample from its own generator, so a
+    sample is the same whatever the batch or the process it lands in."""
+    xs, zs = [], []
+    for s in seeds:
+        g = torch.Generator().manual_seed(int(s))
+        xs.append(torch.randn(shape, generator=g))
+        zs.append(torch.randn((steps, *shape), generator=g))              # (steps, C, H, W)
+    return torch.stack(xs), torch.stack(zs, 1)                             # (B, ...), (steps, B, ...)
+
+
+@torch.no_grad()
+def generate(model, diffusion, y, n, shape, cfg, seeds, device, progress=False, decode=None):
+    """n samples (uint8 [n, H, W, 3]) from conditions y (n rows or None) with CFG per cfg."""
+    x, z = per_sample_noise(seeds, shape, diffusion.T)
+    x = x.to(device)
+    fn = lambda xt, t: model.forward_with_cfg(xt, t, y, cfg.cfg_scale, cfg.cfg_channels,
+                                              cfg.cfg_interval or None, cfg.diffusion_steps)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+        out = diffusion.sample(fn, x, lambda i: z[i], clip=decode is None, ddim=cfg.ddim, progress=progress)
+    if decode is not None:                                                 # latents -> pixels
+        out = decode(out)
+    return to_image(out)
+
+
+def load_for_sampling(ckpt_path, device):
+    state = utils.load_checkpoint(utils.resolve_ckpt(ckpt_path))
+    model = DiT(**state["model_args"]).to(device).eval()
+    model.load_state_dict(state["ema"])                                    # samplers use EMA weights
+    return model, state
+
+
+def vae_decoder(cfg, device):
+    """SD-VAE decode (x / 0.18215), imported lazily from a local folder."""
+    if not cfg.vae or not os.path.isdir(cfg.vae):
+        utils.fail(f"--vae {cfg.vae!r} is not a folder; download stabilityai/sd-vae-ft-ema there (diffusers format)")
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        utils.fail("the VAE needs diffusers: pip install diffusers")
+    vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval()
+    return vae, (lambda z: vae.decode(z / 0.18215).sample)
+
+
+def sample_conditions(cfg, model, n):
+    """The n conditions to sample from: rows start..start+n of a DLC set (codes or
+    embeddings), labels (cycled), or None."""
+    if model.cond in ("dlc", "embedding"):
+        c = dataclasses.replace(cfg, cond=model.cond)
+        L = model.sem_embedder.L if model.cond == "dlc" else None
+        V = model.sem_embedder.V if model.cond == "dlc" else None
+        y, _ = load_conditions(c, L, V)
+        if cfg.start + n > len(y):
+            utils.fail(f"the DLC set {cfg.dlc} has {len(y)} rows; --start {cfg.start} + --n {n} is too many")
+        return y[cfg.start:cfg.start + n]
+    if model.cond == "label":
+        labels = cfg.labels or list(range(model.y_embedder.num_classes))
+        return torch.tensor([labels[i % len(labels)] for i in range(n)])
+    return None
+
+
+def sample(cfg):
+    d = utils.setup_dist(cfg.device)
+    model, state = load_for_sampling(cfg.ckpt, d.device)
+    shape = (model.in_channels, state["model_args"]["input_size"], state["model_args"]["input_size"])
+    decode = vae_decoder(cfg, d.device)[1] if model.in_channels == 4 else None
+    y_all = sample_conditions(cfg, model, cfg.n)
+    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
+    mine = list(range(d.rank, cfg.n, d.world))                            # this rank's samples
+    parts = []
+    for b in range(0, len(mine), cfg.batch_size):
+        ids = mine[b:b + cfg.batch_size]
+        y = y_all[ids].to(d.device) if y_all is not None else None
+        parts.append(generate(model, diffusion, y, len(ids), shape, cfg, [cfg.seed * 10_000_019 + i for i in ids],
+                              d.device, progress=d.main, decode=decode))
+    imgs = np.concatenate(parts) if parts else np.zeros((0, shape[1], shape[2], 3), np.uint8)
+    if d.world > 1:                                                        # gather to rank 0 in order
+        gathered = [None] * d.world
+        dist.all_gather_object(gathered, (mine, imgs))
+        order = np.concatenate([g[0] for g in gathered]).argsort()
+        imgs = np.concatenate([g[1] for g in gathered])[order]
+    if d.main:
+        extra = {}
+        if y_all is not None:
+            extra = {"codes": y_all.numpy().astype(np.uint16)} if model.cond == "dlc" else \
+                    {"labels": y_all.numpy()} if model.cond == "label" else {"embeddings": y_all.numpy()}
+        with utils.atomic_path(cfg.out) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=imgs, **extra)
+        save_grid(imgs[:64], os.path.splitext(cfg.out)[0] + ".png")
+        utils.print0(f"wrote {len(imgs)} samples to {cfg.out} and a grid to {os.path.splitext(cfg.out)[0]}.png")
+    if d.world > 1:
+        dist.barrier()
+    utils.cleanup_dist()
+
+
+#################################################################################
+#                      Composition (Sec. 5.2): mixing two DLCs                  #
+#################################################################################
+
+def compose_codes(a, b, n, p, gen):
+    """n codes whose position l takes a[l] with probability p, else b[l]. (n, L)"""
+    take_a = torch.rand((n, len(a)), generator=gen) < p
+    return torch.where(take_a, a[None], b[None])
+
+
+def parse_pairs(text):
+    try:
+        return [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p]
+    except ValueError:
+        utils.fail(f"--pairs {text!r} must look like 0:1,2:3")
+
+
+def compose(cfg):
+    d = utils.setup_dist(cfg.device)
+    model, state = load_for_sampling(cfg.ckpt, d.device)
+    if model.cond != "dlc":
+        utils.fail(f"--ckpt is a {model.cond!r} model; compose needs a DLC-conditioned one")
+    pairs = parse_pairs(cfg.pairs)
+    codes, info = load_conditions(dataclasses.replace(cfg, cond="dlc"), model.sem_embedder.L, model.sem_embedder.V)
+    if max(max(p) for p in pairs) >= len(codes):
+        utils.fail(f"--pairs refers to rows beyond the {len(codes)} of {cfg.dlc}")
+    emb_model = load_for_sampling(cfg.emb_ckpt, d.device)[0] if cfg.emb_ckpt else None
+    if emb_model is not None:
+        if emb_model.cond != "embedding":
+            utils.fail(f"--emb_ckpt is a {emb_model.cond!r} model; it must be an `embedding` model")
+        embs, _ = load_conditions(dataclasses.replace(cfg, cond="embedding"))
+    size = state["model_args"]["input_size"]
+    shape, k = (model.in_channels, size, size), cfg.n_per_pair
+    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rows, comps, all_imgs = [], [], []
+    for j, (a, b) in enumerate(pairs):
+        mixed = compose_codes(codes[a], codes[b], k, cfg.mix_p, gen)       # (k, L)
+        seeds = [cfg.seed * 10_000_019 + j * 1000 + i for i in range(k)]
+        run = lambda m, y: generate(m, diffusion, y.to(d.device), k, shape, cfg, seeds, d.device)
+        src_a, src_b = run(model, codes[a][None].repeat(k, 1)), run(model, codes[b][None].repeat(k, 1))
+        out = run(model, mixed)
+        rows += [src_a, src_b, out]
+        if emb_model is not None:                                          # baseline: average the embeddings
+            rows.append(run(emb_model, ((embs[a] + embs[b]) / 2)[None].repeat(k, 1)))
+        comps.append(mixed.numpy()); all_imgs.append(out)
+    with utils.atomic_path(cfg.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=np.concatenate(all_imgs), codes=np.concatenate(comps).astype(np.uint16),
+                     pairs=np.array(pairs), sources=np.stack([codes[p].numpy() for p in np.array(pairs).ravel()]).astype(np.uint16))
+    save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
+    utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
+                 f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
+    utils.cleanup_dist()
+
+
+#################################################################################
+#               extract (SD-VAE latents, paper scale) and bench                 #
+#################################################################################
+
+def extract(cfg):
+    """Pre-compute SD-VAE latents (x 0.18215) of an ImageFolder into a float16 memmap
+    [N, 2, 4, S/8, S/8]: index 0 the centre crop, 1 its horizontal flip. Training picks one of
+    the two at random, which is DiT's random-flip augmentation with no VAE at train time."""
+    if not cfg.data_path or not os.path.isdir(cfg.data_path):
+        utils.fail(f"--data_path {cfg.data_path!r} is not an ImageFolder root")
+    if not cfg.latents:
+        utils.fail("--latents OUT_DIR is required (where latents.npy goes)")
+    d = utils.setup_dist(cfg.device)
+    vae, _ = vae_decoder(cfg, d.device)                                    # fails before writing anything
+    from torchvision import datasets, transforms
+    tf = transforms.Compose([transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size),
+                             transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
+    ds = datasets.ImageFolder(cfg.data_path, tf)
+    h = cfg.image_size // 8
+    with utils.atomic_path(cfg.latents) as tmp:
+        os.makedirs(tmp)
+        mm = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (len(ds), 2, 4, h, h))
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=4)
+        from tqdm import tqdm
+        i = 0
+        for xb, _ in tqdm(loader, desc="extract"):
+            xb = xb.to(d.device)
+            with torch.no_grad():
+                for f, im in enumerate((xb, xb.flip(-1))):
+                    mm[i:i + len(xb), f] = (vae.encode(im).latent_dist.sample() * 0.18215).cpu().numpy()
+            i += len(xb)
+        mm.flush()
+        np.save(os.path.join(tmp, "labels.npy"), np.array(ds.targets, dtype=np.int64))
+        utils.save_json({"data_path": cfg.data_path, "image_size": cfg.image_size, "vae": cfg.vae,
+                         "scale": 0.18215, "flip": "index 1 = horizontal flip"}, os.path.join(tmp, "meta.json"))
+
+
+def dit_flops_per_image(m, tokens):
+    """Forward FLOPs: 2 x multiply-adds of the linears (12 D^2 per token per block) plus the
+    attention scores and mixing (2 T D per token per block)."""
+    blocks = m.blocks
+    D = m.t_embedder.mlp[0].out_features
+    per_token = len(blocks) * (12 * D * D + 2 * tokens * D)
+    return 2 * tokens * per_token
+
+
+def bench(cfg):
+    d = utils.setup_dist(cfg.device)
+    in_ch, size = (4, cfg.image_size // 8) if cfg.image_size >= 64 else (3, cfg.image_size)
+    model = DiT(cfg.model, size, in_ch, "dlc", L=32, V=64, grad_ckpt=cfg.grad_ckpt).to(d.device)
+    net = torch.compile(model) if cfg.compile else model
+    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    B, use_bf16 = cfg.batch_size, cfg.bf16 and d.device.type == "cuda"
+    x = torch.randn(B, in_ch, size, size, device=d.device)
+    y = torch.randint(0, 64, (B, 32), device=d.device)
+    def step():
+        t = torch.randint(0, 1000, (B,), device=d.device)
+        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = diffusion.training_losses(net, x, t, y, torch.zeros(B, dtype=torch.bool, device=d.device), torch.randn_like(x))[0].mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    n_iter = 3 if d.device.type == "cpu" else 20
+    step(); step(); utils.sync(d.device)
+    t0 = time.perf_counter()
+    for _ in range(n_iter):
+        step()
+    utils.sync(d.device)
+    train_ips = n_iter * B / (time.perf_counter() - t0)
+    tokens = (size // model.patch) ** 2
+    peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if use_bf16 else torch.float32)
+    mfu = 3 * dit_flops_per_image(model, tokens) * train_ips / peak
+    model.eval()
+    diff_s = diffusion.respace(cfg.sample_steps)
+    k = 5
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        for i in range(k):                                                 # k chain steps with CFG
+            model.forward_with_cfg(x, torch.full((B,), 500, device=d.device), y, 1.5, cfg.cfg_channels)
+    utils.sync(d.device)
+    sample_ips = B / ((time.perf_counter() - t0) / k * cfg.sample_steps)
+    utils.print0(f"bench {cfg.model} {in_ch}x{size}x{size} batch {B} on {d.device}: train {train_ips:.1f} img/s, "
+                 f"peak memory {utils.peak_memory_mb(d.device):.0f} MB, MFU {100 * mfu:.1f}% "
+                 f"(matmul peak {peak / 1e12:.2f} TFLOP/s), sampling {sample_ips:.3g} img/s "
+                 f"({cfg.sample_steps} steps, CFG)")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = "train"
+    if argv and not argv[0].startswith("--"):
+        cmd, argv = argv[0], argv[1:]
+    commands = {"train": train, "sample": sample, "compose": compose, "extract": extract, "bench": bench}
+    if cmd not in commands:
+        utils.fail(f"unknown command {cmd!r}; use {', '.join(commands)}")
+    cfg = utils.parse_config(Config, argv, PRESETS)
+    if cfg.model not in DIT_MODELS:
+        utils.fail(f"unknown --model {cfg.model!r}; use one of {', '.join(DIT_MODELS)}")
+    return commands[cmd](cfg)
+
+
+if __name__ == "__main__":
+    main()

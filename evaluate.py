@@ -1,0 +1,629 @@
+"""Evaluation: FID / sFID / IS / precision-recall (ADM protocol), Vendi, linear probe, novelty,
+and small "judge" classifiers for the toy data (paper Tables 1 and 3, Figures 6-7, Appendix D).
+
+Sub-commands (argv[0]; all options are --key=value fields of Config):
+  fid      ADM metrics of a samples batch vs a reference batch on the FID-Inception network
+           (FID, sFID, Inception Score, precision, recall; Vendi on pool features).
+  judge    toy metrics: judge-FID vs real data, attribute accuracy vs target attributes,
+           rate of novel attribute combinations, Vendi on judge features.
+  probe    linear probe of a DLC set (one-hot codes) and of its continuous embeddings.
+  novelty  distance of each sample to its nearest training image + a retrieval grid (App. D).
+  table    merge metrics.json files into one Markdown table.
+  bench    feature-extraction throughput (Inception with random weights, and the judge).
+
+Commands:
+  laptop toy:  python evaluate.py judge --samples runs/dit-toy/samples.npz --data shapes --out runs/eval-dit
+               python evaluate.py probe --dlc runs/sem-toy/dlc --out runs/eval-probe
+               python evaluate.py table --inputs runs/eval-dit/metrics.json,runs/eval-probe/metrics.json --out results.md
+  one GPU:     python evaluate.py fid --preset imagenet --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+                   --inception weights/pt_inception-2015-12-05-6726825d.pth --out runs/eval-imagenet
+  N GPUs:      feature extraction is cheap next to sampling; evaluate.py runs as one process.
+
+The ADM protocol (github.com/openai/guided-diffusion/blob/main/evaluations/evaluator.py, read
+for facts): uint8 images -> Inception-v3 of the 2015-12-05 TF graph; FID on pool_3 (2048-d),
+sFID on the first 7 channels of `mixed_6/conv` (17 x 17 x 7 = 2023-d, flattened H, W, C),
+IS = softmax of pool_3 @ W (the logits layer *without bias*) in splits of 5000, precision and
+recall with k = 3 nearest-neighbour radii on pool_3 (Kynkaanniemi et al. 2019).
+"""
+import dataclasses, json, math, os, sys, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
+
+
+@dataclass
+class Config:
+    samples: str = ""          # samples: ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder
+    ref: str = ""              # reference batch (.npz or folder) for `fid` / training images for `novelty`
+    inception: str = "weights/" + INCEPTION_FILE  # local path of the FID-Inception weights
+    resize: str = "tf1"        # "tf1": the TF graph's bilinear (ADM, exact); "torch": pytorch-fid's
+    data: str = "shapes"       # embedded data for the judge: digits | shapes
+    target_attrs: str = ""     # .npy of target attributes ([N,3] shapes, [N] digits) for `judge`
+    ref_attrs: str = ""        # .npy of attribute triples that count as "seen" (default: the train split)
+    dlc: str = ""              # DLC set folder for `probe`
+    inputs: str = ""           # comma-separated metrics.json files for `table`
+    out: str = "runs/evaluate" # output folder (metrics.json, metrics.md, figures) or .md file for `table`
+    judge: str = ""            # judge weights file; default runs/evaluate-judge-<data>/judge.pt
+    judge_steps: int = 400     # optimiser steps to train a judge (cached afterwards)
+    splits: int = 10           # Inception Score splits (ADM: 10 splits of 5000 for 50k samples)
+    k: int = 3                 # nearest neighbours for the precision/recall radii
+    allow_low_rank: bool = False  # allow FID with N <= feature dim (singular covariance; biased)
+    batch_size: int = 50       # images per forward pass
+    max_samples: int = 0       # 0 = all
+    seed: int = 0              # seed for the judge, the probe splits and the novelty grid
+    device: str = "auto"       # cpu | cuda | mps | auto
+
+
+PRESETS = {"toy": {}, "imagenet": {"batch_size": 250, "data": ""}}
+
+
+#################################################################################
+#                    Metrics on features (numpy, float64)                       #
+#################################################################################
+
+def gaussian_stats(feats, allow_low_rank=False, what="features"):
+    """mu and the unbiased covariance (ddof 1, as np.cov in the ADM evaluator) of [N, D] features.
+    With N <= D the covariance is singular: FID is still defined but biased upwards, so this
+    is an error unless allow_low_rank (then it is computed and flagged by the caller)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    n, d = feats.shape
+    if n < 2 or (n <= d and not allow_low_rank):
+        utils.fail(f"{n} samples give a rank-deficient {d}x{d} covariance of {what}; FID needs more than "
+                   f"{d} samples (pass --allow_low_rank to compute a biased value anyway)")
+    return feats.mean(0), np.cov(feats, rowvar=False, ddof=1)
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """FID = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2).
+    Eigenvalue form: S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so its eigenvalues
+    are real and >= 0 and tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i); no matrix square root needed."""
+    lam = np.linalg.eigvals(s1 @ s2).real          # tiny negative / imaginary parts are round-off
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def frechet_distance_sqrtm(mu1, s1, mu2, s2):
+    """The same through scipy's matrix square root (the ADM / TTUR reference form)."""
+    from scipy import linalg
+    covmean = linalg.sqrtm(s1 @ s2).real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs, splits=10):
+    """IS = exp E_x KL(p(y|x) || p(y)), averaged over `splits` equal chunks (ADM: 5000 each)."""
+    scores = []
+    for part in np.array_split(np.asarray(probs, dtype=np.float64), splits):
+        py = part.mean(0, keepdims=True)                                   # (1, K) marginal
+        kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1)  # (n,)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores))
+
+
+def pairwise_sq_dists(a, b):
+    """Squared Euclidean distances [len(a), len(b)] (ADM compares squared distances too)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return torch.cdist(a, b).pow(2).numpy()
+
+
+def manifold_radii(feats, k=3):
+    """Squared distance of each point to its k-th nearest neighbour, itself excluded."""
+    d = pairwise_sq_dists(feats, feats)
+    return np.partition(d, k, axis=1)[:, k]      # column 0 is the point itself (distance 0)
+
+
+def precision_recall(ref, samples, k=3):
+    """Improved precision/recall (Kynkaanniemi et al. 2019, as in the ADM evaluator):
+    precision = fraction of samples inside some reference k-NN ball, recall = fraction of
+    reference points inside some sample k-NN ball."""
+    r_ref, r_smp = manifold_radii(ref, k), manifold_radii(samples, k)
+    d = pairwise_sq_dists(samples, ref)                                   # (Ns, Nr)
+    precision = (d <= r_ref[None, :]).any(1).mean()
+    recall = (d.T <= r_smp[None, :]).any(1).mean()
+    return float(precision), float(recall)
+
+
+def vendi_score(feats):
+    """Vendi = exp(entropy of the eigenvalues of K / n), K_ij = cosine similarity (Friedman &
+    Dieng 2023; github.com/vertaix/Vendi-Score). K / n = X X^T / n shares its non-zero
+    eigenvalues with X^T X / n, the cheaper one when D < N."""
+    x = np.asarray(feats, dtype=np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    n = len(x)
+    gram = x.T @ x / n if x.shape[1] < n else x @ x.T / n
+    lam = np.clip(np.linalg.eigvalsh(gram), 0, None)
+    lam = lam[lam > 1e-12]
+    return float(np.exp(-(lam * np.log(lam)).sum()))
+
+
+def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0)):
+    """Standardise, logistic regression; C chosen on a held-out validation split (60/20/20);
+    returns test accuracy of the chosen C (paper Table 3 probes the one-hot DLC)."""
+    from sklearn.linear_model import LogisticRegression
+    x, y = np.asarray(feats, dtype=np.float64), np.asarray(labels)
+    idx = np.random.RandomState(seed).permutation(len(x))
+    tr, va, te = np.split(idx, [int(0.6 * len(x)), int(0.8 * len(x))])
+    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8        # train statistics only
+    x = (x - mu) / sd
+    fit = lambda C: LogisticRegression(C=C, max_iter=500).fit(x[tr], y[tr])
+    val = {C: fit(C).score(x[va], y[va]) for C in Cs}
+    best = max(val, key=val.get)
+    return {"acc": float(fit(best).score(x[te], y[te])), "C": best, "val_acc": float(val[best])}
+
+
+#################################################################################
+#     FID-Inception: torchvision blocks with the 2015 TF graph's pooling quirks #
+#################################################################################
+# Architecture facts from github.com/mseitzer/pytorch-fid (src/pytorch_fid/inception.py): the
+# TF graph differs from torchvision's Inception-v3 in the pooling of four block types (average
+# pools exclude the padding; the last block max-pools) and has 1008 classes. The parameter names
+# and shapes are torchvision's, which is why the file pt_inception-2015-12-05-6726825d.pth loads
+# into torchvision's Inception3 layout with those blocks swapped in.
+from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
+
+
+def _avg_pool(x):  # why: the TF graph's average pools ignore the zero padding at the borders
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        b5 = self.branch5x5_2(self.branch5x5_1(x))
+        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        return [self.branch1x1(x), b5, b3, self.branch_pool(_avg_pool(x))]
+
+
+class FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        bd = x
+        for name in ("branch7x7dbl_1", "branch7x7dbl_2", "branch7x7dbl_3", "branch7x7dbl_4", "branch7x7dbl_5"):
+            bd = getattr(self, name)(bd)
+        return [self.branch1x1(x), b7, bd, self.branch_pool(_avg_pool(x))]
+
+
+class FIDInceptionE(InceptionE):
+    def __init__(self, in_channels, max_pool):
+        super().__init__(in_channels)
+        self.max_pool = max_pool  # Mixed_7c max-pools its pool branch in the TF graph
+
+    def _forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        return [self.branch1x1(x), b3, bd, self.branch_pool(pool)]
+
+
+def resize_bilinear_tf1(x, size=299):
+    """TF1 `resize_bilinear(align_corners=False)`, the resize inside the 2015 graph: source
+    coordinate = dst * in / out (no half-pixel offset, unlike F.interpolate). torch-fidelity
+    documents the same fact; the two filters move FID by a few tenths."""
+    def coords(n_in):
+        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).to(x.dtype)
+    y0, y1, wy = coords(x.shape[2])
+    x0, x1, wx = coords(x.shape[3])
+    rows = x[:, :, y0] * (1 - wy)[:, None] + x[:, :, y1] * wy[:, None]    # (B, C, 299, W)
+    return rows[..., x0] * (1 - wx) + rows[..., x1] * wx                  # (B, C, 299, 299)
+
+
+class FIDInception(nn.Module):
+    """uint8 [B, H, W, 3] -> pool_3 [B, 2048], spatial [B, 2023] (sFID), logits [B, 1008]."""
+
+    def __init__(self, resize="tf1"):
+        super().__init__()
+        if resize not in ("tf1", "torch"):
+            utils.fail(f"--resize must be tf1 or torch, got {resize!r}")
+        self.resize = resize
+        net = Inception3(num_classes=1008, aux_logits=False, transform_input=False, init_weights=False)
+        for name, c, pool in (("Mixed_5b", 192, 32), ("Mixed_5c", 256, 64), ("Mixed_5d", 288, 64)):
+            setattr(net, name, FIDInceptionA(c, pool_features=pool))
+        for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
+            setattr(net, name, FIDInceptionC(768, channels_7x7=c7))
+        net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280, max_pool=False), FIDInceptionE(2048, max_pool=True)
+        self.net = net.eval()
+        # sFID layer: TF `mixed_6/conv` = Mixed_6d.branch1x1 (mixed, mixed_1, mixed_2 = 5b-5d,
+        # mixed_3 = 6a, so mixed_6 = 6d), the ReLU output of its 1x1 conv, 192 x 17 x 17.
+        self._spatial = None
+        self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: setattr(self, "_spatial", o))
+
+    def load(self, path):
+        if not os.path.isfile(path):
+            utils.fail(f"FID-Inception weights {path} not found; download {INCEPTION_FILE} from "
+                       f"{INCEPTION_URL} and put it there (or pass --inception PATH)")
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(sd, strict=True)  # BatchNorm fills the absent num_batches_tracked
+        return self
+
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float()                             # (B, 3, H, W) in [0, 255]
+        if self.resize == "tf1":   # the TF graph: resize, then (x - 128) / 128
+            x = (resize_bilinear_tf1(x) - 128) / 128
+        else:                      # pytorch-fid: F.interpolate, then 2 * x / 255 - 1
+            x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
+        n = self.net
+        for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
+                      n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a,
+                      n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
+            x = layer(x)
+        pool = n.avgpool(x).flatten(1)                                     # (B, 2048) pool_3
+        spatial = self._spatial[:, :7].permute(0, 2, 3, 1).flatten(1)      # (B, 17*17*7) in H, W, C order
+        return pool, spatial, n.fc(pool)                                   # logits (B, 1008)
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size, device):
+    pools, spatials = [], []
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(images), batch_size), desc="inception", disable=len(images) <= batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):  # fp32 for metrics
+            p, s, _ = model(batch)
+        pools.append(p.double().cpu().numpy()); spatials.append(s.double().cpu().numpy())
+    return np.concatenate(pools), np.concatenate(spatials)
+
+
+#################################################################################
+#                  Image input: ADM .npz or an image folder, as uint8           #
+#################################################################################
+
+def load_images(path, max_samples=0):
+    """uint8 [N, H, W, C] from an ADM .npz (arr_0) or a folder of PNG/JPEG files (all the same
+    size). Images are used as stored: no re-quantisation, no JPEG round trip."""
+    if not path:
+        utils.fail("no image file given; pass --samples / --ref as an .npz or an image folder")
+    if os.path.isdir(path):
+        from PIL import Image
+        names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+        if not names:
+            utils.fail(f"folder {path} has no .png/.jpg images")
+        names = names[:max_samples or None]
+        arrs = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+        if len({a.shape for a in arrs}) > 1:
+            utils.fail(f"images in {path} have different sizes {sorted({a.shape for a in arrs})[:3]}; resize them first")
+        return np.stack(arrs)
+    if not os.path.isfile(path):
+        utils.fail(f"{path} does not exist; pass an ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder")
+    try:
+        arr = np.load(path, allow_pickle=False)["arr_0"]
+    except Exception as e:
+        utils.fail(f"could not read arr_0 from {path} ({type(e).__name__}); expected an ADM .npz of uint8 [N,H,W,C] images")
+    if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3):
+        utils.fail(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N,H,W,C] with C = 1 or 3")
+    return arr[:max_samples or None]
+
+
+def check_same_size(a, b, na, nb):
+    if a.shape[1:] != b.shape[1:]:
+        utils.fail(f"{na} images are {a.shape[1:]} but {nb} images are {b.shape[1:]}; "
+                   f"compare sets of the same resolution (the protocol resizes both to 299 only inside Inception)")
+
+
+def to_rgb(arr):
+    return np.repeat(arr, 3, axis=3) if arr.shape[3] == 1 else arr
+
+
+#################################################################################
+#          Toy judges: a small CNN per embedded dataset (FID for tiny images)   #
+#################################################################################
+
+def judge_heads(data):
+    """Output heads: digits -> the digit; shapes -> (shape, colour, background)."""
+    return [10] if data == "digits" else [len(utils.SHAPES), len(utils.COLOURS), len(utils.COLOURS)]
+
+
+class Judge(nn.Module):
+    """Three conv layers (8 px -> 2 x 2, 32 px -> 4 x 4) -> 128-d penultimate features (the
+    judge-FID space) -> one linear head per attribute. Trains in seconds on a CPU. The map is
+    flattened, not averaged: a global average pool left the shape head at chance level."""
+
+    def __init__(self, channels, heads):
+        super().__init__()
+        s = 1 if channels == 1 else 2  # why: 8 px digits keep full resolution; 32 px shapes start at 16
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 16, 3, stride=s, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Flatten(), nn.Linear(64 * 4 if channels == 1 else 64 * 16, 128), nn.ReLU())  # (B, 64*h*w) -> (B, 128)
+        self.heads = nn.ModuleList(nn.Linear(128, k) for k in heads)
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, [h(f) for h in self.heads]
+
+
+def judge_data(data, split):
+    """Images [-1, 1] and targets [N, n_heads] for training ("train") and held-out testing ("test")."""
+    if data == "digits":  # a fixed 80/20 split of the 1797 digits
+        d = utils.load_embedded("digits")
+        idx = np.random.RandomState(0).permutation(len(d["images"]))
+        idx = idx[:int(0.8 * len(idx))] if split == "train" else idx[int(0.8 * len(idx)):]
+        return d["images"][idx], d["labels"][idx, None]
+    if data == "shapes":  # all combinations (incl. held-out ones); test images from another seed
+        d = utils.load_embedded("shapes-all", n=4000 if split == "train" else 1000, seed=0 if split == "train" else 1)
+        return d["images"], d["attrs"]
+    utils.fail(f"unknown judge data {data!r}; use digits or shapes")
+
+
+def train_judge(data, steps=400, seed=0, log=print):
+    torch.manual_seed(seed)
+    x, y = judge_data(data, "train")
+    model = Judge(x.shape[1], judge_heads(data))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        i = torch.randint(len(x), (128,), generator=g)
+        xb = x[i]
+        if data == "digits":  # why: 1.4k images overfit; +-1 px shifts are the cheap fix
+            xb = torch.roll(xb, tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
+        _, logits = model(xb)
+        loss = sum(F.cross_entropy(l, y[i, j]) for j, l in enumerate(logits))
+        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"judge {data} step {step} loss {loss.item():.4f}")
+    return model.eval()
+
+
+@torch.no_grad()
+def judge_accuracy(model, data):
+    """Held-out accuracy per head."""
+    x, y = judge_data(data, "test")
+    _, logits = model(x)
+    return [float((l.argmax(1) == y[:, j]).float().mean()) for j, l in enumerate(logits)]
+
+
+def load_or_train_judge(cfg, log=print):
+    """The cached judge of cfg.data (runs/evaluate-judge-<data>/judge.pt), trained if absent."""
+    path = cfg.judge or os.path.join("runs", f"evaluate-judge-{cfg.data}", "judge.pt")
+    x, _ = judge_data(cfg.data, "test")
+    model = Judge(x.shape[1], judge_heads(cfg.data))
+    if os.path.isfile(path):
+        ck = utils.load_checkpoint(path)
+        if ck.get("data") != cfg.data:
+            utils.fail(f"judge {path} was trained on {ck.get('data')!r}, not {cfg.data!r}; pass the right --judge")
+        model.load_state_dict(ck["model"])
+        return model.eval(), ck["heldout_acc"]
+    t = time.time()
+    model = train_judge(cfg.data, cfg.judge_steps, cfg.seed, log)
+    acc = judge_accuracy(model, cfg.data)
+    log(f"judge {cfg.data}: held-out accuracy per head {acc} ({time.time() - t:.1f} s); saved to {path}")
+    utils.save_checkpoint({"model": model.state_dict(), "data": cfg.data, "heldout_acc": acc,
+                           "steps": cfg.judge_steps, "versions": {"torch": torch.__version__}}, path)
+    return model, acc
+
+
+@torch.no_grad()
+def judge_outputs(model, images_uint8, data, batch_size=500):
+    """uint8 [N, H, W, C] -> penultimate features [N, 128] and predictions [N, n_heads]."""
+    want = (1, 8) if data == "digits" else (3, 32)
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
+    if x.shape[1] != want[0]:
+        x = x.mean(1, keepdim=True) if want[0] == 1 else x.expand(-1, 3, -1, -1)
+    if x.shape[2:] != (want[1], want[1]):
+        utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images, got {tuple(x.shape[2:])}")
+    feats, preds = [], []
+    for i in range(0, len(x), batch_size):
+        f, logits = model(x[i:i + batch_size])
+        feats.append(f.double()); preds.append(torch.stack([l.argmax(1) for l in logits], 1))
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+
+
+def to_uint8(images):
+    """float [-1, 1] NCHW -> uint8 NHWC, the quantisation every sampler applies before saving."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+#################################################################################
+#                                 Sub-commands                                  #
+#################################################################################
+
+def write_metrics(metrics, out, title):
+    utils.save_json(metrics, os.path.join(out, "metrics.json"))
+    with utils.atomic_path(os.path.join(out, "metrics.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write(markdown_table([(title, metrics)]))
+    print(json.dumps(metrics, indent=2))
+
+
+def markdown_table(rows):
+    """rows = [(name, {metric: value})] -> a Markdown table over the union of scalar metrics."""
+    keys = []
+    for _, m in rows:
+        keys += [k for k, v in m.items() if isinstance(v, (int, float, str)) and k not in keys]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += ["| " + name + " | " + " | ".join(fmt(m[k]) if k in m else "" for k in keys) + " |" for name, m in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_fid(cfg, device):
+    smp, ref = load_images(cfg.samples, cfg.max_samples), load_images(cfg.ref, cfg.max_samples)
+    check_same_size(smp, ref, "sample", "reference")
+    if min(len(smp), len(ref)) <= 2048 and not cfg.allow_low_rank:  # fail before the slow part
+        gaussian_stats(np.zeros((min(len(smp), len(ref)), 2048)), False, "pool_3 features")
+    model = FIDInception(cfg.resize).load(cfg.inception).to(device)
+    (p_s, s_s), (p_r, s_r) = (inception_features(model, to_rgb(a), cfg.batch_size, device) for a in (smp, ref))
+    low = min(len(smp), len(ref)) <= p_s.shape[1]
+    stats = np.load(cfg.ref) if cfg.ref.endswith(".npz") else {}
+    if "mu" in stats:  # ADM reference batches carry whole-dataset statistics; ADM uses them for FID/sFID
+        ref_pool, ref_spatial = (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"])
+    else:
+        ref_pool = gaussian_stats(p_r, cfg.allow_low_rank, "pool_3 features (reference)")
+        ref_spatial = gaussian_stats(s_r, cfg.allow_low_rank, "spatial features (reference)")
+    fid = frechet_distance(*gaussian_stats(p_s, cfg.allow_low_rank, "pool_3 features (sample)"), *ref_pool)
+    sfid = frechet_distance(*gaussian_stats(s_s, cfg.allow_low_rank, "spatial features (sample)"), *ref_spatial)
+    w = model.net.fc.weight.detach().double().cpu().numpy()                       # (1008, 2048)
+    probs = torch.softmax(torch.from_numpy(p_s @ w.T), 1).numpy()         # ADM: logits without bias
+    prec, rec = precision_recall(p_r, p_s, cfg.k)
+    m = {"fid": fid, "sfid": sfid, "inception_score": inception_score(probs, cfg.splits),
+         "precision": prec, "recall": rec, "vendi_inception": vendi_score(p_s),
+         "n_samples": len(smp), "n_ref": len(ref), "resize": cfg.resize, "low_rank": bool(low),
+         "samples": cfg.samples, "ref": cfg.ref}
+    write_metrics(m, cfg.out, os.path.basename(cfg.samples))
+
+
+def novel_rate(attrs, seen):
+    """Fraction of attribute triples not in `seen` (a set of tuples)."""
+    return float(np.mean([tuple(a) not in seen for a in attrs.tolist()]))
+
+
+def train_combinations():
+    names = list(utils.COLOURS)
+    held = {(utils.SHAPES.index(s), names.index(c), names.index(b)) for s, c, b in utils.HELD_OUT}
+    return {(s, c, b) for s in range(len(utils.SHAPES)) for c in range(len(names))
+            for b in range(len(names)) if c != b and (s, c, b) not in held}
+
+
+def cmd_judge(cfg, device):
+    smp = load_images(cfg.samples, cfg.max_samples)
+    model, acc = load_or_train_judge(cfg)
+    f_s, pred = judge_outputs(model, smp, cfg.data)
+    real = utils.load_embedded(cfg.data) if cfg.data == "digits" else utils.load_embedded("shapes")
+    f_r, _ = judge_outputs(model, to_uint8(real["images"]), cfg.data)   # the model's training data
+    low = len(f_s) <= f_s.shape[1]
+    m = {"judge_fid": frechet_distance(*gaussian_stats(f_s, cfg.allow_low_rank, "judge features (sample)"),
+                                       *gaussian_stats(f_r, cfg.allow_low_rank, "judge features (real)")),
+         "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(low),
+         "judge_heldout_acc": float(min(acc)), "samples": cfg.samples}
+    npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
+    target = np.load(cfg.target_attrs) if cfg.target_attrs else next(
+        (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)
+    if target is not None:
+        target = np.asarray(target).reshape(len(target), -1)[:len(pred)]
+        if len(target) != len(pred) or target.shape[1] not in (1, pred.shape[1]):
+            utils.fail(f"target attributes have shape {target.shape}; expected [{len(pred)}] or [{len(pred)}, {pred.shape[1]}]")
+        names = ["digit"] if cfg.data == "digits" else ["shape", "colour", "background"]
+        hit = pred[:, :target.shape[1]] == target
+        m.update({f"acc_{n}": float(hit[:, j].mean()) for j, n in enumerate(names[:target.shape[1]])})
+        m["acc_all"] = float(hit.all(1).mean())
+    if cfg.data == "shapes":
+        seen = {tuple(a) for a in np.load(cfg.ref_attrs).tolist()} if cfg.ref_attrs else train_combinations()
+        valid = pred[:, 1] != pred[:, 2]                    # colour == background is no image at all
+        m["novel_combination_rate"] = novel_rate(pred[valid], seen) if valid.any() else 0.0
+        m["invalid_rate"] = float(1 - valid.mean())
+        m["distinct_combinations"] = len({tuple(a) for a in pred.tolist()})
+    write_metrics(m, cfg.out, os.path.basename(cfg.samples))
+
+
+def cmd_probe(cfg, device):
+    s = utils.load_dlc_set(cfg.dlc)
+    codes, meta = np.asarray(s["codes"]).astype(np.int64), s["meta"]
+    L, V = int(meta["L"]), int(meta["V"])
+    if "sampler" in meta:  # generated sets keep their source's "data" but are not aligned with it
+        utils.fail(f"{cfg.dlc} holds generated codes (meta has 'sampler'); probe a set written by sem.py encode")
+    d = utils.load_embedded(**meta["data"]) if isinstance(meta.get("data"), dict) else {}
+    if "attrs" in d:  # row i of codes is image i of the embedded data (sem.py encode)
+        targets = {n: d["attrs"].numpy()[:, j] for j, n in enumerate(["shape", "colour", "background"])}
+    elif "labels" in s or "labels" in d:
+        targets = {"label": np.asarray(s["labels"] if "labels" in s else d["labels"])}
+    else:
+        utils.fail(f"DLC set {cfg.dlc} has neither labels.npy nor a shapes 'data' entry in meta.json; nothing to probe")
+    onehot = np.zeros((len(codes), L * V), dtype=np.float32)            # (N, L*V) flattened one-hot
+    onehot[np.arange(len(codes))[:, None], np.arange(L) * V + codes] = 1
+    m = {"n": len(codes), "L": L, "V": V}
+    emb_path = os.path.join(cfg.dlc, "embeddings.npy")
+    for t, y in targets.items():
+        m[f"probe_dlc_{t}"] = linear_probe(onehot, y[:len(codes)], cfg.seed)["acc"]
+        if os.path.isfile(emb_path):
+            m[f"probe_embedding_{t}"] = linear_probe(np.load(emb_path).astype(np.float32), y[:len(codes)], cfg.seed)["acc"]
+    write_metrics(m, cfg.out, os.path.basename(os.path.normpath(cfg.dlc)))
+
+
+def cmd_novelty(cfg, device):
+    """Nearest training image of each sample in judge feature space (Appendix D). Baseline: the
+    distance of each training image to its nearest *other* training image; a sample closer to a
+    training image than 99% of those pairs counts as a copy."""
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    smp = load_images(cfg.samples, cfg.max_samples)
+    model, _ = load_or_train_judge(cfg)
+    train = to_uint8(utils.load_embedded(cfg.data)["images"]) if not cfg.ref else load_images(cfg.ref)
+    f_tr, _ = judge_outputs(model, train, cfg.data)
+    f_s, _ = judge_outputs(model, smp, cfg.data)
+    d_s = np.sqrt(pairwise_sq_dists(f_s, f_tr))                           # (Ns, Ntrain)
+    d_loo = np.sqrt(np.partition(pairwise_sq_dists(f_tr, f_tr), 1, axis=1)[:, 1])  # column 0 is itself
+    nn_idx = np.argsort(d_s, 1)[:, :5]
+    m = {"nn_dist_mean": float(d_s.min(1).mean()), "nn_dist_median": float(np.median(d_s.min(1))),
+         "nn_dist_train_to_train_mean": float(d_loo.mean()),
+         "copy_rate": float((d_s.min(1) <= np.percentile(d_loo, 1)).mean()), "n_samples": len(smp)}
+    rows = np.random.RandomState(cfg.seed).choice(len(smp), min(8, len(smp)), replace=False)
+    fig, axes = plt.subplots(len(rows), 6, figsize=(6, len(rows)), squeeze=False)
+    for r, i in enumerate(rows):  # column 0: the sample; then its 5 nearest training images
+        for c, img in enumerate([smp[i]] + [train[j] for j in nn_idx[i]]):
+            axes[r, c].imshow(img.squeeze(), cmap="gray" if img.shape[2] == 1 else None); axes[r, c].axis("off")
+    axes[0, 0].set_title("sample", fontsize=7); axes[0, 1].set_title("nearest training images", fontsize=7, loc="left")
+    with utils.atomic_path(os.path.join(cfg.out, "retrieval.png")) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    write_metrics(m, cfg.out, os.path.basename(cfg.samples))
+
+
+def cmd_table(cfg, device):
+    if not cfg.inputs:
+        utils.fail("table needs --inputs a/metrics.json,b/metrics.json")
+    rows = []
+    for p in cfg.inputs.split(","):
+        if not os.path.isfile(p):
+            utils.fail(f"{p} does not exist; run an evaluate.py command that writes it first")
+        name = os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith("metrics.json") else p
+        rows.append((name, json.load(open(p))))
+    out = cfg.out if cfg.out.endswith(".md") else os.path.join(cfg.out, "results.md")
+    with utils.atomic_path(out) as tmp:
+        with open(tmp, "w") as f:
+            f.write(markdown_table(rows))
+    print(open(out).read())
+
+
+def cmd_bench(cfg, device):
+    """Images/s of feature extraction: FID-Inception (random weights) at 299 px and the judge."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = FIDInception(cfg.resize).to(device)
+    bs = cfg.batch_size if device.type == "cuda" else 4
+    imgs = torch.randint(0, 256, (bs, 64, 64, 3), dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        model(imgs); utils.sync(device)
+        t, iters = time.perf_counter(), (10 if device.type == "cuda" else 2)
+        for _ in range(iters):
+            model(imgs)
+        utils.sync(device)
+        inc = bs * iters / (time.perf_counter() - t)
+        judge = Judge(3, judge_heads("shapes")).to(device).eval()
+        x = torch.randn(1024, 3, 32, 32, device=device)
+        judge(x); utils.sync(device); t = time.perf_counter()
+        for _ in range(5):
+            judge(x)
+        utils.sync(device)
+        jud = 5 * 1024 / (time.perf_counter() - t)
+    print(f"bench device {device} | inception (64 px -> 299, batch {bs}) {inc:.1f} img/s | "
+          f"judge (32 px, batch 1024) {jud:.0f} img/s | peak memory {utils.peak_memory_mb(device):.0f} MB")
+
+
+COMMANDS = {"fid": cmd_fid, "judge": cmd_judge, "probe": cmd_probe, "novelty": cmd_novelty,
+            "table": cmd_table, "bench": cmd_bench}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "fid"
+    if cmd not in COMMANDS:
+        utils.fail(f"unknown command {cmd!r}; use one of {', '.join(COMMANDS)}")
+    cfg = utils.parse_config(Config, argv, PRESETS)
+    device = torch.device(utils.pick_device(cfg.device))
+    COMMANDS[cmd](cfg, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,603 @@
+"""SEDD-absorb over DLC tokens: p(c) of the DLC paper (Lavoie et al. 2025, Section 4,
+"Unconditional generation of DLC" and "Remasking DLC", Eq. 4; Appendix A).
+
+A Discrete Latent Code is L tokens over a vocabulary of V. We learn p(c) with score entropy
+discrete diffusion (Lou et al. 2024) on the absorbing graph: every token independently turns
+into the mask token (index V) as t goes 0 -> 1, and a transformer (DDiT) learns the concrete
+score s(x_t)[i, y] = p_t(x with x_i = y) / p_t(x_t) of un-masking position i to y. Sampling
+runs the reverse process with Tweedie tau-leaping (or Euler), optionally with the paper's
+remasking window. Facts come from the paper and from the public code of SEDD
+(https://github.com/louaaron/Score-Entropy-Discrete-Diffusion: graph_lib.py, noise_lib.py,
+losses.py, model/transformer.py, sampling.py, catsample.py), MDLM
+(https://github.com/kuleshov-group/mdlm, caching, 1/t-weighted CE) and ReMDM (Wang et al.
+2025, remasking posterior); every line here is written from the equations.
+
+Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a stand-in):
+  python sedd.py --dlc runs/dlc-shapes     # toy training on sem.py encode's set (5-6 min on a busy 2-core CPU)
+  python sedd.py synth --out runs/dlc-synth && python sedd.py --dlc runs/dlc-synth   # synthetic stand-in set
+  python sedd.py sample --ckpt runs/sedd-toy --n 4000 --out runs/dlc-sedd   # tau-leaping + remasking
+  python sedd.py bench                                                      # tokens/s, memory, MFU
+  python sedd.py --preset imagenet512 --dlc DLC512 --run in512              # one GPU, paper model
+  torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --dlc DLC512 --batch_size 64   # no --run: see README
+  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --count 50000 --out DLC512-gen
+"""
+import dataclasses, math, os, sys, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import utils
+
+
+@dataclass
+class Config:
+    run: str = "toy"             # run folder runs/sedd-<run>/
+    dlc: str = ""                # DLC set folder (codes.npy + meta.json) to learn p(c) on
+    L: int = 0                   # expected code length; 0 = take it from the DLC set
+    V: int = 0                   # expected vocabulary (mask is V); 0 = from the DLC set
+    resume: bool = False         # continue from the newest checkpoint of the run
+    seed: int = 0                # base seed (per rank: seed * world + rank, per step)
+    device: str = "auto"         # auto | cpu | cuda | mps
+    steps: int = 1200            # optimiser steps (paper: ~200 epochs of ImageNet = ~500k at 512)
+    batch_size: int = 64         # per process (paper: 512 in total)
+    compile: bool = False        # torch.compile the model
+    size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's)
+    cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
+    dropout: float = 0.1         # residual dropout (SEDD: 0.1)
+    eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
+    lr: float = 3e-4             # AdamW, betas (0.9, 0.999), weight decay 0
+    warmup: int = 100            # linear warm-up steps then constant (paper: 2500)
+    grad_clip: float = 1.0       # global grad-norm clip
+    ema: float = 0.99            # EMA decay (paper 0.9999: its ~10k-step memory outlasts a toy run)
+    holdout: float = 0.05        # fraction of the DLC set held out for the per-token loss
+    eval_every: int = 500        # held-out loss every N steps (and at the end)
+    ckpt_every: int = 500        # checkpoint every N steps (and at the end)
+    bench_iters: int = 10        # bench: timed training iterations
+    bench_n: int = 64            # bench: DLCs sampled
+    bench_steps: int = 128       # bench: sampling steps
+
+
+SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
+_PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
+              eval_every=5000, ckpt_every=10000)
+PRESETS = {"toy": {},
+           # the paper's three DLC shapes, L * V = 131072 (REFERENCE.md section 2); main = 512 x 256
+           "imagenet512": {**_PAPER, "L": 512, "V": 256},
+           "imagenet128": {**_PAPER, "L": 128, "V": 1024},
+           "imagenet32": {**_PAPER, "L": 32, "V": 4096}}
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""               # checkpoint .pt or run folder (EMA weights are used)
+    n: int = 1000                # number of DLCs (split across torchrun ranks)
+    count: int = 0               # same as --n: torchrun's own parser rejects --n (ambiguous prefix)
+    out: str = ""                # output DLC set folder
+    sampler: str = "analytic"    # analytic (Tweedie tau-leaping) | euler
+    steps: int = 128             # time steps from 1 to t_end (paper: 1024, or 4096 with remasking)
+    eta: float = 0.01            # remasking probability per step in the window; 0 = off (see README)
+    t0: float = 0.3              # remasking window start
+    t1: float = 0.55             # remasking window end
+    t_end: float = 1e-5          # last grid time, then a final denoising step to t = 0
+    cache: bool = True           # reuse the network output when no token changed
+    batch_size: int = 500        # DLCs per forward
+    seed: int = 0                # per-rank seed
+    device: str = "auto"         # auto | cpu | cuda | mps
+
+
+SAMPLE_PRESETS = {"toy": {}, "imagenet": {"steps": 4096, "eta": 0.01, "batch_size": 256}}
+
+
+#################################################################################
+#          Absorbing graph, log-linear noise, score entropy (SEDD Sec. 3)       #
+#################################################################################
+
+def log_linear_noise(t, eps):
+    """sigma(t) = -log(1 - (1 - eps) t), dsigma/dt = (1 - eps) / (1 - (1 - eps) t).
+    A token survives to time t with probability exp(-sigma) = 1 - (1 - eps) t."""
+    sigma = -torch.log1p(-(1 - eps) * t)
+    dsigma = (1 - eps) / (1 - (1 - eps) * t)
+    return sigma, dsigma
+
+
+def forward_mask(x0, sigma, V, generator=None):
+    """x_t ~ q(x_t | x_0): each position becomes the mask V with probability 1 - exp(-sigma)."""
+    p = -torch.expm1(-sigma)[:, None]                                   # (B, 1)
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    return torch.where(u < p, torch.full_like(x0, V), x0)
+
+
+def absorb_log_score(z, x, sigma, V):
+    """Absorb parameterisation (SEDD model/transformer.py): log s = z - log(e^sigma - 1) - log V,
+    and 0 at the current token. z = log(V p(x0 = y | x_t)) for the ideal network, so a zero
+    output means a uniform guess. z: (B, L, V+1) float32; x: (B, L); sigma: (B,)."""
+    log_s = z - torch.log(torch.expm1(sigma))[:, None, None] - math.log(V)
+    return torch.scatter(log_s, -1, x[..., None], 0.0)
+
+
+def score_entropy(log_score, x_t, x0, sigma, V):
+    """Per-position score entropy on the absorbing graph (Lou et al. 2024, Eq. for absorb):
+    at a masked position, with r = 1 / (e^sigma - 1) = p_t(unmasked)/p_t(masked) the true ratio,
+        sum_{y != mask} s_y - r log s_{x0} + r (log r - 1),
+    the last term K(r) making the minimum exactly 0 (reached at s_{x0} = r, s_y = 0 otherwise).
+    Unmasked positions contribute 0 (they never move). Returns (B, L) float32."""
+    log_score = log_score.float()
+    r = 1.0 / torch.expm1(sigma)[:, None]                               # (B, 1)
+    pos = log_score[..., :V].exp().sum(-1)                              # (B, L) sum over y != mask
+    neg = r * log_score.gather(-1, x0[..., None]).squeeze(-1)           # (B, L)
+    const = r * (torch.log(r) - 1)
+    return torch.where(x_t == V, pos - neg + const, torch.zeros_like(pos))
+
+
+def sedd_loss(model, x0, V, eps, generator=None):
+    """L = E_t dsigma(t) sum_i score_entropy_i, t ~ U(eps, 1) (SEDD losses.py). Returns the
+    per-sequence loss (B,) in nats: an upper bound on -log p(x0) (the diffusion ELBO)."""
+    B = x0.shape[0]
+    t = eps + (1 - eps) * torch.rand(B, generator=generator, device=x0.device)
+    sigma, dsigma = log_linear_noise(t, eps)
+    x_t = forward_mask(x0, sigma, V, generator)
+    log_s = model(x_t, sigma)                                           # (B, L, V+1) float32
+    return (dsigma[:, None] * score_entropy(log_s, x_t, x0, sigma, V)).sum(-1)
+
+
+#################################################################################
+#                  DDiT: pre-norm transformer with adaLN-Zero on sigma          #
+#################################################################################
+
+def rotary(x, base=10000.0):
+    """Rotate pairs (x[2k], x[2k+1]) of each head by angle pos * base^(-2k/d) (RoFormer).
+    A rotation: norms are unchanged, q.k depends on relative position only. x: (B, H, L, d)."""
+    L, d = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv         # (L, d/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]                                               # (B, H, L, d/2)
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)     # (B, H, L, d)
+
+
+def timestep_embedding(sigma, dim=256, max_period=10000):
+    """Sinusoidal features of sigma (as in DiT / SEDD's TimestepEmbedder). (B,) -> (B, dim)."""
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=sigma.device) / (dim // 2))
+    args = sigma.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DDiTBlock(nn.Module):
+    """x + gate * Attn(modulate(LN(x))), then x + gate * MLP(modulate(LN(x))); the six
+    modulation vectors come from the sigma embedding and start at zero (adaLN-Zero)."""
+    def __init__(self, D, heads, cond_dim, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.proj = nn.Linear(D, D, bias=False)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
+        self.ada = nn.Linear(cond_dim, 6 * D)
+        nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x, c):
+        B, L, D = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, -1)               # 6 x (B, D)
+        q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, -1)  # 3 x (B, L, D)
+        q, k, v = (a.view(B, L, self.heads, D // self.heads).transpose(1, 2) for a in (q, k, v))  # (B, H, L, d)
+        q, k = rotary(q), rotary(k)
+        a = F.scaled_dot_product_attention(q, k, v)                         # (B, H, L, d), non-causal
+        a = a.transpose(1, 2).reshape(B, L, D)                              # (B, L, D)
+        x = x + g1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x + g2[:, None] * F.dropout(h, self.dropout, self.training)
+
+
+class DDiT(nn.Module):
+    """Diffusion transformer over L tokens of V + 1 symbols. forward(x, sigma) -> log-scores
+    (B, L, V+1) float32; raw(x, sigma) -> the unscaled output z (what the sampler caches)."""
+    def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1):
+        super().__init__()
+        D, depth, heads = SIZES[size]
+        self.L, self.V = L, V
+        self.embed = nn.Embedding(V + 1, D)                                 # untied from the output
+        self.pos = nn.Parameter(torch.randn(L, D) * 0.02)                   # DLC positions carry meaning
+        self.sigma_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.blocks = nn.ModuleList(DDiTBlock(D, heads, cond_dim, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.ada = nn.Linear(cond_dim, 2 * D)
+        self.out = nn.Linear(D, V + 1)
+        for m in (self.ada, self.out):  # zero output at init: uniform p(x0 | x_t)
+            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+
+    def raw(self, x, sigma):
+        c = F.silu(self.sigma_mlp(timestep_embedding(sigma)))               # (B, cond)
+        h = self.embed(x) + self.pos                                        # (B, L, D)
+        for blk in self.blocks:
+            h = blk(h, c)
+        shift, scale = self.ada(c).chunk(2, -1)
+        return self.out(modulate(self.norm(h), shift, scale)).float()       # (B, L, V+1) fp32 island
+
+    def forward(self, x, sigma):
+        return absorb_log_score(self.raw(x, sigma), x, sigma, self.V)
+
+
+#################################################################################
+#        Sampling: Tweedie tau-leaping / Euler, remasking window, caching       #
+#################################################################################
+
+def sample_categorical(probs, generator=None):
+    """Draw from unnormalised probabilities in float64 (exponential race: argmax p / E,
+    E ~ Exp(1)). float32 noise would sharpen the draw (a lower effective temperature)."""
+    u = torch.rand(probs.shape, dtype=torch.float64, generator=generator, device=probs.device)
+    return (probs.double() / -torch.log1p(-u)).argmax(-1)
+
+
+@torch.no_grad()
+def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0.55, eps=1e-3,
+           t_end=1e-5, cache=True, generator=None, device="cpu", trace=None):
+    """Reverse the absorbing process from all-mask at t = 1 down to t_end on a uniform grid,
+    then denoise the masks left. raw_fn(x, sigma) -> z with log s = absorb_log_score(z, ...).
+      analytic (Tweedie tau-leaping), d = sigma(t) - sigma(s):
+          P(mask -> y) = (e^d - 1) s_y,  P(stay masked) = 1 - (e^d - 1) sum_y s_y
+      euler: P(mask -> y) = (t - s) dsigma(t) s_y   (the same numbers for log-linear noise)
+      remasking (paper Eq. 4) when t0 < t < t1: each token unmasked at t is masked again with
+          probability eta, and masked tokens step to s' = s - eta (1 - t) instead of s, which keeps
+          the expected masked fraction on (1 - eps) t (ReMDM's posterior with a_t = 1 - t).
+    trace(step, t_next, x) is called after every step (tests check q_t). Returns (codes, stats)."""
+    x = torch.full((n, L), V, dtype=torch.long, device=device)
+    grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+    z = torch.zeros(n, L, V + 1, device=device)
+    stale = torch.ones(n, dtype=torch.bool, device=device)            # rows whose x changed
+    counts = {"forwards": 0, "saved": 0}                              # row-forwards, summed over rows
+
+    def log_scores(sigma):
+        """s_y (n, L, V) in float64 at noise sigma; the network runs only on rows that changed
+        since their last forward (reusing z is exact for the ideal network, see README)."""
+        need = x.eq(V).any(-1) & (stale | (not cache))
+        if need.any():
+            rows = need.nonzero().squeeze(1)
+            z[rows] = raw_fn(x[rows], torch.full((len(rows),), float(sigma), device=device)).float()
+            stale[rows] = False
+        counts["forwards"] += int(need.sum()); counts["saved"] += int((x.eq(V).any(-1) & ~need).sum())
+        return absorb_log_score(z.double(), x, sigma.to(device).expand(n), V)[..., :V].exp()
+
+    for i in range(steps):
+        t, s = grid[i].item(), grid[i + 1].item()
+        remask = eta > 0 and t0 < t < t1
+        s_eff = max(s - eta * (1 - t), 0.0) if remask else s
+        sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)
+        sig_s, _ = log_linear_noise(torch.tensor(s_eff, dtype=torch.float64), eps)
+        masked = x == V
+        x_new = x
+        if masked.any():
+            s_y = log_scores(sig_t)                                            # (n, L, V)
+            if sampler == "analytic":
+                rate = torch.expm1(sig_t - sig_s).item()
+            elif sampler == "euler":
+                rate = (t - s_eff) * dsig_t.item()
+            else:
+                utils.fail(f"unknown sampler {sampler!r}; use analytic or euler")
+            move = rate * s_y                                                  # (n, L, V)
+            stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)               # (n, L, 1)
+            new = sample_categorical(torch.cat([move, stay], -1), generator)   # index V = stay masked
+            x_new = torch.where(masked, new, x)
+        if remask:  # decisions from x_t: tokens unmasked in this very step are kept
+            u = torch.rand(x.shape, dtype=torch.float64, generator=generator, device=device)
+            x_new = torch.where(~masked & (u < eta), torch.full_like(x, V), x_new)
+        stale |= (x_new != x).any(-1)
+        x = x_new
+        if trace is not None:
+            trace(i, s, x)
+    masked = x == V  # final denoise t_end -> 0: p(x0 | x_t) over the V real tokens
+    if masked.any():
+        s_y = log_scores(log_linear_noise(torch.tensor(t_end, dtype=torch.float64), eps)[0])
+        x = torch.where(masked, sample_categorical(s_y, generator), x)
+    return x, counts
+
+
+def oracle_raw_fn(joint, V):
+    """Exact z for a small known joint table p(x) of shape (V,) * L: for each masked position,
+    z = log(V p(x0_i = y | unmasked tokens of x_t)) (the posterior given the visible tokens).
+    Used by the tests; a product of categoricals is the special case of an outer product."""
+    L = joint.dim()
+    states = torch.cartesian_prod(*[torch.arange(V)] * L).view(-1, L) if L > 1 else torch.arange(V)[:, None]
+    w = joint.reshape(-1).double()                                         # (V^L,)
+    def raw_fn(x, sigma):
+        ok = ((x[:, None, :] == V) | (x[:, None, :] == states[None])).all(-1)   # (B, V^L) consistent
+        post = ok * w[None]
+        post = post / post.sum(-1, keepdim=True)
+        marg = torch.stack([post @ F.one_hot(states[:, i], V).double() for i in range(L)], 1)  # (B, L, V)
+        z = torch.log(marg.clamp_min(1e-300)) + math.log(V)
+        return torch.cat([z, torch.zeros_like(z[..., :1])], -1).float()    # (B, L, V+1)
+    return raw_fn
+
+
+def tv_marginals(a, b, V):
+    """Mean over positions of the total-variation distance between per-position token histograms."""
+    ha = np.stack([np.bincount(a[:, i], minlength=V) / len(a) for i in range(a.shape[1])])
+    hb = np.stack([np.bincount(b[:, i], minlength=V) / len(b) for i in range(b.shape[1])])
+    return 0.5 * np.abs(ha - hb).sum(-1).mean()
+
+
+def tv_pairs(a, b, V, max_pairs=200, seed=0):
+    """Mean TV between joint histograms (V*V cells) of position pairs (all pairs, or a random subset)."""
+    L = a.shape[1]
+    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
+    if len(pairs) > max_pairs:
+        pairs = [pairs[k] for k in np.random.RandomState(seed).choice(len(pairs), max_pairs, replace=False)]
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    tv = [0.5 * np.abs(np.bincount(a[:, i] * V + a[:, j], minlength=V * V) / len(a)
+                       - np.bincount(b[:, i] * V + b[:, j], minlength=V * V) / len(b)).sum() for i, j in pairs]
+    return float(np.mean(tv))
+
+
+#################################################################################
+#                    Training: AdamW, warm-up, EMA, DDP, resume                 #
+#################################################################################
+
+def load_codes(path, L=None, V=None):
+    """A DLC set as int64 codes [N, L] plus its meta; every token must lie in [0, V)."""
+    if not path:
+        utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode, or sedd.py synth)")
+    s = utils.load_dlc_set(path, L=L, V=V)
+    codes, meta = np.asarray(s["codes"], dtype=np.int64), s["meta"]
+    if codes.max() >= meta["V"]:
+        utils.fail(f"DLC set {path} holds token {codes.max()} >= V={meta['V']}; re-encode it or fix meta.json")
+    return codes, meta
+
+
+@torch.no_grad()
+def heldout_loss(model, codes, V, eps, device, batch=256, seed=1234):
+    """Held-out score-entropy bound in nats per token, with fixed noise so evaluations compare."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(codes), batch):
+        x0 = torch.as_tensor(codes[i:i + batch], device=device)
+        total += sedd_loss(model, x0, V, eps, generator=g).sum().item()
+    return total / codes.size
+
+
+_perm_cache = {}
+def batch_indices(step, rank, world, B, N, seed):
+    """Rows for (step, rank): epoch-wise permutations read in order, each rank taking its own
+    slice (what DistributedSampler does), and a pure function of step so --resume is exact."""
+    pos = (step * world + rank) * B + np.arange(B)                     # global sample counter
+    epoch, k = pos // N, pos % N
+    out = np.empty(B, dtype=np.int64)
+    for e in np.unique(epoch):
+        if (seed, e, N) not in _perm_cache:
+            _perm_cache.clear()
+            _perm_cache[(seed, e, N)] = np.random.RandomState(seed * 7919 + int(e)).permutation(N)
+        out[epoch == e] = _perm_cache[(seed, e, N)][k[epoch == e]]
+    return out
+
+
+def train(cfg):
+    if cfg.size not in SIZES:
+        utils.fail(f"unknown size {cfg.size!r}; use {', '.join(SIZES)}")
+    d = utils.setup_dist(cfg.device)
+    codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
+    L, V = int(meta["L"]), int(meta["V"])
+    run_dir = os.path.join("runs", f"sedd-{cfg.run}")
+    ck_path = utils.latest_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else None
+    ck = utils.load_checkpoint(ck_path) if ck_path else None
+    if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (L, V):
+        utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
+                   f"but {cfg.dlc} has L={L} V={V}; use a matching DLC set or a new --run")
+    cfg = dataclasses.replace(cfg, L=L, V=V)
+    n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0
+    train_codes, held = codes[:len(codes) - n_hold], codes[len(codes) - n_hold:]
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
+    ema = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())  # EMA starts as a copy and stays in eval mode
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    start = 0
+    if ck is not None:
+        model.load_state_dict(ck["model"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+        start = ck["step"]
+    log = utils.Logger(run_dir, d)
+    if d.main:
+        utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+        log(f"sedd: L={L} V={V} size={cfg.size} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+            f"train={len(train_codes)} held-out={n_hold} world={d.world} device={d.device} start={start}")
+    net = model
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+
+    def save(step):
+        if d.main:
+            utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                   "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta,
+                                   "versions": {"torch": torch.__version__}},
+                                  os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
+        if d.world > 1:
+            dist.barrier()
+
+    for step in range(start, cfg.steps):
+        t_start = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)  # t, masks, dropout: resumable
+        idx = batch_indices(step, d.rank, d.world, cfg.batch_size, len(train_codes), cfg.seed)
+        x0 = torch.as_tensor(train_codes[idx], device=d.device)            # (B, L)
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        for g in opt.param_groups: g["lr"] = lr
+        with amp:  # bf16 matmuls; the network output and the loss are float32
+            loss = sedd_loss(net, x0, V, cfg.eps).mean()                   # per sequence, as in SEDD
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        utils.ema_update(ema, model, cfg.ema)
+        stat = torch.stack([loss.detach() / L, gnorm.detach()])
+        if d.world > 1:  # all-reduce only to log
+            dist.all_reduce(stat); stat /= d.world
+        utils.sync(d.device)
+        ms = (time.perf_counter() - t_start) * 1000
+        log(f"step {step + 1:7d} | loss {stat[0].item():.4f} | lr {lr:.2e} | grad {stat[1].item():.3f} | "
+            f"{ms:7.1f} ms/step | {cfg.batch_size * d.world / ms * 1000:8.0f} samples/s")
+        last = step + 1 == cfg.steps
+        if n_hold and d.main and ((step + 1) % cfg.eval_every == 0 or last):
+            with amp:
+                log(f"held-out loss (EMA) {heldout_loss(ema, held, V, cfg.eps, d.device):.4f} nats/token")
+        if (step + 1) % cfg.ckpt_every == 0 or last:
+            save(step + 1)
+    utils.cleanup_dist()
+    return run_dir
+
+
+#################################################################################
+#                  Sample command: a DLC set of generated codes                 #
+#################################################################################
+
+def sample_main(sc):
+    if not sc.ckpt or not sc.out or sc.sampler not in ("analytic", "euler"):
+        utils.fail("sample needs --ckpt (a .pt or run folder), --out DIR and --sampler analytic|euler")
+    sc = dataclasses.replace(sc, n=sc.count or sc.n)
+    if sc.n < 1 or sc.steps < 1 or not 0 <= sc.eta < 1 or not 0 <= sc.t0 < sc.t1 <= 1:
+        utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
+    path = utils.resolve_ckpt(sc.ckpt)
+    ck = utils.load_checkpoint(path)
+    cfg = ck["config"]
+    d = utils.setup_dist(sc.device)
+    model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
+    model.load_state_dict(ck["ema"])  # samplers use the EMA weights
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    def raw_fn(x, sigma):
+        with amp:
+            return model.raw(x, sigma)
+    g = torch.Generator(device=d.device).manual_seed(sc.seed * d.world + d.rank)
+    mine = len(range(d.rank, sc.n, d.world))                               # this rank's share
+    out, fw, saved, t0 = [], 0, 0, time.perf_counter()
+    for b in tqdm(range(0, mine, sc.batch_size), disable=not d.main, desc="sampling"):
+        nb = min(sc.batch_size, mine - b)
+        x, st = sample(raw_fn, nb, cfg["L"], cfg["V"], sc.steps, sc.sampler, sc.eta, sc.t0, sc.t1, cfg["eps"],
+                       sc.t_end, sc.cache, g, d.device)
+        out.append(x.cpu().numpy()); fw += st["forwards"]; saved += st["saved"]
+    codes = np.concatenate(out) if out else np.zeros((0, cfg["L"]), np.int64)
+    if d.world > 1:  # gather the shards on rank 0 (small: N x L uint16)
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (codes.astype(np.uint16), fw, saved))
+        codes = np.concatenate([p[0] for p in parts]); fw = sum(p[1] for p in parts); saved = sum(p[2] for p in parts)
+    secs = time.perf_counter() - t0
+    if d.main:
+        stats = {"forwards_per_dlc": fw / sc.n, "forwards_saved_per_dlc": saved / sc.n, "dlcs_per_s": sc.n / secs}
+        meta = {"L": cfg["L"], "V": cfg["V"], "command": " ".join(["sedd.py"] + sys.argv[1:]), "checkpoint": path,
+                "source": cfg["dlc"], "data": ck.get("dlc_meta", {}).get("data"),
+                "sampler": dataclasses.asdict(sc), "stats": stats}
+        if os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
+            ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
+            meta["tv"] = {"marginal": tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
+                          "pairs": tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
+        utils.save_dlc_set(sc.out, codes, meta)
+        print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
+              f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f})"
+              + (f" | TV marginal {meta['tv']['marginal']:.4f} pairs {meta['tv']['pairs']:.4f}" if "tv" in meta else ""),
+              flush=True)
+    if d.world > 1:
+        dist.barrier()
+    utils.cleanup_dist()
+
+
+#################################################################################
+#                   bench, a synthetic DLC set for development, main            #
+#################################################################################
+
+def bench(cfg):
+    d = utils.setup_dist(cfg.device)
+    L, V = cfg.L or 16, cfg.V or 32
+    model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
+    net = torch.compile(model) if cfg.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
+    def it():
+        with amp:
+            loss = sedd_loss(net, x0, V, cfg.eps).mean()
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    for _ in range(3):
+        it()
+    utils.sync(d.device); t = time.perf_counter()
+    for _ in range(cfg.bench_iters):
+        it()
+    utils.sync(d.device); secs = (time.perf_counter() - t) / cfg.bench_iters
+    D, depth, _ = SIZES[cfg.size]
+    n_mat = sum(p.numel() for n, p in model.named_parameters()  # per-token matmuls only
+                if p.dim() == 2 and not any(k in n for k in ("embed", "pos", "ada", "sigma_mlp")))
+    flops_tok = 6 * n_mat + 12 * depth * L * D        # fwd+bwd matmuls + attention scores / values
+    tok_s = cfg.batch_size * L / secs
+    peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    print(f"train: size={cfg.size} L={L} V={V} batch={cfg.batch_size} | {tok_s:,.0f} tokens/s | "
+          f"{secs * 1000:.1f} ms/step | peak mem {utils.peak_memory_mb(d.device):,.0f} MB | "
+          f"MFU {tok_s * flops_tok / peak:.1%} of measured peak {peak / 1e12:.2f} TFLOP/s", flush=True)
+    model.eval()
+    def raw_fn(x, sigma):
+        with amp:
+            return model.raw(x, sigma)
+    utils.sync(d.device); t = time.perf_counter()
+    _, st = sample(raw_fn, cfg.bench_n, L, V, cfg.bench_steps, device=d.device)
+    utils.sync(d.device); secs = time.perf_counter() - t
+    fw = st["forwards"] / cfg.bench_n
+    print(f"sample: {cfg.bench_n} DLCs, {cfg.bench_steps} steps | {cfg.bench_n / secs:.2f} DLCs/s | forwards per "
+          f"DLC {fw:.1f} ({fw / (cfg.bench_steps + 1):.2f} per step) [untrained weights]", flush=True)
+
+
+@dataclass
+class SynthConfig:
+    out: str = ""                # output DLC set folder
+    n: int = 4000                # number of codes
+    L: int = 16                  # code length
+    V: int = 32                  # vocabulary
+    noise: float = 0.1           # probability of replacing a token by a uniform one
+    seed: int = 0                # seed of the tables and of the noise
+
+
+def synth(c):
+    """A stand-in for `sem.py encode` with known structure: the attributes (shape, colour,
+    background) of utils' shapes images; token i = table_i[attributes position i looks at]
+    (one or two of the three), then uniform noise. Marginals and pairs are far from uniform."""
+    if not c.out:
+        utils.fail("synth needs --out DIR")
+    rng = np.random.RandomState(c.seed)
+    attrs = utils.make_shapes(c.n, 8, c.seed)["attrs"].numpy()             # (N, 3)
+    sizes = (len(utils.SHAPES), len(utils.COLOURS), len(utils.COLOURS))
+    codes = np.empty((c.n, c.L), dtype=np.int64)
+    for i in range(c.L):
+        look = rng.choice(3, size=1 + i % 2, replace=False)                # attributes seen by position i
+        key = np.ravel_multi_index(tuple(attrs[:, j] for j in look), tuple(sizes[j] for j in look))
+        table = rng.randint(c.V, size=int(np.prod([sizes[j] for j in look])))
+        codes[:, i] = table[key]
+    noisy = rng.rand(c.n, c.L) < c.noise
+    codes[noisy] = rng.randint(c.V, size=noisy.sum())
+    utils.save_dlc_set(c.out, codes, {"L": c.L, "V": c.V, "tau": None, "checkpoint": None,
+                                      "command": " ".join(["sedd.py"] + sys.argv[1:]), "synthetic": True,
+                                      "data": {"name": "shapes", "n": c.n, "size": 8, "seed": c.seed}},
+                       labels=attrs[:, 0])
+    print(f"wrote synthetic DLC set {c.out}: N={c.n} L={c.L} V={c.V}", flush=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
+    if cmd == "train":
+        return train(utils.parse_config(Config, argv, PRESETS))
+    if cmd == "sample":
+        return sample_main(utils.parse_config(SampleConfig, argv, SAMPLE_PRESETS))
+    if cmd == "bench":
+        return bench(utils.parse_config(Config, argv, PRESETS))
+    if cmd == "synth":
+        return synth(utils.parse_config(SynthConfig, argv))
+    utils.fail(f"unknown command {cmd!r}; use train, sample, bench or synth")
+
+
+if __name__ == "__main__":
+    main()

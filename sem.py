@@ -1,0 +1,794 @@
+"""SEM encoder: a DINOv2 ViT with a Simplicial Embedding head, trained by self-distillation,
+and DLC encoding (DLC paper, Lavoie et al. 2025, Sections 4 "Inferring Discrete Latent Codes"
+and 5 "Setup for inferring DLC"; the linear probe of Table 3).
+
+A DLC is the argmax of each of the L softmax groups of a SEM head put on a self-supervised
+ViT: pre-norm CLS + register tokens -> Linear -> LayerNorm -> (L, V) -> softmax(x / tau) per
+group -> Linear -> the backbone's final norm, which replaces the normalised CLS that the
+DINO head sees. Training is DINOv2 (DINO CLS loss with multi-crop and centering, iBOT masked
+patch loss, KoLeo) with an EMA teacher. Facts (key names, shapes, losses, defaults) come from
+https://github.com/facebookresearch/dinov2 (dinov2/models/vision_transformer.py,
+dinov2/layers/{block,attention,mlp,swiglu_ffn,layer_scale,patch_embed}.py,
+dinov2/loss/{dino_clstoken_loss,ibot_patch_loss,koleo_loss}.py, dinov2/utils/param_groups.py)
+and the authors' fork https://github.com/lavoiems/DiscreteLatentCode (mirror
+sarvghotra/DiscreteLatentCode, commit 64d4c8d, dinov2/dinov2/models/vision_transformer.py:
+DinoVisionTransformerWithSEM); the code here is written from those facts.
+
+Commands:
+  python sem.py                                    # toy: shapes data, CPU, ~1-2 min
+  python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
+  python sem.py probe --ckpt runs/sem-toy          # linear probe: trained vs random encoder
+  python sem.py bench                              # img/s, peak memory, MFU
+  python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
+  torchrun --nproc_per_node=8 sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
+  torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
+"""
+import dataclasses, math, os, sys, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+
+@dataclass
+class Config:
+    run: str = "toy"              # run folder runs/sem-<run>/
+    resume: bool = False          # continue from the newest checkpoint of the run
+    seed: int = 0                 # base seed (per rank and per step)
+    device: str = "auto"          # auto | cpu | cuda | mps
+    steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
+    batch_size: int = 32          # images per process (paper: 64 per GPU)
+    compile: bool = False         # torch.compile the student backbone
+    data: str = "shapes"          # digits | shapes | ImageFolder path | img2dataset folder
+    n: int = 4000                 # images of the embedded shapes data
+    size: int = 32                # global crop / encoding resolution (paper: 224)
+    workers: int = 0              # DataLoader workers (0: augment in the main process)
+    threads: int = 0              # CPU threads for torch (0: torch's default; 1 on a busy machine)
+    arch: str = "toy"             # toy | vit_s | vit_b | vit_l | vit_g (paper: vit_l)
+    patch: int = 8                # patch size (paper: 14)
+    pos_grid: int = 4             # grid of the stored pos-embed (DINOv2: 37 = 518 / 14)
+    registers: int = 4            # register tokens (paper: 4)
+    drop_path: float = 0.0        # stochastic depth (DINOv2 ViT-L: 0.4)
+    ls_init: float = 0.1          # LayerScale init (DINOv2: 1e-5; the toy trains from scratch in minutes)
+    init: str = ""                # official DINOv2 backbone .pth to start from (strict load)
+    L: int = 16                   # SEM groups = code length (paper: 512)
+    V: int = 32                   # SEM vocabulary per group (paper: 256)
+    tau: float = 1.0              # SEM softmax temperature while training (paper: 1.0)
+    head_hidden: int = 256        # DINO head MLP width (paper: 2048)
+    head_bottleneck: int = 64     # DINO head bottleneck (paper: 256)
+    prototypes: int = 256         # DINO / iBOT prototypes (paper: 65536)
+    local_crops: int = 2          # local crops per image (paper: 8)
+    local_size: int = 16          # local crop resolution (paper: 98)
+    global_scale: float = 0.4     # global crop min scale (paper: 0.32); local up to this
+    local_scale: float = 0.15     # local crop min scale (paper: 0.05: too small for 32 px shapes)
+    jitter: float = 0.4           # brightness / contrast jitter (paper: 0.4), saturation half
+    hue: float = 0.0              # hue jitter (paper: 0.1; 0 for shapes, see augmentations)
+    grayscale_p: float = 0.0      # grayscale probability (paper: 0.2; 0 for shapes)
+    solarize_p: float = 0.0       # solarise probability on the 2nd global crop (paper: 0.2)
+    blur_p: float = 0.0           # Gaussian blur probability (paper: 1.0 / 0.1 / 0.5; CPU-costly)
+    student_temp: float = 0.1     # DINO / iBOT student temperature
+    teacher_temp: float = 0.07    # final teacher temperature
+    warmup_teacher_temp: float = 0.04  # initial teacher temperature
+    teacher_temp_steps: int = 100  # teacher temperature warm-up (paper: 30 epochs = 37.5k)
+    center_momentum: float = 0.9  # centering EMA
+    dino_weight: float = 1.0      # DINO CLS loss weight
+    ibot_weight: float = 1.0      # iBOT masked-patch loss weight
+    koleo_weight: float = 0.1     # KoLeo weight
+    mask_prob: float = 0.5        # fraction of global crops that get masked
+    mask_ratio: str = "0.1,0.5"   # masked-patch ratio range of a masked crop
+    lr: float = 5e-3              # base lr, scaled by sqrt(global batch / 1024) (paper: 1e-4)
+    min_lr: float = 1e-6          # cosine end
+    warmup: int = 30              # lr warm-up steps (paper: 10 epochs = 12.5k)
+    wd: float = 0.04              # weight decay start
+    wd_end: float = 0.4           # weight decay end (cosine)
+    layer_decay: float = 0.9      # layer-wise lr decay
+    clip: float = 3.0             # gradient-norm clip
+    freeze_last: int = 30         # steps with the DINO head's last layer frozen (paper: 1250)
+    momentum: float = 0.992       # teacher EMA momentum start, cosine -> 1
+    log_every: int = 1            # log line every N steps
+    ckpt_every: int = 1000        # checkpoint every N steps (and at the end)
+    out: str = ""                 # encode: output DLC set folder
+    ckpt: str = ""                # encode / probe: checkpoint file or run folder
+    continuous: bool = False      # encode: also write embeddings.npy (normalised CLS)
+    encode_batch: int = 256       # encode: images per batch
+
+
+PRESETS = {
+    "toy": {},
+    "imagenet": dict(run="imagenet", steps=125_000, batch_size=64, size=224, workers=10,
+                     arch="vit_l", patch=14, pos_grid=37, registers=4, drop_path=0.4, ls_init=1e-5,
+                     L=512, V=256, head_hidden=2048, head_bottleneck=256, prototypes=65536,
+                     local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05,
+                     hue=0.1, grayscale_p=0.2, solarize_p=0.2, blur_p=0.5,
+                     teacher_temp_steps=37_500, lr=1e-4, warmup=12_500, freeze_last=1250,
+                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True),
+}
+# name: (width, depth, heads, ffn); DINOv2 hub models (dinov2/hub/backbones.py)
+ARCHS = {"toy": (64, 4, 4, "mlp"), "vit_s": (384, 12, 6, "mlp"), "vit_b": (768, 12, 12, "mlp"),
+         "vit_l": (1024, 24, 16, "mlp"), "vit_g": (1536, 40, 24, "swiglu")}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisation
+
+
+#################################################################################
+#          The ViT: parameter names and shapes of the official checkpoints      #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)  # key: patch_embed.proj.weight
+
+    def forward(self, x):                                    # (B, 3, H, W)
+        return self.proj(x).flatten(2).transpose(1, 2)       # (B, H/p * W/p, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
+        x = F.scaled_dot_product_attention(q, k, v)          # fused (flash / mem-efficient on GPU)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SwiGLU(nn.Module):
+    """ViT-g's FFN: keys mlp.w12 (D -> 2H) and mlp.w3 (H -> D), H = 2/3 * 4D rounded up to 8."""
+    def __init__(self, dim):
+        super().__init__()
+        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))  # key: ls1.gamma / ls2.gamma
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, ffn, drop_path, ls_init=1e-5):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim, ls_init)
+        self.norm2, self.ls2 = nn.LayerNorm(dim, eps=1e-6), LayerScale(dim, ls_init)
+        self.mlp = SwiGLU(dim) if ffn == "swiglu" else Mlp(dim)
+        self.drop_path = drop_path
+
+    def residual(self, x, f):
+        """x + f(x), with stochastic depth: drop f for whole samples while training."""
+        y = f(x)
+        if self.training and self.drop_path > 0:
+            keep = torch.rand(len(x), 1, 1, device=x.device) >= self.drop_path
+            y = y * keep / (1 - self.drop_path)
+        return x + y
+
+    def forward(self, x):
+        x = self.residual(x, lambda t: self.ls1(self.attn(self.norm1(t))))
+        return self.residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))))
+
+
+def interpolate_pos_embed(pos, grid):
+    """Bicubic resize of the stored (1, 1 + M*M, D) pos-embed to (1, 1 + grid*grid, D);
+    the CLS position is kept; identity when grid == M (DINOv2 interpolate_pos_encoding)."""
+    M = math.isqrt(pos.shape[1] - 1)
+    if grid == M:
+        return pos
+    patch = pos[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)      # (1, D, M, M)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)  # (1, g*g, D)
+    return torch.cat([pos[:, :1], patch], dim=1)
+
+
+class SEMViT(nn.Module):
+    """DINOv2 ViT (keys as in the official checkpoints) + the SEM head (sem_embed, sem_norm,
+    sem_out: the authors' names). forward -> dict of the SEM-projected normalised CLS, the
+    normalised patch tokens, the soft SEM (B, L, V) and the backbone's normalised CLS."""
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.arch not in ARCHS:
+            utils.fail(f"unknown --arch {cfg.arch!r}; use one of {', '.join(ARCHS)}")
+        D, depth, heads, ffn = ARCHS[cfg.arch]
+        self.cfg, self.embed_dim, self.patch = cfg, D, cfg.patch
+        self.patch_embed = PatchEmbed(cfg.patch, D)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 1e-6)
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.pos_grid ** 2, D) * 0.02)
+        if cfg.registers:  # reg4 checkpoints only; the no-register ones have no such key
+            self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)
+        self.mask_token = nn.Parameter(torch.zeros(1, D))
+        dpr = torch.linspace(0, cfg.drop_path, depth).tolist()
+        self.blocks = nn.ModuleList(Block(D, heads, ffn, p, cfg.ls_init) for p in dpr)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        LV = cfg.L * cfg.V
+        self.sem_embed = nn.Linear(D * (1 + cfg.registers), LV, bias=False)
+        self.sem_norm = nn.LayerNorm(LV, eps=1e-6)
+        self.sem_out = nn.Linear(LV, D, bias=False)
+        for m in self.modules():  # timm / DINOv2 init: trunc-normal 0.02 linears, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def sem(self, tokens, tau):
+        """Simplicial Embedding (Sec. 4): tokens (B, 1+R, D) pre-norm CLS + registers."""
+        z = self.sem_norm(self.sem_embed(tokens.flatten(1)))       # (B, L*V)
+        z = z.view(len(z), self.cfg.L, self.cfg.V)                 # (B, L, V)
+        p = torch.softmax(z.float() / tau, dim=-1)                 # fp32 island: tau can be 1e-5
+        return p, self.sem_out(p.flatten(1).to(z.dtype))           # (B, L, V), (B, D)
+
+    def forward(self, x, masks=None, tau=None):
+        B, _, H, W = x.shape
+        t = self.patch_embed(x)                                    # (B, N, D)
+        if masks is not None:  # iBOT: masked patches become the learned mask token
+            t = torch.where(masks[..., None], self.mask_token.to(t.dtype), t)
+        t = torch.cat([self.cls_token.expand(B, -1, -1), t], 1)    # (B, 1+N, D)
+        t = t + interpolate_pos_embed(self.pos_embed, H // self.patch)
+        R = self.cfg.registers
+        if R:  # registers go after CLS and get no position (DINOv2 reg models)
+            t = torch.cat([t[:, :1], self.register_tokens.expand(B, -1, -1), t[:, 1:]], 1)  # (B, 1+R+N, D)
+        for blk in self.blocks:
+            t = blk(t)
+        normed = self.norm(t)
+        probs, cls = self.sem(t[:, :1 + R], self.cfg.tau if tau is None else tau)
+        return {"cls": self.norm(cls), "probs": probs, "patch": normed[:, 1 + R:],
+                "backbone_cls": normed[:, 0]}
+
+
+def is_sem_key(k):
+    return k.startswith("sem_")
+
+
+def load_official(model, path):
+    """Strictly load an official DINOv2 backbone file into `model` (SEM head stays fresh).
+    Any missing / unexpected key or shape mismatch stops: no silent partial load."""
+    if not os.path.isfile(path):
+        utils.fail(f"--init file {path} does not exist; download e.g. dinov2_vitl14_reg4_pretrain.pth")
+    sd = utils.load_checkpoint(path)
+    sd = sd.get("teacher", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
+    ours = {k: v for k, v in model.state_dict().items() if not is_sem_key(k)}
+    missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
+    bad = [k for k in set(ours) & set(sd) if tuple(ours[k].shape) != tuple(sd[k].shape)]
+    if missing or unexpected or bad:
+        utils.fail(f"{path} does not match --arch {model.cfg.arch} (patch {model.patch}, pos_grid "
+                   f"{model.cfg.pos_grid}, registers {model.cfg.registers}): missing {missing[:4]}, "
+                   f"unexpected {unexpected[:4]}, wrong shape {sorted(bad)[:4]}; refusing a partial load")
+    model.load_state_dict(sd, strict=False)  # strict on the backbone (checked above); SEM is new
+
+
+#################################################################################
+#              DINO head and the three losses (DINOv2 defaults)                 #
+#################################################################################
+
+class DINOHead(nn.Module):
+    """3-layer MLP -> bottleneck -> L2 normalise -> weight-normalised prototypes (g = 1)."""
+    def __init__(self, D, hidden, bottleneck, K):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last_layer = nn.Linear(bottleneck, K, bias=False)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))  # weight norm, g fixed to 1
+
+
+def teacher_probs(logits, center, temp):
+    """Centering + sharpening: softmax((t - c) / tau_t); the centre is updated separately."""
+    return torch.softmax((logits - center) / temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center, logits, m):
+    """c <- m c + (1 - m) mean_batch(t), the batch mean all-reduced over ranks."""
+    mean = logits.mean(0, keepdim=True)
+    if dist.is_initialized():
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    center.mul_(m).add_(mean, alpha=1 - m)
+
+
+def dino_loss(student_logits, teacher_p, temp):
+    """DINO CLS loss: mean over pairs (teacher global i, student crop j != i) of
+    -sum_k p_t,i[k] log softmax(s_j / tau_s)[k], averaged over the batch.
+    student_logits: list of (B, K) per crop (globals first); teacher_p: list of (B, K)."""
+    total, pairs = 0.0, 0
+    for j, s in enumerate(student_logits):
+        logp = F.log_softmax(s.float() / temp, dim=-1)
+        for i, t in enumerate(teacher_p):
+            if i != j:
+                total = total + (-(t * logp).sum(-1)).mean()
+                pairs += 1
+    return total / pairs
+
+
+def ibot_loss(student_logits, teacher_p, masks, temp):
+    """iBOT masked-patch loss on the masked patches only; each image's masked patches share
+    weight 1 (DINOv2: 1 / #masked per image), averaged over all global crops.
+    student_logits, teacher_p: (M, K) for the M masked patches; masks: (G, N) bool."""
+    per_patch = -(teacher_p * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)  # (M,)
+    w = (1 / masks.sum(1).clamp(min=1.0))[:, None].expand_as(masks)[masks]                   # (M,)
+    return (per_patch * w).sum() / len(masks)
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo (Sablayrolles et al. 2019): -mean_i log(min_{j != i} ||x_i - x_j||) on L2-normalised x."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    d = torch.cdist(x, x)
+    d = d + torch.eye(len(x), device=x.device) * 1e9                       # exclude i == j
+    return -torch.log(d.min(dim=1).values + eps).mean()
+
+
+#################################################################################
+#          Data: embedded sets, ImageFolder / img2dataset, multi-crop           #
+#################################################################################
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG", ".JPG", ".PNG")
+
+
+class Images:
+    """Indexable images as float (3, H, W) in [0, 1] (embedded) or PIL (files) + metadata."""
+    def __init__(self, cfg):
+        self.labels = self.captions = self.attrs = self.index = None
+        self.data_meta = None
+        if cfg.data in ("digits", "shapes", "shapes-heldout", "shapes-all"):
+            d = utils.load_embedded(cfg.data, n=cfg.n, size=cfg.size, seed=0)
+            x = (d["images"] + 1) / 2                                    # [-1, 1] -> [0, 1]
+            if x.shape[1] == 1:  # digits: 8 x 8 grey -> 3 channels at the model size
+                x = F.interpolate(x.repeat(1, 3, 1, 1), size=cfg.size, mode="bilinear", align_corners=False)
+            self.tensors, self.labels, self.captions = x, d["labels"].numpy(), d["captions"]
+            self.attrs = d["attrs"].numpy() if "attrs" in d else None
+            self.data_meta = {"name": cfg.data, "n": cfg.n, "size": cfg.size, "seed": 0}
+            self.n = len(x)
+            return
+        if not os.path.isdir(cfg.data):
+            utils.fail(f"--data {cfg.data!r} is neither digits/shapes nor a folder of images")
+        self.root = cfg.data
+        self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.data) for f in fs if f.endswith(IMG_EXT))
+        if not self.files:
+            utils.fail(f"no images ({', '.join(IMG_EXT[:5])}) found under {cfg.data}; check --data")
+        self.n, self.tensors = len(self.files), None
+        self.index = [os.path.relpath(f, cfg.data) for f in self.files]
+        txt = [os.path.splitext(f)[0] + ".txt" for f in self.files]
+        if all(os.path.isfile(t) for t in txt):  # img2dataset: 000001.jpg + 000001.txt caption
+            self.captions = [open(t).read().strip() for t in txt]
+        elif all(os.sep in i for i in self.index):  # ImageFolder: class = first folder
+            classes = sorted({i.split(os.sep)[0] for i in self.index})
+            self.labels = np.array([classes.index(i.split(os.sep)[0]) for i in self.index])
+        self.data_meta = {"name": os.path.abspath(cfg.data), "n": self.n, "size": cfg.size, "seed": 0}
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.tensors is not None:
+            return self.tensors[i]
+        from PIL import Image
+        try:
+            with Image.open(self.files[i]) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            utils.fail(f"cannot read image {self.files[i]} ({type(e).__name__}); remove or replace it")
+
+
+def adm_center_crop(img, size):
+    """ADM / guided-diffusion centre crop: halve with BOX while large, BICUBIC so the short
+    side is `size`, then crop the centre. Tensors already at `size` pass through."""
+    from torchvision.transforms.v2 import functional as TF
+    if torch.is_tensor(img):
+        return TF.center_crop(TF.resize(img, size, antialias=True), size) if img.shape[-1] != size else img
+    from PIL import Image
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
+    s = size / min(img.size)
+    img = img.resize(tuple(round(x * s) for x in img.size), resample=Image.BICUBIC)
+    return TF.center_crop(TF.to_dtype(TF.to_image(img), torch.float32, scale=True), size)
+
+
+def make_augment(cfg, out, scale, solarize_p=0.0):
+    """DINOv2 crop pipeline with torchvision.transforms.v2. For the shapes data colour is one
+    of the three attributes that define an image: hue jitter and grayscale would make a red
+    and a blue triangle two views of the same thing and teach the encoder to ignore colour,
+    so the toy sets hue = 0 and grayscale_p = 0 (the imagenet preset uses DINOv2's values)."""
+    from torchvision.transforms import v2
+    jitter = v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter / 2, cfg.hue)
+    ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+           v2.RandomResizedCrop(out, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
+           v2.RandomApply([jitter], p=0.8), v2.RandomGrayscale(cfg.grayscale_p),
+           v2.RandomApply([v2.GaussianBlur(max(3, out // 10 * 2 + 1), (0.1, 2.0))], p=cfg.blur_p),
+           v2.RandomSolarize(0.5, p=solarize_p), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+class MultiCropSteps(torch.utils.data.Dataset):
+    """Item s = the whole batch of step s for this rank: 2 global + n local crops per image and
+    the iBOT masks. Everything random is drawn from a generator seeded by (seed, rank, step),
+    so a resumed run sees exactly the batches it would have seen (our stand-in for
+    DistributedSampler + set_epoch: each epoch is a seeded permutation sharded over ranks)."""
+    def __init__(self, images, cfg, rank, world):
+        self.images, self.cfg, self.rank, self.world = images, cfg, rank, world
+        self.g1 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0))
+        self.g2 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0), cfg.solarize_p)
+        self.loc = make_augment(cfg, cfg.local_size, (cfg.local_scale, cfg.global_scale))
+        self.per_epoch = max(1, len(images) // (cfg.batch_size * world))
+
+    def __len__(self):
+        return self.cfg.steps
+
+    def __getitem__(self, step):
+        cfg, B = self.cfg, self.cfg.batch_size
+        epoch, k = divmod(step, self.per_epoch)
+        perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+        idx = perm[self.rank::self.world][k * B:(k + 1) * B]
+        torch.manual_seed((cfg.seed * 7919 + self.rank) * 1_000_003 + step)  # v2 uses the global RNG
+        imgs = [self.images[int(i)] for i in idx]
+        g = torch.stack([torch.stack([self.g1(im) for im in imgs]), torch.stack([self.g2(im) for im in imgs])])  # (2, B, 3, S, S)
+        loc = [torch.stack([self.loc(im) for im in imgs]) for _ in range(cfg.local_crops)]             # n x (B, 3, s, s)
+        N = (cfg.size // cfg.patch) ** 2
+        lo, hi = (float(v) for v in cfg.mask_ratio.split(","))
+        masks = torch.zeros(2 * B, N, dtype=torch.bool)
+        for r in range(2 * B):  # random patch masking (DINOv2 uses block masking)
+            if torch.rand(()) < cfg.mask_prob:
+                m = int(N * (lo + (hi - lo) * torch.rand(()).item()))
+                masks[r, torch.randperm(N)[:m]] = True
+        return g, loc, masks
+
+
+#################################################################################
+#         Training: schedules, param groups (layer decay), one DINOv2 step      #
+#################################################################################
+
+def cosine(start, end, step, total, warmup=0, warm_from=0.0):
+    """Linear warm-up from warm_from to start over `warmup` steps, then cosine start -> end."""
+    if step < warmup:
+        return warm_from + (start - warm_from) * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def param_groups(student, layer_decay):
+    """One group per parameter: lr x decay^(depth+1 - layer), no weight decay on biases, norms,
+    LayerScale, tokens and pos-embed (DINOv2 dinov2/utils/param_groups.py)."""
+    depth, groups = len(student.backbone.blocks), []
+    for name, p in student.named_parameters():
+        if name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith("backbone.") and any(s in name for s in ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")):
+            layer = 0
+        else:  # final norm, SEM head, DINO head
+            layer = depth + 1
+        no_wd = p.ndim == 1 or name.endswith(("token", "tokens", "pos_embed", "gamma"))
+        groups.append({"params": [p], "lr_mult": layer_decay ** (depth + 1 - layer),
+                       "wd_mult": 0.0 if no_wd else 1.0, "last_layer": "last_layer" in name})
+    return groups
+
+
+class Student(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = SEMViT(cfg)
+        self.head = DINOHead(self.backbone.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.prototypes)
+
+    def forward(self, globals_, locals_, masks):
+        g = self.backbone(globals_, masks)                                  # (2B, ...)
+        loc = [self.backbone(x)["cls"] for x in locals_]                   # n x (B, D)
+        cls_logits = self.head(torch.cat([g["cls"], *loc]))                # ((2+n)B, K)
+        patch_logits = self.head(g["patch"][masks])                        # (M, K)
+        return g["cls"], cls_logits, patch_logits
+
+
+def train_step(student, teacher, centers, batch, cfg, step, d):
+    """The DINOv2 objective on one batch; returns the total loss and its parts."""
+    g, loc, masks = batch
+    B = g.shape[1]
+    g = g.flatten(0, 1).to(d.device)                                       # (2B, 3, S, S)
+    loc, masks = [x.to(d.device) for x in loc], masks.to(d.device)
+    temp = cosine(cfg.teacher_temp, cfg.teacher_temp, step, 1, cfg.teacher_temp_steps, cfg.warmup_teacher_temp)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    with torch.no_grad(), amp:  # the teacher never gets a gradient
+        t = teacher.backbone(g)
+        t_cls = teacher.head(t["cls"]).float()                             # (2B, K)
+        t_patch = teacher.head(t["patch"][masks]).float()                  # (M, K)
+        p_cls = teacher_probs(t_cls, centers["cls"], temp)
+        p_patch = teacher_probs(t_patch, centers["patch"], temp)
+    with amp:
+        s_cls, s_logits, s_patch = student(g, loc, masks)
+        n = 2 + len(loc)
+        parts = {"dino": dino_loss(list(s_logits.chunk(n)), list(p_cls.chunk(2)), cfg.student_temp),
+                 "ibot": ibot_loss(s_patch, p_patch, masks, cfg.student_temp) if masks.any() else s_patch.sum() * 0,
+                 "koleo": sum(koleo_loss(c) for c in s_cls.chunk(2))}
+    loss = cfg.dino_weight * parts["dino"] + cfg.ibot_weight * parts["ibot"] + cfg.koleo_weight * parts["koleo"]
+    update_center(centers["cls"], t_cls, cfg.center_momentum)
+    if len(t_patch):
+        update_center(centers["patch"], t_patch, cfg.center_momentum)
+    return loss, parts
+
+
+def run_dir(cfg):
+    return os.path.join("runs", f"sem-{cfg.run}")
+
+
+def set_threads(cfg):
+    # why: on a shared CPU, torch's worker threads wait on each other; 1 thread can be 10x faster
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+
+def train(cfg):
+    d = utils.setup_dist(cfg.device)
+    set_threads(cfg)
+    out, log = run_dir(cfg), utils.Logger(run_dir(cfg), d)
+    utils.seed_all(cfg.seed, d)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    images = Images(cfg)
+    student = Student(cfg).to(d.device)
+    if cfg.init:
+        load_official(student.backbone, cfg.init)
+    teacher = Student(cfg).to(d.device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval().requires_grad_(False)
+    K = cfg.prototypes
+    centers = {"cls": torch.zeros(1, K, device=d.device), "patch": torch.zeros(1, K, device=d.device)}
+    opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999))
+    start = 0
+    ck_path = utils.latest_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else None
+    if ck_path:
+        ck = utils.load_checkpoint(ck_path)
+        student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+        for k in centers:
+            centers[k].copy_(ck["centers"][k])
+        start = ck["step"]
+        log(f"resumed from {ck_path} at step {start}")
+    if d.main:
+        utils.save_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
+    model = student
+    if cfg.compile:
+        student.backbone.compile()  # in place: state-dict keys stay free of _orig_mod
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    loader = torch.utils.data.DataLoader(MultiCropSteps(images, cfg, d.rank, d.world), batch_size=None,
+                                         sampler=range(start, cfg.steps), num_workers=cfg.workers,
+                                         pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0)
+    lr_base = cfg.lr * math.sqrt(cfg.batch_size * d.world / 1024)
+    from tqdm import tqdm
+    bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
+    t0 = time.perf_counter()
+    for step, batch in zip(range(start, cfg.steps), bar):
+        lr = cosine(lr_base, cfg.min_lr, step, cfg.steps, cfg.warmup)
+        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.steps)
+        for grp in opt.param_groups:
+            frozen = grp["last_layer"] and step < cfg.freeze_last  # last layer frozen at first
+            grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
+        loss, parts = train_step(model, teacher, centers, batch, cfg, step, d)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+        opt.step()
+        m = cosine(cfg.momentum, 1.0, step, cfg.steps)  # teacher momentum 0.992 -> 1
+        utils.ema_update(teacher, student, m)
+        if (step + 1) % cfg.log_every == 0:
+            ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
+            if d.world > 1:
+                dist.all_reduce(ls); ls /= d.world
+            utils.sync(d.device)
+            ms = (time.perf_counter() - t0) * 1000 / cfg.log_every
+            log(f"step {step + 1:7d} | loss {ls[0]:.4f} (dino {ls[1]:.3f} ibot {ls[2]:.3f} koleo {ls[3]:.3f}) "
+                f"| lr {lr:.2e} | grad {gnorm:.3f} | {ms:.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:.0f} samples/s")
+            t0 = time.perf_counter()
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            if d.main:
+                utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
+                                       "opt": opt.state_dict(), "step": step + 1, "centers": centers,
+                                       "config": dataclasses.asdict(cfg), "versions": {"torch": torch.__version__}},
+                                      os.path.join(out, "checkpoints", f"ckpt_{step + 1:07d}.pt"))
+            if d.world > 1:
+                dist.barrier()
+    log(f"done: {cfg.steps} steps, checkpoints in {out}/checkpoints")
+    utils.cleanup_dist()
+    return out
+
+
+#################################################################################
+#          Encoding: DLC = argmax per SEM group, sharded over ranks             #
+#################################################################################
+
+ARCH_KEYS = ("arch", "patch", "pos_grid", "registers", "L", "V")
+
+
+def load_encoder(cfg, argv=()):
+    """Our checkpoint (teacher = EMA weights) or an official DINOv2 file + a fresh SEM head."""
+    path = utils.resolve_ckpt(cfg.ckpt)
+    ck = utils.load_checkpoint(path)
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if isinstance(ck, dict) and "ema" in ck and "config" in ck:
+        for k in ARCH_KEYS:
+            if k in given and getattr(cfg, k) != ck["config"][k]:
+                utils.fail(f"--{k} {getattr(cfg, k)} does not match the checkpoint ({ck['config'][k]}); "
+                           f"L*V of {path} is {ck['config']['L']}x{ck['config']['V']}; drop the flag")
+        cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_KEYS})
+        enc = SEMViT(cfg)
+        sd = {k.removeprefix("backbone."): v for k, v in ck["ema"].items() if k.startswith("backbone.")}
+        if sd["sem_embed.weight"].shape[0] != cfg.L * cfg.V:
+            utils.fail(f"checkpoint SEM head has L*V={sd['sem_embed.weight'].shape[0]}, config says {cfg.L}x{cfg.V}")
+        enc.load_state_dict(sd)
+        return enc, cfg, path, "trained"
+    torch.manual_seed(cfg.seed)
+    enc = SEMViT(cfg)
+    load_official(enc, path)
+    utils.print0(f"{path} is an official DINOv2 backbone: using a freshly initialised SEM head (seed {cfg.seed})")
+    return enc, cfg, path, f"fresh (random init, seed {cfg.seed})"
+
+
+@torch.no_grad()
+def encode_images(enc, images, cfg, d, idx, continuous=False):
+    """Codes (n, L) int64 (and normalised CLS (n, D)) of images[idx], ADM centre crop, no flip."""
+    from torchvision.transforms import v2
+    from tqdm import tqdm
+    norm = v2.Normalize(MEAN, STD)
+    enc.eval().to(d.device)
+    codes, embs = [], []
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    for s in tqdm(range(0, len(idx), cfg.encode_batch), disable=not d.main, desc="encode", leave=False):
+        x = torch.stack([norm(adm_center_crop(images[int(i)], cfg.size)) for i in idx[s:s + cfg.encode_batch]])
+        with amp:
+            out = enc(x.to(d.device), tau=1.0)
+        codes.append(out["probs"].argmax(-1).cpu())            # (b, L): argmax = the tau -> 0 limit
+        if continuous:
+            embs.append(out["backbone_cls"].float().cpu())
+    L = enc.cfg.L
+    c = torch.cat(codes) if codes else torch.zeros(0, L, dtype=torch.long)
+    e = torch.cat(embs) if embs else torch.zeros(0, enc.embed_dim)
+    return c.numpy(), e.numpy()
+
+
+def encode(cfg, argv=()):
+    if not cfg.out:
+        utils.fail("encode needs --out DIR for the DLC set")
+    if not cfg.ckpt:
+        utils.fail("encode needs --ckpt (our checkpoint / run folder or an official DINOv2 .pth)")
+    d = utils.setup_dist(cfg.device)
+    set_threads(cfg)
+    enc, cfg, path, head = load_encoder(cfg, argv)
+    images = Images(cfg)
+    # contiguous shards whose length is a multiple of the batch: the same batches as one process
+    chunk = math.ceil(len(images) / d.world / cfg.encode_batch) * cfg.encode_batch
+    idx = np.arange(d.rank * chunk, min(len(images), (d.rank + 1) * chunk))
+    codes, embs = encode_images(enc, images, cfg, d, idx, cfg.continuous)
+    if d.world > 1:  # gather in rank order = dataset order (gloo / NCCL object gather)
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (codes, embs))
+        codes, embs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    if d.main:
+        meta = {"L": cfg.L, "V": cfg.V, "tau": 1e-5, "checkpoint": os.path.abspath(path), "sem_head": head,
+                "command": "python sem.py " + " ".join(sys.argv[1:]), "data": images.data_meta,
+                "arch": cfg.arch, "size": cfg.size}
+        extra = {}
+        if images.attrs is not None:
+            extra["attrs.npy"] = images.attrs.astype(np.int64)
+        if cfg.continuous:
+            extra["embeddings.npy"] = embs.astype(np.float16)
+        utils.save_dlc_set(cfg.out, codes, meta, labels=images.labels, captions=images.captions,
+                           index=images.index, extra=extra)
+        print(f"wrote {len(codes)} codes [N, L={cfg.L}] V={cfg.V} to {cfg.out}", flush=True)
+    if d.world > 1:
+        dist.barrier()
+    utils.cleanup_dist()
+    return codes
+
+
+#################################################################################
+#        Results: linear probe on one-hot DLCs; bench: img/s, memory, MFU       #
+#################################################################################
+
+def linear_probe(codes, y, V, n_train):
+    """Accuracy of a logistic regression on the flattened one-hot DLC (paper Table 3)."""
+    from sklearn.linear_model import LogisticRegression
+    onehot = np.eye(V, dtype=np.float32)[codes].reshape(len(codes), -1)    # (N, L*V)
+    clf = LogisticRegression(max_iter=2000).fit(onehot[:n_train], y[:n_train])
+    return clf.score(onehot[n_train:], y[n_train:])
+
+
+def probe(cfg, argv=()):
+    """Per-attribute probe accuracy (shape, colour, background) of the trained vs a randomly
+    initialised encoder on the shapes data (3/4 train, 1/4 test)."""
+    d = utils.setup_dist("cpu" if cfg.device == "auto" else cfg.device)
+    set_threads(cfg)
+    enc, cfg, _, _ = load_encoder(cfg, argv)
+    cfg = dataclasses.replace(cfg, data="shapes")
+    images = Images(cfg)
+    torch.manual_seed(cfg.seed)
+    rand = SEMViT(cfg)
+    idx, n_train = np.arange(len(images)), len(images) * 3 // 4
+    res = {}
+    for name, model in (("trained", enc), ("random", rand)):
+        codes, _ = encode_images(model, images, cfg, d, idx)
+        res[name] = [linear_probe(codes, images.attrs[:, a], cfg.V, n_train) for a in range(3)]
+    print("encoder  | shape | colour | background")
+    for name, accs in res.items():
+        print(f"{name:8s} | " + " | ".join(f"{a:.3f}" for a in accs))
+    return res
+
+
+def bench(cfg):
+    """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
+    from torch.utils.flop_counter import FlopCounterMode
+    d = utils.setup_dist(cfg.device)
+    set_threads(cfg)
+    cfg = dataclasses.replace(cfg, steps=6)
+    images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))
+    student, teacher = Student(cfg).to(d.device), Student(cfg).to(d.device).eval().requires_grad_(False)
+    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    data = MultiCropSteps(images, cfg, 0, 1)
+    batches = [data[i] for i in range(cfg.steps)]
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    peak = utils.matmul_peak_flops(d.device, dtype)
+
+    def step(b, i):
+        loss, _ = train_step(student, teacher, centers, b, cfg, i, d)
+        opt.zero_grad(); loss.backward(); opt.step()
+    with FlopCounterMode(display=False) as fc:
+        step(batches[0], 0)
+    train_flops = fc.get_total_flops()
+    step(batches[1], 1); utils.sync(d.device)
+    t = time.perf_counter()
+    for i in range(2, cfg.steps):
+        step(batches[i], i)
+    utils.sync(d.device)
+    dt = (time.perf_counter() - t) / (cfg.steps - 2)
+    print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
+          f"(step {train_flops / 1e9:.1f} GFLOP, peak {peak / 1e12:.2f} TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
+    enc = student.backbone.eval()
+    x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    with torch.no_grad(), amp:
+        with FlopCounterMode(display=False) as fc:
+            enc(x)
+        enc(x); utils.sync(d.device)
+        t = time.perf_counter()
+        for _ in range(3):
+            enc(x)
+        utils.sync(d.device)
+    dt = (time.perf_counter() - t) / 3
+    print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {fc.get_total_flops() / dt / peak:.1%} | "
+          f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
+    if cmd == "train":
+        return train(utils.parse_config(Config, argv, PRESETS))
+    if cmd == "encode":
+        return encode(utils.parse_config(Config, argv, PRESETS), argv)
+    if cmd == "probe":
+        return probe(utils.parse_config(Config, argv, PRESETS), argv)
+    if cmd == "bench":
+        return bench(utils.parse_config(Config, argv, PRESETS))
+    utils.fail(f"unknown command {cmd!r}; use train, encode, probe or bench")
+
+
+if __name__ == "__main__":
+    main()

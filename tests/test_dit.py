@@ -1,0 +1,254 @@
+"""Tests for dit.py: official DiT names and shapes, zero init, classifier-free guidance, the
+diffusion formulas against closed forms, composition, resume, torchrun, sharded sampling and
+bad input. CPU, tiny models."""
+import math, os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from conftest import ROOT, run_script, torchrun
+import dit
+import utils
+
+TINY = ["--model", "DiT-toy/4", "--image_size", "8", "--batch_size", "8", "--sample_steps", "4",
+        "--diffusion_steps", "100", "--ckpt_every", "2", "--log_every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One BLAS thread: the shared 2-core test machine is much faster that way."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(n)
+
+
+def official_shapes(depth, D, patch, C=4, classes=1000, size=32):
+    """Keys and shapes of an official DiT checkpoint, from the naming of facebookresearch/DiT."""
+    T = (size // patch) ** 2
+    s = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, patch, patch), "x_embedder.proj.bias": (D,),
+         "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
+         "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
+         "y_embedder.embedding_table.weight": (classes + 1, D),
+         "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
+         "final_layer.linear.weight": (patch * patch * 2 * C, D), "final_layer.linear.bias": (patch * patch * 2 * C,)}
+    for i in range(depth):
+        for name, out, inp in [("attn.qkv", 3 * D, D), ("attn.proj", D, D), ("mlp.fc1", 4 * D, D),
+                               ("mlp.fc2", D, 4 * D), ("adaLN_modulation.1", 6 * D, D)]:
+            s[f"blocks.{i}.{name}.weight"], s[f"blocks.{i}.{name}.bias"] = (out, inp), (out,)
+    return s
+
+
+def make_set(path, n=64, L=8, V=16, rows=None, emb=True):
+    """A small synthetic DLC set row-aligned with utils.load_embedded('shapes', n=64)."""
+    data = {"name": "shapes", "n": n, "size": 32, "seed": 0}
+    attrs = utils.load_embedded(**data)["attrs"].numpy()
+    codes = (attrs[:, [0, 1, 2, 0, 1, 2, 0, 1][:L]] * 3 + np.arange(L)) % V
+    rows = rows or n
+    extra = {"embeddings.npy": np.random.RandomState(0).randn(rows, 6).astype(np.float16)} if emb else None
+    utils.save_dlc_set(str(path), codes[:rows], {"L": L, "V": V, "data": data}, extra=extra)
+    return str(path)
+
+
+def test_official_keys_and_shapes_xl2_meta():
+    with torch.device("meta"):
+        m = dit.DiT("DiT-XL/2", 32, 4, "label", num_classes=1000)
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert ours == official_shapes(28, 1152, 2)
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e6 - 675) < 1      # DiT paper: 675M
+
+
+def test_official_state_dict_loads(capsys):
+    torch.manual_seed(0)
+    sd = {k: torch.randn(s) for k, s in official_shapes(12, 384, 8).items()}  # DiT-S/8 official format
+    label = dit.DiT("DiT-S/8", 32, 4, "label", num_classes=1000)
+    dit.load_official(label, sd)                                               # strict
+    assert torch.equal(label.blocks[3].attn.qkv.weight, sd["blocks.3.attn.qkv.weight"])
+    m = dit.DiT("DiT-S/8", 32, 4, "dlc", L=8, V=16)
+    missing, skipped = dit.load_official(m, sd)
+    assert missing == ["sem_embedder.embedding_table"] and skipped == ["y_embedder.embedding_table.weight"]
+    assert "sem_embedder.embedding_table" in capsys.readouterr().out                  # reported
+    assert torch.equal(m.final_layer.linear.weight, sd["final_layer.linear.weight"])
+    sd.pop("blocks.0.mlp.fc1.bias")
+    with pytest.raises(SystemExit):
+        dit.load_official(m, sd)
+
+
+def randomised(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("cond", ["dlc", "label", "embedding", "none"])
+def test_zero_output_at_init(cond):
+    m = dit.DiT("DiT-toy/2", 8, 3, cond, num_classes=4, L=8, V=16, emb_dim=6)
+    y = {"dlc": torch.randint(0, 16, (2, 8)), "label": torch.tensor([0, 3]), "embedding": torch.randn(2, 6), "none": None}[cond]
+    out = m(torch.randn(2, 3, 8, 8), torch.tensor([3, 500]), y)
+    assert out.shape == (2, 6, 8, 8) and out.abs().max() == 0
+
+
+def test_cfg_scale_one_and_channels():
+    m = randomised(dit.DiT("DiT-toy/2", 8, 3, "dlc", L=8, V=16))
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([10, 500, 900]), torch.randint(0, 16, (3, 8))
+    cond, uncond = m(x, t, y), m(x, t, y, torch.ones(3, dtype=torch.bool))
+    assert not torch.allclose(cond, uncond)
+    assert torch.allclose(m.forward_with_cfg(x, t, y, 1.0), cond, atol=1e-5)
+    g = m.forward_with_cfg(x, t, y, 3.0, channels=2)
+    assert torch.allclose(g[:, :2], uncond[:, :2] + 3 * (cond[:, :2] - uncond[:, :2]), rtol=1e-3, atol=1e-3)
+    assert torch.allclose(g[:, 2:], cond[:, 2:], atol=1e-5)                  # channel 2 and variances untouched
+    assert not torch.allclose(g[:, :2], cond[:, :2], atol=1e-3)
+    gi = m.forward_with_cfg(x, t, y, 3.0, channels=3, interval=[0.0, 0.6], T=1000)
+    assert torch.allclose(gi[2], cond[2], atol=1e-5) and not torch.allclose(gi[:2, :3], cond[:2, :3], atol=1e-3)
+
+
+def test_dlc_embedder_drop_and_average():
+    e = dit.DLCEmbedder(4, 5, 7)
+    codes = torch.tensor([[0, 1, 2, 3], [4, 4, 0, 1]])
+    out = e(codes, torch.tensor([False, True]))
+    assert torch.allclose(out[0], torch.stack([e.embedding_table[l, codes[0, l]] for l in range(4)]).mean(0))
+    assert torch.allclose(out[1], e.embedding_table[:, 5].mean(0))          # index V = drop token everywhere
+
+
+def test_diffusion_closed_forms():
+    D = dit.GaussianDiffusion.linear(1000)
+    assert np.isclose(D.betas[0], 1e-4) and np.isclose(D.betas[-1], 0.02)
+    x0 = torch.full((20000, 1), 0.7, dtype=torch.float64)
+    t = torch.full((20000,), 300)
+    xt = D.q_sample(x0, t, torch.randn_like(x0))
+    ab = D.abar[300]
+    assert abs(xt.mean() - math.sqrt(ab) * 0.7) < 0.02 and abs(xt.var() - (1 - ab)) < 0.02
+    # posterior by Bayes: N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) N(x_t; sqrt(a_t) x_{t-1}, beta_t)
+    for s in [1, 50, 999]:
+        x0, xt = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        a, b, abp = 1 - D.betas[s], D.betas[s], D.abar[s - 1]
+        var = 1 / (1 / (1 - abp) + a / b)
+        mean = var * (math.sqrt(abp) * x0 / (1 - abp) + math.sqrt(a) * xt / b)
+        m, v, _ = D.q_posterior(x0, xt, torch.full((5,), s))
+        assert torch.allclose(m, mean) and torch.allclose(v, torch.full_like(v, var))
+    # KL of identical Gaussians is 0; against the closed form otherwise
+    mu, lv = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
+    assert dit.normal_kl(mu, lv, mu, lv).abs().max() < 1e-12
+    kl = dit.normal_kl(torch.tensor(0.), torch.tensor(0.), torch.tensor(1.), torch.tensor(math.log(4)))
+    assert abs(kl - (math.log(2) + (1 + 1) / 8 - 0.5)) < 1e-6
+
+
+def test_vlb_at_t0_is_decoder_nll():
+    D = dit.GaussianDiffusion.linear(1000)
+    x0 = torch.tensor([-1.0, -0.2, 0.4, 1.0], dtype=torch.float64).view(1, 4, 1, 1)
+    xt = x0 + 0.01
+    out = torch.cat([torch.full_like(x0, 0.3), torch.full_like(x0, -0.5)], 1)    # (eps, v)
+    t = torch.zeros(1, dtype=torch.long)
+    mean, logvar, _, _ = D.p_mean_variance(out, xt, t)
+    sd = math.exp(0.5 * logvar.flatten()[0].item())
+    ref = []
+    for x, m in zip(x0.flatten().tolist(), mean.flatten().tolist()):
+        hi = 1.0 if x > 0.999 else norm.cdf((x + 1 / 255 - m) / sd)
+        lo = 0.0 if x < -0.999 else norm.cdf((x - 1 / 255 - m) / sd)
+        ref.append(-math.log(hi - lo) / math.log(2))
+    assert abs(D.vb_terms(out, x0, xt, t).item() - np.mean(ref)) < 1e-6
+    t1 = torch.ones(1, dtype=torch.long)                                      # t > 0: a KL, not the NLL
+    assert D.vb_terms(out, x0, xt, t1).item() >= 0
+
+
+def test_respacing_keeps_alpha_bar():
+    D = dit.GaussianDiffusion.linear(1000)
+    R = D.respace(250)
+    keep = R.timestep_map.numpy()
+    assert R.T == 250 and keep[0] == 0 and keep[-1] == 999 and len(set(keep)) == 250
+    assert np.allclose(R.abar, D.abar[keep], rtol=1e-12)
+
+
+def test_composition_tokens():
+    a, b = torch.arange(32), torch.arange(32) + 100                            # all positions differ
+    c = dit.compose_codes(a, b, 200, 0.5, torch.Generator().manual_seed(0))
+    from_a = c == a
+    assert ((c == a) | (c == b)).all() and (c != 500).all()                  # only source tokens, never V
+    assert abs(from_a.float().mean() - 0.5) < 0.03
+    assert dit.compose_codes(a, b, 10, 1.0, torch.Generator()).eq(a).all()
+
+
+def test_train_resume_sample_compose(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = make_set(tmp_path / "set")
+    base = ["--cond", "dlc", "--dlc", s, *TINY]
+    dit.main(["train", *base, "--steps", "4", "--run", "full"])
+    dit.main(["train", *base, "--steps", "2", "--run", "half"])
+    dit.main(["train", *base, "--steps", "4", "--run", "half", "--resume"])
+    a = torch.load("runs/dit-full/checkpoints/ckpt_0000004.pt", weights_only=True)
+    b = torch.load("runs/dit-half/checkpoints/ckpt_0000004.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+    log = open("runs/dit-full/log.txt").read()
+    assert log.count("| loss ") == 4 and "ms/step" in log and os.path.isfile("runs/dit-full/samples_0000004.png")
+    # the CFG flags reach the network in both sample and compose
+    seen = []
+    orig = dit.DiT.forward_with_cfg
+    def spy(self, x, t, y, scale, channels=3, interval=None, T=1000):
+        seen.append((scale, channels, tuple(interval or ())))
+        return orig(self, x, t, y, scale, channels, interval, T)
+    monkeypatch.setattr(dit.DiT, "forward_with_cfg", spy)
+    flags = ["--cfg_scale", "2.5", "--cfg_channels", "2", "--cfg_interval", "0,0.5", "--diffusion_steps", "100"]
+    dit.main(["sample", "--ckpt", "runs/dit-full", "--dlc", s, "--n", "3", "--sample_steps", "4", "--out", "s.npz", *flags])
+    assert len(seen) == 4 and set(seen) == {(2.5, 2, (0.0, 0.5))}
+    z = np.load("s.npz")
+    assert z["arr_0"].shape == (3, 8, 8, 3) and z["arr_0"].dtype == np.uint8 and os.path.isfile("s.png")
+    assert np.array_equal(z["codes"], np.load(os.path.join(s, "codes.npy"))[:3])
+    dit.main(["train", "--cond", "embedding", "--dlc", s, *TINY, "--steps", "1", "--run", "emb"])
+    seen.clear()
+    dit.main(["compose", "--ckpt", "runs/dit-full", "--emb_ckpt", "runs/dit-emb", "--dlc", s, "--pairs", "0:1,2:3",
+              "--n_per_pair", "2", "--sample_steps", "3", "--out", "c.npz", *flags])
+    assert len(seen) == 2 * 4 * 3 and set(seen) == {(2.5, 2, (0.0, 0.5))}
+    c = np.load("c.npz")
+    assert c["arr_0"].shape == (4, 8, 8, 3) and c["codes"].shape == (4, 8) and os.path.isfile("c.png")
+
+
+@pytest.mark.parametrize("cond", ["label", "none"])
+def test_train_baselines(tmp_path, monkeypatch, cond):
+    monkeypatch.chdir(tmp_path)
+    dit.main(["train", "--cond", cond, "--data", "shapes", "--data_n", "64", *TINY, "--steps", "1", "--run", cond])
+    dit.main(["sample", "--ckpt", f"runs/dit-{cond}", "--n", "2", "--sample_steps", "2", "--diffusion_steps", "100",
+              "--labels", "1,3", "--out", "s.npz"])
+    z = np.load("s.npz")
+    assert z["arr_0"].shape == (2, 8, 8, 3) and (cond != "label" or list(z["labels"]) == [1, 3])
+
+
+def test_torchrun_train_and_sharded_sampling(tmp_path):
+    s = make_set(tmp_path / "set")
+    script = os.path.join(ROOT, "dit.py")   # "--" below: torchrun's argparse takes --run / --n as abbreviations of its own options
+    torchrun([script, "--", "--cond", "dlc", "--dlc", s, *TINY, "--steps", "2", "--run", "ddp"], cwd=tmp_path)
+    log = open(tmp_path / "runs/dit-ddp/log.txt").read()
+    assert "world=2" in log and log.count("| loss ") == 2
+    args = ["sample", "--ckpt", str(tmp_path / "runs/dit-ddp"), "--dlc", s, "--n", "5", "--sample_steps", "3",
+            "--diffusion_steps", "100", "--cfg_scale", "2", "--batch_size", "2"]
+    torchrun([script, "--", *args, "--out", str(tmp_path / "sharded.npz")], cwd=tmp_path)
+    dit.main([*args, "--out", str(tmp_path / "single.npz"), "--batch_size", "5"])
+    a, b = np.load(tmp_path / "sharded.npz"), np.load(tmp_path / "single.npz")
+    assert np.array_equal(a["codes"], b["codes"])
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1   # float batch effects only
+
+
+def test_bad_input(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    short = make_set(tmp_path / "short", rows=50)                              # 64 images, 50 codes
+    with pytest.raises(SystemExit, match="row-aligned"):
+        dit.main(["train", "--cond", "dlc", "--dlc", short, *TINY, "--steps", "1", "--run", "bad"])
+    assert not os.path.exists("runs")
+    good = make_set(tmp_path / "good")
+    dit.main(["train", "--cond", "dlc", "--dlc", good, *TINY, "--steps", "1", "--run", "ok"])
+    other = make_set(tmp_path / "other", L=4, V=16)
+    with pytest.raises(SystemExit, match="L=4"):
+        dit.main(["sample", "--ckpt", "runs/dit-ok", "--dlc", other, "--n", "2", "--out", "x.npz"])
+    other_v = make_set(tmp_path / "otherv", V=32)
+    with pytest.raises(SystemExit, match="V=32"):
+        dit.main(["compose", "--ckpt", "runs/dit-ok", "--dlc", other_v, "--out", "y.npz"])
+    os.makedirs("imgs/cls")
+    p = run_script([os.path.join(ROOT, "dit.py"), "extract", "--data_path", "imgs", "--vae", "no/such/vae",
+                    "--latents", "lat"], cwd=tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "--vae" in p.stderr
+    assert not any(os.path.exists(f) for f in ["x.npz", "y.npz", "x.png", "lat"])

@@ -1,0 +1,301 @@
+"""Tests for sedd.py: score entropy vs its closed forms, the samplers against an oracle with
+exact scores, the remasking schedule, attention / rotary, resume, torchrun, bad input."""
+import json, math, os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+import sedd
+from conftest import ROOT, torchrun
+
+EPS = 1e-3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small tensors: one intra-op thread is faster than two fighting over a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_log_score(x_t, x0, sigma, V, p=None):
+    """log s at masked positions: log r + log p(y) (p = one-hot of x0 when None); 0 at x_t."""
+    B, L = x_t.shape
+    r = 1 / torch.expm1(sigma)[:, None, None]
+    if p is None:
+        p = F.one_hot(x0, V + 1).double()[..., :V]
+    log_s = torch.log(r) + torch.log(p)                                # (B, L, V)
+    log_s = torch.cat([log_s, torch.zeros(B, L, 1, dtype=log_s.dtype)], -1)
+    return torch.scatter(log_s, -1, x_t[..., None], 0.0)
+
+
+def noisy_batch(B=64, L=12, V=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = EPS + (1 - EPS) * torch.rand(B, generator=g, dtype=torch.float64)
+    sigma, dsigma = sedd.log_linear_noise(t, EPS)
+    x0 = torch.randint(V, (B, L), generator=g)
+    x_t = sedd.forward_mask(x0, sigma, V, g)
+    return t, sigma, dsigma, x0, x_t
+
+
+# ----------------------------------------------------------------------------- loss
+def test_score_entropy_zero_at_exact_scores_positive_otherwise():
+    V = 7
+    t, sigma, dsigma, x0, x_t = noisy_batch(V=V)
+    assert (x_t == V).any() and (x_t != V).any()
+    loss = sedd.score_entropy(exact_log_score(x_t, x0, sigma, V), x_t, x0, sigma, V)
+    assert loss.abs().max() < 1e-4
+    wrong = exact_log_score(x_t, x0, sigma, V) + 0.3 * torch.randn(*x_t.shape, V + 1, dtype=torch.float64)
+    wrong = torch.where(torch.isinf(wrong), torch.full_like(wrong, -2.0), wrong)   # finite mass off x0
+    loss = sedd.score_entropy(wrong, x_t, x0, sigma, V)
+    assert (loss[x_t == V] > 1e-3).all() and (loss[x_t != V] == 0).all()
+
+
+def test_loss_is_one_over_t_weighted_cross_entropy():
+    """Normalised scores s = r q (sum q = 1): dsigma * SE = -(1/t) log q(x0) (MDLM's loss).
+    Unnormalised q with Q = sum q: the same plus the penalty (1/t) (Q - 1 - log Q) >= 0."""
+    V = 7
+    t, sigma, dsigma, x0, x_t = noisy_batch(V=V)
+    logits = torch.randn(*x_t.shape, V, dtype=torch.float64)
+    for scale in (1.0, 2.5):   # Q = 1 (normalised), then Q = 2.5
+        q = scale * logits.softmax(-1)
+        z = torch.log(V * q)                                           # raw output of the ideal net
+        z = torch.cat([z, torch.zeros_like(z[..., :1])], -1)
+        log_s = sedd.absorb_log_score(z, x_t, sigma, V)
+        lhs = dsigma[:, None] * sedd.score_entropy(log_s, x_t, x0, sigma, V)
+        Q = q.sum(-1)
+        ce = -torch.log(q.gather(-1, x0[..., None]).squeeze(-1) / Q)
+        rhs = torch.where(x_t == V, (ce + Q - 1 - torch.log(Q)) / t[:, None], torch.zeros_like(ce))
+        assert torch.allclose(lhs.double(), rhs, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- samplers
+def chi2_ok(counts, probs, alpha=1e-6):
+    """Pearson chi-square goodness of fit; passes unless p < alpha (seeded, so not flaky)."""
+    keep = probs > 0
+    assert counts[~keep].sum() == 0
+    return stats.chisquare(counts[keep], probs[keep] * counts.sum()).pvalue > alpha
+
+
+def product_joint(L=3, V=4, seed=0):
+    pis = torch.distributions.Dirichlet(torch.ones(V)).sample((L,)) if seed is None else \
+        torch.tensor(np.random.RandomState(seed).dirichlet(np.ones(V), L))
+    joint = pis[0]
+    for i in range(1, L):
+        joint = joint[..., None] * pis[i]
+    return pis.double(), joint
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.05])
+def test_tau_leaping_matches_product_distribution(eta):
+    """Oracle scores of p(x) = prod_i pi_i(x_i). At every traced time s, each position of x_s must
+    follow the forward marginal q_s = (1-eps)s mask + (1 - (1-eps)s) pi_i (this is what a wrong
+    step formula breaks), and the final codes must follow pi_i, with and without remasking."""
+    L, V, n, steps = 3, 4, 4000, 20
+    pis, joint = product_joint(L, V)
+    checks = []
+    def trace(i, s, x):
+        if i % 4 == 3:
+            checks.append((s, x.clone()))
+    g = torch.Generator().manual_seed(1)
+    x, _ = sedd.sample(sedd.oracle_raw_fn(joint, V), n, L, V, steps, "analytic", eta, 0.3, 0.55, EPS,
+                       generator=g, trace=trace)
+    assert len(checks) == 5
+    for s, xs in checks:
+        m = (1 - EPS) * s
+        for i in range(L):
+            counts = np.bincount(xs[:, i].numpy(), minlength=V + 1)
+            probs = np.append((1 - m) * pis[i].numpy(), m)
+            assert chi2_ok(counts, probs), (s, i, counts, probs)
+    for i in range(L):
+        assert chi2_ok(np.bincount(x[:, i].numpy(), minlength=V), pis[i].numpy())
+    pair = np.bincount(x[:, 0].numpy() * V + x[:, 1].numpy(), minlength=V * V)   # independence kept
+    assert chi2_ok(pair, torch.outer(pis[0], pis[1]).reshape(-1).numpy())
+
+
+def test_samplers_converge_on_correlated_joint():
+    """A joint with strong dependence: unmasking both positions in one step draws them
+    independently (TV far from 0); as steps grow both samplers converge to the joint."""
+    V, n = 3, 4000
+    joint = torch.tensor([[0.30, 0.02, 0.01], [0.02, 0.25, 0.03], [0.01, 0.06, 0.30]], dtype=torch.float64)
+    joint = joint / joint.sum()
+    def tv(x):
+        h = np.bincount(x[:, 0].numpy() * V + x[:, 1].numpy(), minlength=V * V) / n
+        return 0.5 * np.abs(h - joint.reshape(-1).numpy()).sum()
+    for sampler in ("euler", "analytic"):
+        errs = []
+        for steps in (1, 4, 64):
+            g = torch.Generator().manual_seed(steps)
+            x, _ = sedd.sample(sedd.oracle_raw_fn(joint, V), n, 2, V, steps, sampler, eps=EPS, generator=g)
+            errs.append(tv(x))
+        assert errs[0] > 0.2 and errs[2] < 0.04 and errs[0] > errs[1] > errs[2], (sampler, errs)
+
+
+def test_masked_fraction_tracks_schedule_with_remasking():
+    L, V, n, steps, eta = 8, 5, 1000, 100, 0.05
+    _, joint = product_joint(3, V)
+    pis = torch.tensor(np.random.RandomState(3).dirichlet(np.ones(V), L))
+    def raw_fn(x, sigma):  # product oracle written directly: z = log(V pi_i(y))
+        z = torch.log(V * pis).float().expand(x.shape[0], L, V)
+        return torch.cat([z, torch.zeros(x.shape[0], L, 1)], -1)
+    seen, prev = [], [torch.full((n, L), V)]
+    def trace(i, s, x):
+        remasked = ((prev[0] != V) & (x == V)).sum().item()
+        seen.append((s, (x == V).float().mean().item(), remasked))
+        prev[0] = x.clone()
+    sedd.sample(raw_fn, n, L, V, steps, "analytic", eta, 0.3, 0.55, EPS, generator=torch.Generator().manual_seed(0),
+                trace=trace)
+    window = [(s, f, r) for s, f, r in seen if 0.25 < s < 0.6]
+    assert sum(r for *_, r in window) > 500                            # remasking really happened
+    assert sum(r for s, f, r in seen if s < 0.25 or s > 0.6) == 0      # and only in the window
+    for s, f, _ in seen:
+        assert abs(f - (1 - EPS) * s) < 0.025, (s, f)
+
+
+def test_caching_reuses_output_only_when_nothing_changed():
+    """The oracle is time-independent (like the ideal absorb network), so cached and uncached
+    runs with the same seed must agree exactly; caching must save forwards on many steps."""
+    _, joint = product_joint(3, 4)
+    calls = []
+    oracle = sedd.oracle_raw_fn(joint, 4)
+    def raw_fn(x, sigma):
+        calls.append(len(x))
+        return oracle(x, sigma)
+    out = {}
+    for cache in (True, False):
+        calls.clear()
+        x, st = sedd.sample(raw_fn, 50, 3, 4, 200, eta=0.02, cache=cache, generator=torch.Generator().manual_seed(5))
+        out[cache] = (x, st, sum(calls))
+    assert torch.equal(out[True][0], out[False][0])
+    assert out[True][1]["forwards"] == out[True][2] < 0.5 * out[False][2]
+    assert out[True][1]["saved"] > 0 and out[False][1]["saved"] == 0
+
+
+def test_float64_categorical():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([1e-3, 0.5, 2.0, 0.0], dtype=torch.float64)      # unnormalised, a zero
+    x = sedd.sample_categorical(p.expand(200000, 4), g)
+    assert (x != 3).all()
+    assert chi2_ok(np.bincount(x.numpy(), minlength=4), (p / p.sum()).numpy())
+
+
+# ----------------------------------------------------------------------------- network
+def test_sdpa_equals_explicit_attention(monkeypatch):
+    torch.manual_seed(0)
+    blk = sedd.DDiTBlock(32, 4, 16, 0.0).eval()
+    torch.nn.init.normal_(blk.ada.weight, std=0.5)                     # switch adaLN-Zero on
+    x, c = torch.randn(3, 10, 32), torch.randn(3, 16)
+    fused = blk(x, c)
+    def explicit(q, k, v):
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)   # (B, H, L, L)
+        return w @ v
+    monkeypatch.setattr(sedd.F, "scaled_dot_product_attention", explicit)
+    assert torch.allclose(fused, blk(x, c), atol=1e-5)
+    assert not torch.allclose(fused, x, atol=1e-3)                     # the block does something
+
+
+def test_rotary_preserves_norms_and_is_relative():
+    q = torch.randn(2, 3, 11, 16)
+    assert torch.allclose(sedd.rotary(q).norm(dim=-1), q.norm(dim=-1), atol=1e-5)
+    a, b = torch.randn(16).expand(1, 1, 11, 16), torch.randn(16).expand(1, 1, 11, 16)
+    dots = sedd.rotary(a)[0, 0] @ sedd.rotary(b)[0, 0].T               # (L, L): depends on i - j only
+    assert torch.allclose(dots[1:, 1:], dots[:-1, :-1], atol=1e-4)
+    assert not torch.allclose(dots[0, 1], dots[0, 2])
+
+
+def test_model_output_parameterisation():
+    m = sedd.DDiT(6, 9, "toy", 16, 0.0)
+    x = torch.randint(10, (4, 6)); sigma = torch.rand(4) + 0.1
+    log_s = m(x, sigma)
+    assert log_s.shape == (4, 6, 10) and log_s.dtype == torch.float32
+    assert (log_s.gather(-1, x[..., None]) == 0).all()
+    r = 1 / torch.expm1(sigma)   # zero-initialised output: scores r / V, i.e. a uniform p(x0 | x_t)
+    masked = x == 9
+    assert torch.allclose(log_s[..., :9].exp().sum(-1)[masked], r[:, None].expand(4, 6)[masked], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sedd")
+    cwd = os.getcwd(); os.chdir(d)
+    try:
+        sedd.main(["synth", "--out", "dlc", "--n", "300", "--L", "8", "--V", "16"])
+        sedd.main(["--dlc", "dlc", "--run", "full", "--steps", "6", "--batch_size", "16", "--ckpt_every", "3",
+                   "--eval_every", "3", "--warmup", "2"])
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+def test_resume_equality(toy, monkeypatch):
+    monkeypatch.chdir(toy)
+    common = ["--dlc", "dlc", "--run", "part", "--batch_size", "16", "--ckpt_every", "3", "--eval_every", "3",
+              "--warmup", "2"]
+    sedd.main(common + ["--steps", "3"])
+    sedd.main(common + ["--steps", "6", "--resume"])
+    a = torch.load("runs/sedd-full/checkpoints/ckpt_0000006.pt", weights_only=True)
+    b = torch.load("runs/sedd-part/checkpoints/ckpt_0000006.pt", weights_only=True)
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert "held-out loss" in open("runs/sedd-part/log.txt").read()
+
+
+def test_sample_writes_dlc_set(toy, monkeypatch):
+    monkeypatch.chdir(toy)
+    sedd.main(["sample", "--ckpt", "runs/sedd-full", "--n", "37", "--out", "gen", "--steps", "16",
+               "--batch_size", "20"])
+    codes = np.load("gen/codes.npy")
+    meta = json.load(open("gen/meta.json"))
+    assert codes.shape == (37, 8) and codes.dtype == np.uint16 and codes.max() < 16
+    assert meta["sampler"]["eta"] == 0.01 and meta["data"]["name"] == "shapes" and meta["N"] == 37
+    assert 0 < meta["tv"]["marginal"] <= 1 and meta["stats"]["forwards_per_dlc"] <= 17
+
+
+def test_bench_runs(capsys):
+    sedd.main(["bench", "--bench_iters", "1", "--bench_n", "4", "--bench_steps", "4", "--batch_size", "4"])
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MFU" in out and "DLCs/s" in out
+
+
+def test_torchrun_two_processes(toy, tmp_path):
+    # no --run here: torchrun's own parser rejects it as an abbreviation of --run-path
+    torchrun([os.path.join(ROOT, "sedd.py"), "--dlc", str(toy / "dlc"), "--steps", "3",
+              "--batch_size", "8", "--eval_every", "3", "--ckpt_every", "3"], cwd=tmp_path, timeout=120)
+    assert os.path.isfile(tmp_path / "runs/sedd-toy/checkpoints/ckpt_0000003.pt")
+    log = open(tmp_path / "runs/sedd-toy/log.txt").read()
+    assert "world=2" in log and "samples/s" in log
+
+
+def write_raw_set(path, codes, L, V):
+    os.makedirs(path)
+    np.save(os.path.join(path, "codes.npy"), np.asarray(codes, dtype=np.uint16).reshape(-1, L))
+    json.dump({"L": L, "V": V, "N": len(codes)}, open(os.path.join(path, "meta.json"), "w"))
+
+
+def test_bad_input_one_line_nothing_written(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_raw_set("big", [[0, 1, 16, 2]], 4, 16)                      # a token >= V
+    write_raw_set("empty", np.zeros((0, 4)), 4, 16)
+    for bad, word in (("big", ">= V"), ("empty", "empty")):
+        with pytest.raises(SystemExit) as e:
+            sedd.main(["--dlc", bad, "--run", "x", "--steps", "1"])
+        msg = str(e.value)
+        assert msg.startswith("error:") and word in msg and "\n" not in msg
+    assert not os.path.exists("runs")
+    monkeypatch.chdir(toy)                                             # L=4 set vs the L=8 checkpoint
+    before = sorted(os.listdir("runs/sedd-full/checkpoints")), open("runs/sedd-full/log.txt").read()
+    write_raw_set("l4", [[0, 1, 2, 3]] * 30, 4, 16)
+    with pytest.raises(SystemExit) as e:
+        sedd.main(["--dlc", "l4", "--run", "full", "--steps", "9", "--resume"])
+    assert "L=8" in str(e.value) and "L=4" in str(e.value)
+    assert (sorted(os.listdir("runs/sedd-full/checkpoints")), open("runs/sedd-full/log.txt").read()) == before
+    with pytest.raises(SystemExit) as e:
+        sedd.main(["--preset", "imagenet512", "--dlc", "dlc", "--run", "y"])   # preset expects L=512
+    assert "L=512" in str(e.value) and not os.path.exists("runs/sedd-y")

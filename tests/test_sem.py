@@ -1,0 +1,253 @@
+"""Tests of sem.py: SEM head, official DINOv2 key layout, losses, EMA, resume, torchrun,
+sharded encoding and bad input. Tiny sizes so the file runs in about a minute on 2 cores."""
+import dataclasses, json, os, shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_script, torchrun
+import sem
+import utils
+
+SEM = os.path.join(ROOT, "sem.py")
+# the test machine is shared: one torch thread per process is far faster there than two
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+TINY = ["--steps", "4", "--batch_size", "8", "--local_crops", "1", "--prototypes", "32",
+        "--head_hidden", "32", "--head_bottleneck", "16", "--L", "4", "--V", "8", "--warmup", "1",
+        "--freeze_last", "1", "--teacher_temp_steps", "2"]
+
+
+def tiny_cfg(**kw):
+    return dataclasses.replace(sem.Config(), **{"L": 4, "V": 8, **kw})
+
+
+#################################################################################
+#                               SEM head                                        #
+#################################################################################
+
+@pytest.mark.parametrize("L,V", [(32, 4096), (128, 1024), (512, 256), (16, 32)])
+def test_sem_head_sizes_groups_sum_to_one(L, V):
+    m = sem.SEMViT(tiny_cfg(L=L, V=V, registers=4))
+    tokens = torch.randn(2, 5, m.embed_dim)
+    p, out = m.sem(tokens, 1.0)
+    assert p.shape == (2, L, V) and out.shape == (2, m.embed_dim)
+    assert m.sem_embed.weight.shape == (L * V, 5 * m.embed_dim) and m.sem_embed.bias is None
+    assert m.sem_out.weight.shape == (m.embed_dim, L * V) and m.sem_out.bias is None
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, L))
+
+
+def test_tau_to_zero_is_one_hot_at_argmax():
+    torch.manual_seed(0)
+    m = sem.SEMViT(tiny_cfg())
+    x = torch.randn(3, 3, 32, 32)
+    soft = m(x, tau=1.0)["probs"]
+    hard = m(x, tau=1e-5)["probs"]
+    onehot = torch.nn.functional.one_hot(soft.argmax(-1), 8).float()
+    top2 = soft.topk(2, dim=-1).values
+    clear = (top2[..., 0] / top2[..., 1]) > 1.01   # skip exact near-ties (none expected)
+    assert clear.float().mean() > 0.9
+    torch.testing.assert_close(hard[clear], onehot[clear], atol=1e-4, rtol=0)
+    assert not torch.allclose(soft, onehot, atol=1e-2)  # tau = 1 is genuinely soft
+
+
+#################################################################################
+#                   Official DINOv2 key names and shapes                        #
+#################################################################################
+
+def official_vits14_reg4():
+    """Key -> shape of dinov2_vits14_reg4_pretrain.pth, written from DINOv2's naming
+    (https://github.com/facebookresearch/dinov2, vision_transformer.py / layers/block.py)."""
+    D, H = 384, 1536
+    keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + 37 * 37, D), "register_tokens": (1, 4, D),
+            "mask_token": (1, D), "patch_embed.proj.weight": (D, 3, 14, 14), "patch_embed.proj.bias": (D,),
+            "norm.weight": (D,), "norm.bias": (D,)}
+    for i in range(12):
+        b = f"blocks.{i}."
+        keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
+                     b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
+                     b + "ls1.gamma": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                     b + "mlp.fc1.weight": (H, D), b + "mlp.fc1.bias": (H,), b + "mlp.fc2.weight": (D, H),
+                     b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
+    return keys
+
+
+def vits_cfg():
+    return tiny_cfg(arch="vit_s", patch=14, pos_grid=37, registers=4, size=224)
+
+
+def test_vits14_reg4_keys_and_shapes_match_official():
+    m = sem.SEMViT(vits_cfg())
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items() if not sem.is_sem_key(k)}
+    assert ours == official_vits14_reg4()
+
+
+def test_official_format_state_dict_loads_strictly(tmp_path):
+    sd = {k: torch.randn(s) for k, s in official_vits14_reg4().items()}
+    path = str(tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    torch.save(sd, path)
+    m = sem.SEMViT(vits_cfg())
+    sem.load_official(m, path)
+    for k, v in sd.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    bad = dict(sd); bad.pop("register_tokens"); bad["extra.weight"] = torch.zeros(1)
+    torch.save(bad, path)
+    with pytest.raises(SystemExit, match="missing.*register_tokens.*unexpected.*extra.weight"):
+        sem.load_official(sem.SEMViT(vits_cfg()), path)
+
+
+def test_vitg_uses_swiglu_keys():
+    blk = sem.Block(1536, 24, "swiglu", 0.0)
+    shapes = {k: tuple(v.shape) for k, v in blk.state_dict().items() if k.startswith("mlp.")}
+    assert shapes == {"mlp.w12.weight": (8192, 1536), "mlp.w12.bias": (8192,),
+                      "mlp.w3.weight": (1536, 4096), "mlp.w3.bias": (1536,)}
+
+
+def test_pos_embed_interpolation():
+    pos = torch.randn(1, 1 + 37 * 37, 16)
+    assert sem.interpolate_pos_embed(pos, 37) is pos
+    out = sem.interpolate_pos_embed(pos, 16)
+    assert out.shape == (1, 1 + 16 * 16, 16) and torch.equal(out[:, 0], pos[:, 0])
+    const = torch.ones(1, 1 + 37 * 37, 4)  # a constant field stays constant
+    torch.testing.assert_close(sem.interpolate_pos_embed(const, 16), torch.ones(1, 257, 4))
+
+
+#################################################################################
+#                  Losses, centering, teacher, EMA                              #
+#################################################################################
+
+def test_dino_loss_and_centering_by_hand():
+    t = torch.tensor([[1.0, 0.0]])
+    center = torch.tensor([[0.5, 0.0]])
+    p = sem.teacher_probs(t, center, 0.5)   # softmax([1, 0]) = [e/(e+1), 1/(e+1)]
+    e = np.e
+    torch.testing.assert_close(p, torch.tensor([[e / (e + 1), 1 / (e + 1)]]))
+    s = [torch.tensor([[0.0, 0.1]]), torch.tensor([[0.1, 0.0]]), torch.tensor([[0.0, 0.0]])]
+    q = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])]
+    # pairs (t0,s1), (t1,s0), (t0,s2), (t1,s2), student temp 0.1
+    ls = lambda a, b: float(torch.log_softmax(torch.tensor([a, b]) / 0.1, 0)[0])
+    expect = -(ls(0.1, 0.0) + ls(0.1, 0.0) + ls(0.0, 0.0) + ls(0.0, 0.0)) / 4
+    assert abs(float(sem.dino_loss(s, q, 0.1)) - expect) < 1e-5
+    c = torch.tensor([[1.0, 2.0]])
+    sem.update_center(c, torch.tensor([[3.0, 0.0], [5.0, 2.0]]), 0.9)
+    torch.testing.assert_close(c, torch.tensor([[0.9 * 1 + 0.1 * 4, 0.9 * 2 + 0.1 * 1]]))
+
+
+def test_ibot_and_koleo_by_hand():
+    masks = torch.tensor([[True, True, False], [False, False, True]])
+    s = torch.zeros(3, 2)
+    tp = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    # uniform student: every patch costs log 2; image weights 1/2, 1/2, 1 -> (log2 + log2) / 2 crops
+    assert abs(float(sem.ibot_loss(s, tp, masks, 0.1)) - np.log(2)) < 1e-6
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    d = [np.sqrt(2), np.sqrt(2), np.sqrt(2)]
+    assert abs(float(sem.koleo_loss(x)) + np.mean(np.log(d))) < 1e-5
+
+
+def test_teacher_gets_no_gradient_and_ema_formula():
+    cfg = tiny_cfg(batch_size=4, local_crops=1, prototypes=16, head_hidden=16, head_bottleneck=8, n=16)
+    torch.manual_seed(0)
+    st, te = sem.Student(cfg), sem.Student(cfg)
+    te.load_state_dict(st.state_dict()); te.eval().requires_grad_(False)
+    batch = sem.MultiCropSteps(sem.Images(cfg), cfg, 0, 1)[0]
+    centers = {k: torch.zeros(1, 16) for k in ("cls", "patch")}
+    loss, _ = sem.train_step(st, te, centers, batch, cfg, 0, utils.Dist())
+    loss.backward()
+    assert all(p.grad is None for p in te.parameters())
+    assert st.backbone.sem_embed.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for p in st.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in te.parameters()]
+    utils.ema_update(te, st, 0.9)
+    for b, a, s in zip(before, te.parameters(), st.parameters()):
+        torch.testing.assert_close(a, 0.9 * b + 0.1 * s)
+
+
+def test_schedules():
+    assert sem.cosine(1.0, 0.0, 0, 10, warmup=2) == 0.0
+    assert sem.cosine(1.0, 0.0, 2, 10, warmup=2) == 1.0
+    assert abs(sem.cosine(1.0, 0.0, 10, 10, warmup=2)) < 1e-12
+    assert abs(sem.cosine(0.992, 1.0, 50, 100) - 0.996) < 1e-9
+
+
+#################################################################################
+#             Resume, torchrun, encoding (sharded), bad input                   #
+#################################################################################
+
+def test_resume_equals_uninterrupted_and_encode(tmp_path):
+    run_script([SEM, *TINY, "--run", "full", "--ckpt_every", "2"], cwd=tmp_path)
+    # a fresh process resumes from the step-2 checkpoint alone (same schedule: --steps 4)
+    half = tmp_path / "runs/sem-half/checkpoints"
+    half.mkdir(parents=True)
+    shutil.copy(tmp_path / "runs/sem-full/checkpoints/ckpt_0000002.pt", half)
+    p = run_script([SEM, *TINY, "--run", "half", "--resume"], cwd=tmp_path)
+    assert "resumed from" in p.stdout and "step       3 | loss" in p.stdout
+    a = utils.load_checkpoint(str(tmp_path / "runs/sem-full/checkpoints/ckpt_0000004.pt"))
+    b = utils.load_checkpoint(str(tmp_path / "runs/sem-half/checkpoints/ckpt_0000004.pt"))
+    for key in ("model", "ema"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], msg=k)
+    log = open(tmp_path / "runs/sem-full/log.txt").read()
+    assert "step       4 | loss" in log and "ms/step" in log
+    # encode: one process vs a 2-process torchrun shard + merge
+    out1, out2 = str(tmp_path / "dlc1"), str(tmp_path / "dlc2")
+    enc = [SEM, "encode", "--ckpt", "runs/sem-full", "--n", "64", "--encode_batch", "16"]
+    run_script([*enc, "--out", out1, "--continuous"], cwd=tmp_path)
+    s1 = utils.load_dlc_set(out1, L=4, V=8)
+    assert s1["codes"].shape == (64, 4) and s1["codes"].dtype == np.uint16 and s1["codes"].max() < 8
+    e1 = np.load(out1 + "/embeddings.npy")
+    assert e1.dtype == np.float16 and e1.shape == (64, 64)
+    # sharded vs one process, on a small ImageFolder of 40 PNGs (torchrun's own argparse
+    # chokes on "--n", an ambiguous prefix of its options, so no embedded subset here)
+    from PIL import Image
+    x = ((utils.load_embedded("shapes", n=40)["images"] + 1) * 127.5).byte().permute(0, 2, 3, 1).numpy()
+    for i, im in enumerate(x):
+        os.makedirs(tmp_path / f"folder/c{i % 3}", exist_ok=True)
+        Image.fromarray(im).save(tmp_path / f"folder/c{i % 3}/{i:03d}.png")
+    dig = [SEM, "encode", "--ckpt", "runs/sem-full", "--data", str(tmp_path / "folder"), "--encode_batch", "8"]
+    run_script([*dig, "--out", out1 + "d", "--continuous"], cwd=tmp_path)
+    torchrun([*dig, "--out", out2, "--continuous"], cwd=tmp_path)
+    d1, d2 = utils.load_dlc_set(out1 + "d"), utils.load_dlc_set(out2)
+    assert d1["codes"].shape == (40, 4) and sorted(set(d1["labels"])) == [0, 1, 2]
+    np.testing.assert_array_equal(d1["codes"], d2["codes"])
+    np.testing.assert_array_equal(d1["labels"], d2["labels"])
+    assert open(out1 + "d/index.txt").read() == open(out2 + "/index.txt").read()
+    np.testing.assert_allclose(np.load(out1 + "d/embeddings.npy").astype(np.float32),
+                               np.load(out2 + "/embeddings.npy").astype(np.float32), atol=1e-2)
+    meta = s1["meta"]
+    assert meta["data"] == {"name": "shapes", "n": 64, "size": 32, "seed": 0}
+    ref = utils.load_embedded(**meta["data"])
+    np.testing.assert_array_equal(np.load(out1 + "/attrs.npy"), ref["attrs"].numpy())
+    np.testing.assert_array_equal(s1["labels"], ref["labels"].numpy())
+    # an L*V that does not match the checkpoint: one line, no set written
+    p = run_script([*enc, "--out", str(tmp_path / "bad"), "--L", "8"], cwd=tmp_path, check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines()[-1].startswith("error:") and "L" in p.stderr
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_torchrun_two_process_training(tmp_path):
+    # no --run here: torchrun's argparse takes "--run" for an ambiguous prefix of --run-path
+    torchrun([SEM, *TINY, "--steps", "2"], cwd=tmp_path)
+    ck = utils.load_checkpoint(str(tmp_path / "runs/sem-toy/checkpoints/ckpt_0000002.pt"))
+    assert ck["step"] == 2 and "backbone.sem_embed.weight" in ck["model"]
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "badimg" / "cls"
+    bad.mkdir(parents=True)
+    (bad / "x.jpg").write_bytes(b"not a jpeg")
+    sd = {k: torch.randn(s) for k, s in official_vits14_reg4().items()}
+    torch.save(sd, tmp_path / "vits.pth")
+    base = [SEM, "encode", "--arch", "vit_s", "--patch", "14", "--pos_grid", "37", "--size", "28"]
+    cases = [([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "empty")], "no images"),
+             ([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "badimg")], "cannot read image"),
+             ([SEM, "--init", str(tmp_path / "missing.pth"), "--steps", "1"], "does not exist")]
+    for i, (args, msg) in enumerate(cases):
+        out = str(tmp_path / f"out{i}")
+        p = run_script([*args, "--out", out], cwd=tmp_path, check=False)
+        last = p.stderr.strip().splitlines()[-1]
+        assert p.returncode != 0 and last.startswith("error:") and msg in last, p.stderr[-500:]
+        assert not os.path.exists(out)

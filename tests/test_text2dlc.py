@@ -1,0 +1,202 @@
+"""text2dlc.py: Eq. 5 by hand, SFT masking, the sampler against an oracle, vocabulary
+extension on a tiny transformers model, torchrun (DDP tiny and FSDP2 on gloo), bad input."""
+import json, math, os
+
+import numpy as np
+import pytest
+import torch
+
+import utils
+from conftest import ROOT, run_script, torchrun
+import text2dlc as t2d
+
+SCRIPT = os.path.join(ROOT, "text2dlc.py")
+
+
+def run_main(args, cwd, monkeypatch):
+    """The command line in this process (torch is already imported: seconds, not tens)."""
+    monkeypatch.chdir(cwd)
+    t2d.main([str(a) for a in args])
+
+
+def fails_with(args, cwd, monkeypatch, words):
+    with pytest.raises(SystemExit) as e:
+        run_main(args, cwd, monkeypatch)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and words in msg, msg
+
+
+def synthetic_dlc_set(out, n=200, L=8, V=32, seed=0, captions=True):
+    """SYNTHETIC codes (not from sem.py): tokens 0-1 encode the shape, 2-3 the colour, 4-5 the
+    background, 6-7 are noise; captions from utils.make_shapes."""
+    d = utils.make_shapes(n, 8, seed)
+    rng = np.random.RandomState(seed)
+    a = d["attrs"].numpy()
+    codes = np.concatenate([2 * a[:, :1] + rng.randint(2, size=(n, 2)), 8 + 2 * a[:, 1:2] + rng.randint(2, size=(n, 2)),
+                            18 + 2 * a[:, 2:3] + rng.randint(2, size=(n, 2)), rng.randint(V, size=(n, 2))], 1)
+    utils.save_dlc_set(str(out), codes, {"L": L, "V": V, "synthetic": True},
+                       captions=d["captions"] if captions else None)
+    return str(out)
+
+
+def test_loss_by_hand():
+    # T = 3 tokens, vocabulary 2, uniform logits at every position: CE = log 2 wherever masked
+    x0 = torch.tensor([[0, 1, 1]])
+    logits = torch.zeros(1, 3, 2)
+    masked = torch.tensor([[True, False, True]])
+    p = torch.tensor([[0.5]])
+    got = t2d.masked_diffusion_loss(logits, x0, masked, p, n_tokens=3)
+    assert math.isclose(got.item(), (2 * math.log(2) / 0.5) / 3, rel_tol=1e-6)
+    # a confident logit where nothing is masked changes nothing; a wrong one on a masked token does
+    logits2 = logits.clone()
+    logits2[0, 1] = torch.tensor([50.0, -50.0])                # position 1 (unmasked) badly wrong
+    assert math.isclose(t2d.masked_diffusion_loss(logits2, x0, masked, p, 3).item(), got.item(), rel_tol=1e-6)
+    logits2[0, 0] = torch.tensor([-5.0, 5.0])
+    assert t2d.masked_diffusion_loss(logits2, x0, masked, p, 3).item() > got.item() + 1
+
+
+def test_unmasked_positions_have_zero_gradient():
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    x0 = torch.randint(7, (2, 5))
+    masked = torch.rand(2, 5) < 0.5
+    t2d.masked_diffusion_loss(logits, x0, masked, torch.full((2, 1), 0.3), 10).backward()
+    assert (logits.grad[~masked] == 0).all() and (logits.grad[masked].abs().sum(-1) > 0).all()
+
+
+def test_forward_process_rate_and_sft_mask():
+    x0 = torch.randint(10, (4000, 20))
+    L = 8
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[:, L:] = False                                    # SFT: caption never masked
+    t = torch.full((4000,), 0.5)
+    xt, m, p = t2d.forward_process(x0, 99, 1e-3, maskable, t=t)
+    assert not m[:, L:].any() and (xt[:, L:] == x0[:, L:]).all()
+    assert abs(m[:, :L].float().mean().item() - ((1 - 1e-3) * 0.5 + 1e-3)) < 0.01
+    assert ((xt == 99) == m).all()
+
+
+def test_linear_schedule():
+    assert t2d.num_transfer_tokens(10, 4).tolist() == [3, 3, 2, 2]
+    assert t2d.num_transfer_tokens(8, 8).tolist() == [1] * 8
+
+
+def test_sampler_oracle_most_confident_first():
+    L, V, off, start, mask_id, steps = 6, 5, 10, 15, 2, 3
+    vocab = off + V + 1
+    conf_order = [3, 0, 5, 1, 4, 2]                            # position 3 most confident, then 0, ...
+    target = torch.tensor([4, 1, 0, 2, 3, 1])
+
+    def oracle(x):                                             # controlled logits, huge mass off the DLC range
+        B, T = x.shape
+        lg = torch.zeros(B, T, vocab)
+        lg[..., :off] = 100.0                                  # word ids would win without the restriction
+        for rank, pos in enumerate(conf_order):
+            lg[:, pos, off + target[pos]] = 10.0 - rank        # sharper = more confident
+        return lg
+
+    hist = []
+    codes = t2d.sample_dlc(oracle, torch.zeros(2, 4, dtype=torch.long), L, V, off, start, mask_id, steps,
+                           temperature=0.0, history=hist)
+    assert len(hist) == steps
+    assert (codes == target).all() and codes.min() >= 0 and codes.max() < V
+    filled = [set((h[0] != mask_id).nonzero().flatten().tolist()) for h in hist]
+    assert filled[0] == {3, 0} and filled[1] == {3, 0, 5, 1} and filled[2] == set(range(L))
+    # Gumbel draws stay in range and are reproducible with a generator
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = t2d.sample_dlc(oracle, torch.zeros(2, 4, dtype=torch.long), L, V, off, start, mask_id, 2, 1.0, generator=g1)
+    b = t2d.sample_dlc(oracle, torch.zeros(2, 4, dtype=torch.long), L, V, off, start, mask_id, 2, 1.0, generator=g2)
+    assert (a == b).all() and a.min() >= 0 and a.max() < V
+
+
+def tiny_hf_model_dir(path, vocab_words=("a", "red", "green", "blue", "square", "circle", "on", "background")):
+    """A randomly initialised 2-layer Llama with a word-level tokenizer, saved offline."""
+    tf = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["[UNK]", "[PAD]", "[EOS]", "[MASK]"] + list(vocab_words)
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+    cfg = tf.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=False, mask_token_id=3)
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_vocab_extension_keeps_old_rows(tmp_path):
+    path = tiny_hf_model_dir(tmp_path / "hf")
+    model, tok = t2d.load_hf(path)
+    emb0 = model.get_input_embeddings().weight.detach().clone()
+    out0 = model.get_output_embeddings().weight.detach().clone()
+    ids = torch.tensor([tok("a red square", add_special_tokens=False)["input_ids"]])
+    V = 7
+    off, start = t2d.extend_vocab(model, V)
+    assert (off, start) == (emb0.shape[0], emb0.shape[0] + V)
+    emb1, out1 = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb1.shape[0] == emb0.shape[0] + V + 1 and out1.shape[0] == out0.shape[0] + V + 1
+    assert torch.equal(emb1[: emb0.shape[0]], emb0) and torch.equal(out1[: out0.shape[0]], out0)
+    assert model.config.vocab_size == emb0.shape[0] + V + 1
+    assert tok("a red square", add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    assert t2d.model_logits(model, torch.tensor([[start, off + V - 1]])).shape[-1] == emb0.shape[0] + V + 1
+
+
+def test_train_sample_probe_end_to_end(tmp_path, monkeypatch, capsys):
+    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    run_main(["--dlc", dlc, "--run", "t", "--steps", "10", "--batch_size", "16", "--d_model", "32",
+              "--n_layers", "1", "--log_every", "5", "--ckpt_every", "10"], tmp_path, monkeypatch)
+    assert os.path.isfile(tmp_path / "runs/text2dlc-t/checkpoints/ckpt_0000010.pt")
+    out = tmp_path / "gen"
+    run_main(["sample", "--ckpt", tmp_path / "runs/text2dlc-t", "--prompt",
+              "a red square on a green background", "--n", "5", "--out", out, "--steps", "4"], tmp_path, monkeypatch)
+    s = utils.load_dlc_set(str(out), L=8, V=32)
+    assert s["codes"].shape == (5, 8) and s["meta"]["prompt"] == "a red square on a green background"
+    assert s["meta"]["sampler"]["steps"] == 4
+    capsys.readouterr()
+    run_main(["probe", "--dlc", out, "--ref", dlc], tmp_path, monkeypatch)
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= res["all_match"] <= 1 and res["n"] == 5
+
+
+def test_torchrun_tiny_ddp(tmp_path):
+    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    torchrun([SCRIPT, "--dlc", dlc, "--steps", "4", "--batch_size", "8", "--d_model", "32",
+              "--n_layers", "1", "--log_every", "2", "--global_batch", "32"], cwd=tmp_path)
+    log = open(tmp_path / "runs/text2dlc-toy/log.txt").read()
+    assert "world=2 accum=2" in log and "step       4" in log
+
+
+def test_torchrun_fsdp_hf_path(tmp_path, monkeypatch):
+    path = tiny_hf_model_dir(tmp_path / "hf")
+    dlc = synthetic_dlc_set(tmp_path / "dlc", n=64)
+    torchrun([SCRIPT, "--model", "llada", "--model_path", path, "--dlc", dlc, "--steps", "3",
+              "--batch_size", "4", "--log_every", "1", "--act_ckpt", "--max_caption", "8", "--ema_decay", "0"],
+             cwd=tmp_path)
+    log = open(tmp_path / "runs/text2dlc-toy/log.txt").read()
+    assert "fsdp=True" in log and "step       3" in log
+    ck = utils.load_checkpoint(str(tmp_path / "runs/text2dlc-toy/checkpoints/ckpt_0000003.pt"))
+    assert ck["model"]["model.embed_tokens.weight"].shape[0] == 12 + 32 + 1   # consolidated, extended
+    run_main(["sample", "--ckpt", tmp_path / "runs/text2dlc-toy", "--prompt", "a red square",
+              "--n", "2", "--out", tmp_path / "g", "--steps", "2"], tmp_path, monkeypatch)
+    assert utils.load_dlc_set(str(tmp_path / "g"), L=8, V=32)["codes"].shape == (2, 8)
+
+
+def test_bad_input_one_line_nothing_written(tmp_path, monkeypatch):
+    nocap = synthetic_dlc_set(tmp_path / "nocap", captions=False)
+    fails_with(["--dlc", nocap, "--run", "x"], tmp_path, monkeypatch, "captions.jsonl")
+    fails_with(["--model", "llada", "--model_path", tmp_path / "nope", "--dlc", nocap, "--run", "x"],
+               tmp_path, monkeypatch, "model_path")
+    assert not os.path.exists(tmp_path / "runs")
+    # V mismatch between a checkpoint and the DLC set (resume), and bad sampler settings
+    a = synthetic_dlc_set(tmp_path / "a")
+    run_main(["--dlc", a, "--run", "v", "--steps", "2", "--batch_size", "4", "--d_model", "16",
+              "--n_layers", "1", "--ckpt_every", "2"], tmp_path, monkeypatch)
+    b = synthetic_dlc_set(tmp_path / "b", V=40)
+    before = sorted(os.listdir(tmp_path / "runs/text2dlc-v")), open(tmp_path / "runs/text2dlc-v/log.txt").read()
+    fails_with(["--dlc", b, "--run", "v", "--resume", "--steps", "4"], tmp_path, monkeypatch, "V=32")
+    assert (sorted(os.listdir(tmp_path / "runs/text2dlc-v")), open(tmp_path / "runs/text2dlc-v/log.txt").read()) == before
+    fails_with(["sample", "--ckpt", tmp_path / "runs/text2dlc-v", "--prompt", "a red square",
+                "--out", tmp_path / "o", "--steps", "99"], tmp_path, monkeypatch, "--steps")
+    assert not os.path.exists(tmp_path / "o")
+    fails_with(["probe", "--dlc", a, "--ref", b], tmp_path, monkeypatch, "V=")

@@ -1,0 +1,696 @@
+"""Text -> DLC with a masked diffusion language model (paper Section 6, Appendix E, Eq. 5).
+
+The paper turns text-to-image into a Markov chain: text -> DLC (this script) -> image (the
+frozen DLC-conditioned DiT, `dit.py sample --dlc`). A text diffusion LM (LLaDA-8B-Base) gets
+V new DLC tokens plus a <START-DLC> separator and is finetuned with masked-token prediction
+on sequences "DLC tokens <START-DLC> caption tokens" (the paper's order). Sampling starts from
+L masks + <START-DLC> + prompt and unmasks the most confident DLC positions step by step.
+
+Two backends, one loss and one sampler:
+  --model tiny   a small bidirectional transformer defined below, with a word-level tokenizer
+                 built from the training captions: trains on a laptop CPU in a few minutes.
+  --model llada  LLaDA-8B-Base from a local folder (transformers >= 4.44, < 5, trust_remote_code,
+                 local files only), vocabulary extended, FSDP2 (fully_shard per block, bf16).
+
+Commands (a DLC set with captions.jsonl comes from `sem.py encode --data shapes`):
+  laptop toy : python text2dlc.py --dlc runs/dlc-shapes --run toy          (400 steps, ~1 min CPU)
+               (no sem.py codes yet? python text2dlc.py toyset --out runs/dlc-syn: SYNTHETIC codes)
+               python text2dlc.py sample --ckpt runs/text2dlc-toy --prompt "a red square on a green background" --n 16 --out runs/t2d-red-square
+               python dit.py sample --dlc runs/t2d-red-square ...         (decode to images)
+               python text2dlc.py probe --dlc runs/t2d-red-square --ref REFSET   (attribute match)
+  one GPU    : python text2dlc.py --model llada --model_path /models/LLaDA-8B-Base --dlc DIR --preset laion
+               (8B full AdamW needs ~128 GB: one 80 GB card is too small; use >= 2 GPUs)
+  N GPUs     : torchrun --nproc_per_node=8 text2dlc.py --preset laion --model_path /models/LLaDA-8B-Base --dlc DIR
+  speed      : python text2dlc.py bench   [--model llama_shaped on a GPU: LLaDA width, 2 layers]
+
+Facts from LLaDA (https://github.com/ML-GSAI/LLaDA, generate.py, get_log_likelihood.py,
+GUIDELINES.md) and its HF modeling code (https://huggingface.co/GSAI-ML/LLaDA-8B-Base:
+modeling_llada.py names model.transformer.wte / ff_out / blocks, set_activation_checkpointing,
+config.embedding_size, mask id 126336). Code written from scratch.
+"""
+import dataclasses, json, math, os, re, sys, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+
+@dataclass
+class Config:
+    run: str = "toy"              # run folder runs/text2dlc-<run>/
+    resume: bool = False          # continue from the newest checkpoint of the run
+    seed: int = 0                 # base seed (per rank: seed * world + rank)
+    device: str = "auto"          # auto | cpu | cuda | mps
+    steps: int = 400              # optimizer steps (paper: 9M pairs at batch 128, step count not given)
+    batch_size: int = 32          # sequences per process per micro-step
+    global_batch: int = 0         # sequences per optimizer step (0: batch_size * world); > that -> grad accumulation
+    compile: bool = False         # torch.compile the model (GPU)
+    model: str = "tiny"           # tiny | llada
+    model_path: str = ""          # local LLaDA-8B-Base folder (config.json, *.safetensors, tokenizer, modeling_llada.py)
+    dlc: str = ""                 # DLC set with captions.jsonl (sem.py encode)
+    mask_mode: str = "sft"        # sft: caption kept clean, only DLC masked (measured better on the toy) | all: authors
+    eps: float = 1e-3             # minimum mask probability, p = (1 - eps) t + eps (LLaDA's eps)
+    lr: float = 1e-3              # AdamW peak learning rate (paper: 1e-5 for LLaDA-8B)
+    warmup: int = 50              # linear warm-up steps, then cosine to 0
+    weight_decay: float = 0.0     # AdamW weight decay
+    grad_clip: float = 1.0        # gradient-norm clip
+    ema_decay: float = 0.99       # EMA of the tiny model (0: none; paper: none)
+    d_model: int = 128            # tiny: width
+    n_layers: int = 3             # tiny: transformer blocks
+    n_heads: int = 4              # tiny: attention heads
+    max_caption: int = 16         # caption tokens per sequence (padded / truncated)
+    act_ckpt: bool = False        # activation checkpointing (llada: the model's own mechanism)
+    log_every: int = 100          # steps between log lines
+    ckpt_every: int = 400         # steps between checkpoints
+
+
+PRESETS = {
+    "toy": {},
+    # Appendix E: full finetune, AdamW 1e-5, cosine, batch 128 (4 GPUs x 4 x accumulation 8), bf16.
+    "laion": {"model": "llada", "lr": 1e-5, "batch_size": 4, "global_batch": 128, "steps": 70000,
+              "warmup": 500, "weight_decay": 0.0, "mask_mode": "all", "ema_decay": 0.0, "act_ckpt": True, "max_caption": 77,
+              "log_every": 10, "ckpt_every": 2000},
+}
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""                # checkpoint .pt or run folder
+    prompt: str = ""              # caption to condition on
+    n: int = 16                   # number of DLCs to draw
+    out: str = ""                 # output DLC set folder
+    steps: int = 0                # unmasking steps (0: L, one token per step)
+    temperature: float = 1.0      # Gumbel temperature (0: argmax)
+    cfg: float = 0.0              # classifier-free guidance scale w: un + (w + 1)(cond - un) (LLaDA's form)
+    batch_size: int = 64          # DLCs per forward pass
+    seed: int = 0                 # sampling seed
+    device: str = "auto"          # auto | cpu | cuda
+    model_path: str = ""          # llada: override the base-model folder stored in the checkpoint
+
+
+#################################################################################
+#                   Tiny backend: word tokenizer + bidirectional transformer    #
+#################################################################################
+
+SPECIALS = ["<pad>", "<unk>", "<mask>"]
+
+
+def build_vocab(captions):
+    """Word-level vocabulary from the training captions: a plain list (stored in the checkpoint)."""
+    words = sorted({w for c in captions for w in c.lower().split()})
+    return SPECIALS + words
+
+
+class WordTokenizer:
+    def __init__(self, vocab):
+        self.vocab, self.index = list(vocab), {w: i for i, w in enumerate(vocab)}
+        self.pad_id, self.unk_id, self.mask_id = 0, 1, 2
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, texts, length):
+        """(B, length) ids: words, then <pad>; unknown words become <unk>."""
+        ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(texts):
+            toks = [self.index.get(w, self.unk_id) for w in t.lower().split()][:length]
+            ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        return ids
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block with *bidirectional* attention (no causal mask, like LLaDA)."""
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+        a = F.scaled_dot_product_attention(q, k, v)                       # (B, H, T, Dh), fused on GPU
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))             # (B, T, D)
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyMDLM(nn.Module):
+    """Token + learned position embeddings, bidirectional blocks, untied output layer. No time
+    input: like LLaDA, the mask ratio is read off the input."""
+    def __init__(self, vocab_size, max_len, d=128, n_layers=3, heads=4):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab_size, d), nn.Parameter(torch.zeros(max_len, d))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layers))
+        self.ln_f, self.ff_out = nn.LayerNorm(d), nn.Linear(d, vocab_size, bias=False)
+        nn.init.normal_(self.wpe, std=0.02)
+        self.act_ckpt = False
+
+    def forward(self, ids):                                               # ids (B, T)
+        x = self.wte(ids) + self.wpe[: ids.shape[1]]                      # (B, T, D)
+        for blk in self.blocks:
+            ckpt = self.act_ckpt and self.training
+            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+        return self.ff_out(self.ln_f(x))                                  # (B, T, vocab)
+
+
+#################################################################################
+#                       LLaDA backend: load, extend vocabulary, shard           #
+#################################################################################
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        utils.fail('--model llada needs transformers: pip install "transformers>=4.44,<5"')
+    return transformers
+
+
+def load_hf(model_path, dtype=torch.float32):
+    """A local transformers model + tokenizer (no hub access). LLaDA's config.json maps
+    AutoModel to its own LLaDAModelLM (trust_remote_code); plain causal LMs load as such."""
+    if not model_path or not os.path.isfile(os.path.join(model_path, "config.json")):
+        utils.fail(f"--model_path {model_path!r} is not a model folder with config.json; download "
+                   "GSAI-ML/LLaDA-8B-Base (huggingface-cli download) and pass its local path")
+    tf = import_transformers()
+    kw = dict(trust_remote_code=True, local_files_only=True, torch_dtype=dtype)
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(model_path, **kw)
+    except ValueError:  # config maps only AutoModel (remote code)
+        model = tf.AutoModel.from_pretrained(model_path, **kw)
+    tok = tf.AutoTokenizer.from_pretrained(model_path, trust_remote_code=True, local_files_only=True)
+    return model, tok
+
+
+def _embeddings(model):
+    """(input embedding, output layer) of an HF model; LLaDA keeps them at model.transformer.wte/ff_out."""
+    t = getattr(getattr(model, "model", None), "transformer", None)      # LLaDA's layout
+    try:
+        emb = model.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        emb = t.wte
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None and t is not None:  # PreTrainedModel's default returns None: use ff_out itself
+        out = getattr(t, "ff_out", None)
+    return emb, out
+
+
+def extend_vocab(model, V, seed=0, noise=0.02):
+    """Add V DLC tokens and <START-DLC> after the old vocabulary. New rows (input and output)
+    = mean of the old rows + N(0, (noise * std of old rows)^2): new tokens start as an
+    'average word' rather than at random scale. Every old id and row stays bit-identical.
+    Returns (dlc_offset, start_id)."""
+    emb, out = _embeddings(model)
+    old = emb.weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    def grow(w):                                                          # w (old, D) -> (old + V + 1, D)
+        w = w.detach()
+        new = w.float().mean(0) + noise * w.float().std() * torch.randn(V + 1, w.shape[1], generator=g)
+        return torch.cat([w, new.to(w.dtype)], 0)
+    emb.weight = nn.Parameter(grow(emb.weight))
+    emb.num_embeddings = old + V + 1
+    if out is not None and out.weight is not emb.weight:                  # untied (LLaDA-8B): grow it too
+        out.weight = nn.Parameter(grow(out.weight))
+        out.out_features = old + V + 1
+        if getattr(out, "bias", None) is not None:
+            out.bias = nn.Parameter(torch.cat([out.bias.detach(), out.bias.detach().mean().expand(V + 1)]))
+    # why: the saved config must describe the new size or from_pretrained cannot reload it
+    model.config.vocab_size = old + V + 1
+    if hasattr(model.config, "embedding_size"):
+        model.config.embedding_size = old + V + 1
+    return old, old + V
+
+
+def hf_blocks(model):
+    """The transformer blocks (the FSDP / checkpointing unit): LLaDA's transformer.blocks or
+    a Llama-style model.layers."""
+    for path in ("model.transformer.blocks", "model.layers", "transformer.blocks"):
+        m = model
+        try:
+            for a in path.split("."):
+                m = getattr(m, a)
+            return list(m)
+        except AttributeError:
+            continue
+    utils.fail(f"cannot find the transformer blocks of {type(model).__name__} for FSDP")
+
+
+def enable_act_ckpt(model):
+    """LLaDA: its own set_activation_checkpointing(whole_layer) (the HF gradient_checkpointing
+    flag is ignored by its blocks); other HF models: gradient_checkpointing_enable."""
+    inner = getattr(model, "model", None)
+    if hasattr(inner, "set_activation_checkpointing"):
+        strategy = getattr(sys.modules[type(inner).__module__], "ActivationCheckpointingStrategy", None)
+        inner.set_activation_checkpointing(strategy.whole_layer if strategy else "whole_layer")
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.act_ckpt = True
+
+
+def shard_fsdp(model, d):
+    """FSDP2: fully_shard every block, then the root (embeddings, head); bf16 compute and fp32
+    gradient reduction; fp32 master weights stay sharded (4 bytes / param / world)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not torch.distributed.is_initialized():  # one process without torchrun: a world of 1
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        torch.distributed.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for blk in hf_blocks(model):
+        fully_shard(blk, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+#################################################################################
+#                  Sequence template and the masked-diffusion loss (Eq. 5)       #
+#################################################################################
+
+def make_sequences(codes, caption_ids, dlc_offset, start_id):
+    """Template "DLC tokens <START-DLC> caption tokens": (B, L) + (B, C) -> (B, L + 1 + C)."""
+    B = codes.shape[0]
+    start = torch.full((B, 1), start_id, dtype=torch.long, device=caption_ids.device)
+    return torch.cat([codes.long() + dlc_offset, start, caption_ids], 1)
+
+
+def forward_process(x0, mask_id, eps, maskable, t=None, generator=None):
+    """Mask each token independently with p = (1 - eps) t + eps, t ~ U(0, 1) per sequence.
+    `maskable` (B, T) bool: where masking is allowed (all tokens, or only DLC ones for SFT).
+    Returns xt, the mask, and p (B, 1)."""
+    B, T = x0.shape
+    if t is None:
+        t = torch.rand(B, device=x0.device, generator=generator)
+    p = ((1 - eps) * t + eps)[:, None]                                    # (B, 1)
+    masked = (torch.rand(B, T, device=x0.device, generator=generator) < p) & maskable
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, p
+
+
+def masked_diffusion_loss(logits, x0, masked, p, n_tokens):
+    """Eq. 5: L = E_t [ 1 / n_tokens * sum_{i masked} -log p_theta(x0_i | x_t) / p ].
+    Unmasked positions contribute exactly zero; n_tokens = B * T (all) or B * L (SFT)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)  # (B, T), fp32 island
+    return (ce * masked / p).sum() / n_tokens
+
+
+def model_logits(model, ids):
+    """Logits (B, T, vocab) for our tiny model and for HF models (which return an output object)."""
+    out = model(ids)
+    return out if torch.is_tensor(out) else out.logits
+
+
+#################################################################################
+#           Sampling: low-confidence remasking (LLaDA generate), DLC ids only   #
+#################################################################################
+
+def num_transfer_tokens(L, steps):
+    """Linear schedule: the same number of tokens committed per step; the remainder goes to
+    the first steps (LLaDA's get_num_transfer_tokens)."""
+    k = torch.full((steps,), L // steps, dtype=torch.long)
+    k[: L % steps] += 1
+    return k
+
+
+@torch.no_grad()
+def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps, temperature=1.0,
+               cfg=0.0, generator=None, history=None):
+    """Canvas [L masks, <START-DLC>, prompt]; at each step predict every masked DLC position,
+    draw a candidate (argmax, or Gumbel-max in float64 at `temperature`), and commit the k most
+    confident (softmax probability of the candidate); the rest stay masked. Logits are restricted
+    to the DLC id range, so only DLC tokens can be written. Returns codes (B, L) in [0, V)."""
+    B, dev = prompt_ids.shape[0], prompt_ids.device
+    x = make_sequences(torch.zeros(B, L, dtype=torch.long, device=dev), prompt_ids, dlc_offset, start_id)
+    x[:, :L] = mask_id                                                    # (B, L + 1 + C)
+    ks = num_transfer_tokens(L, steps)
+    for s in range(steps):
+        logits = model_fn(x)[:, :L, dlc_offset: dlc_offset + V].double()  # (B, L, V) DLC range only
+        if cfg > 0:  # unconditional pass: the prompt masked as well (LLaDA's CFG)
+            un = x.clone()
+            un[:, L + 1:] = mask_id
+            lu = model_fn(un)[:, :L, dlc_offset: dlc_offset + V].double()
+            logits = lu + (cfg + 1) * (logits - lu)
+        if temperature > 0:  # why float64: Gumbel noise in low precision ties / biases the argmax
+            u = torch.rand(logits.shape, dtype=torch.float64, device=dev, generator=generator)
+            cand = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+        else:
+            cand = logits.argmax(-1)                                      # (B, L)
+        conf = logits.softmax(-1).gather(-1, cand[..., None])[..., 0]     # (B, L)
+        still = x[:, :L] == mask_id
+        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
+        pick = conf.topk(int(ks[s]), dim=1).indices                       # (B, k) most confident
+        commit = torch.zeros_like(still).scatter_(1, pick, True) & still
+        x[:, :L] = torch.where(commit, cand + dlc_offset, x[:, :L])
+        if history is not None:
+            history.append(x[:, :L].clone())
+    return x[:, :L] - dlc_offset
+
+
+#################################################################################
+#                          Data, backends, checkpoints                          #
+#################################################################################
+
+def load_captioned(path, V=None):
+    if not path:
+        utils.fail("--dlc is required: a DLC set with captions.jsonl (python sem.py encode --data shapes --out DIR)")
+    s = utils.load_dlc_set(path, V=V)
+    if "captions" not in s:
+        utils.fail(f"DLC set {path} has no captions.jsonl; text2dlc trains on (DLC, caption) pairs: "
+                   "encode a captioned dataset (sem.py encode --data shapes)")
+    caps = [c if isinstance(c, str) else c.get("caption", c.get("text", "")) for c in s["captions"]]
+    if len(caps) != len(s["codes"]):
+        utils.fail(f"DLC set {path}: {len(caps)} captions for {len(s['codes'])} codes; re-encode it")
+    return torch.from_numpy(np.asarray(s["codes"]).astype(np.int64)), caps, s["meta"]
+
+
+class Backend:
+    """What the loss and sampler need: model, caption encoder, id layout (mask, DLC range, start)."""
+    def __init__(self, model, encode, mask_id, dlc_offset, start_id, extra):
+        self.model, self.encode, self.mask_id = model, encode, mask_id
+        self.dlc_offset, self.start_id, self.extra = dlc_offset, start_id, extra
+
+
+def build_backend(cfg, L, V, captions=None, vocab=None, model_path=None):
+    if cfg["model"] == "tiny":
+        tok = WordTokenizer(vocab or build_vocab(captions))
+        off = len(tok)                                                    # ids: words | V DLC | <START-DLC>
+        model = TinyMDLM(off + V + 1, L + 1 + cfg["max_caption"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+        return Backend(model, lambda t: tok.encode(t, cfg["max_caption"]), tok.mask_id, off, off + V,
+                       {"vocab": tok.vocab})
+    if cfg["model"] == "llada":
+        model, tok = load_hf(model_path or cfg["model_path"])
+        mask_id = getattr(model.config, "mask_token_id", None)
+        if mask_id is None:
+            utils.fail(f"{cfg['model_path']}: config.json has no mask_token_id (LLaDA: 126336)")
+        off, start = extend_vocab(model, V, seed=cfg["seed"])
+        pad = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
+        def encode(texts):  # LLaDA pads with EOS and trains on it (GUIDELINES.md)
+            ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg["max_caption"]] for t in texts]
+            return torch.tensor([i + [pad] * (cfg["max_caption"] - len(i)) for i in ids], dtype=torch.long)
+        return Backend(model, encode, mask_id, off, start, {"hf_config": model.config.to_dict()})
+    utils.fail(f"unknown --model {cfg['model']!r}; use tiny or llada")
+
+
+def full_state(model, d, fsdp):
+    """Consolidated fp32 state dict on rank 0 (FSDP gathers shards, offloaded to CPU)."""
+    if not fsdp:
+        return {k: v.detach().cpu() for k, v in utils.unwrap(model).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def lr_at(step, cfg):
+    """Linear warm-up then cosine decay to 0 (paper: cosine)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
+#################################################################################
+#                                   Training                                     #
+#################################################################################
+
+def train(cfg):
+    if cfg.mask_mode not in ("all", "sft"):
+        utils.fail(f"--mask_mode must be all or sft, got {cfg.mask_mode!r}")
+    if cfg.model == "llada" and not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
+        utils.fail(f"--model_path {cfg.model_path!r} is not a model folder with config.json; download "
+                   "GSAI-ML/LLaDA-8B-Base and pass its local path")
+    codes, caps, meta = load_captioned(cfg.dlc)
+    L, V = int(meta["L"]), int(meta["V"])
+    run_dir = os.path.join("runs", f"text2dlc-{cfg.run}")
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    resume = utils.latest_checkpoint(ck_dir) if cfg.resume else None
+    state = utils.load_checkpoint(resume) if resume else None
+    if state and (state["L"], state["V"]) != (L, V):
+        utils.fail(f"checkpoint {resume} has L={state['L']}, V={state['V']} but --dlc has L={L}, V={V}")
+    d = utils.setup_dist(cfg.device)
+    utils.seed_all(cfg.seed, d)
+    log = utils.Logger(run_dir, d)
+    c = dataclasses.asdict(cfg)
+    be = build_backend(c, L, V, caps, vocab=state["vocab"] if state else None)
+    model = be.model
+    if state:
+        model.load_state_dict(state["model"])
+    fsdp = cfg.model == "llada" and d.world > 1 or cfg.model == "llada" and d.device.type == "cuda"
+    if cfg.act_ckpt:
+        enable_act_ckpt(model) if cfg.model == "llada" else setattr(model, "act_ckpt", True)
+    model.to(d.device)
+    ema = None
+    if cfg.model == "tiny" and cfg.ema_decay > 0:
+        import copy
+        ema = copy.deepcopy(model).eval().requires_grad_(False)           # EMA: a copy, always eval
+        if state and state.get("ema"):
+            ema.load_state_dict(state["ema"])
+    if fsdp:
+        model = shard_fsdp(model, d)
+    elif d.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    if state and state.get("opt") and not fsdp:
+        opt.load_state_dict(state["opt"])
+    elif state and state.get("opt"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+    gb = cfg.global_batch or cfg.batch_size * d.world
+    accum = gb // (cfg.batch_size * d.world)
+    if accum < 1 or accum * cfg.batch_size * d.world != gb:
+        utils.fail(f"--global_batch {gb} is not a multiple of batch_size x world = {cfg.batch_size * d.world}")
+    # per-rank shard of the pairs; each rank draws its batches from its own shard
+    shard = torch.arange(d.rank, len(codes), d.world)
+    cap_ids = be.encode(caps)                                             # (N, C)
+    g = torch.Generator().manual_seed(cfg.seed * d.world + d.rank)
+    T = L + 1 + cap_ids.shape[1]
+    maskable = torch.ones(T, dtype=torch.bool)
+    if cfg.mask_mode == "sft":
+        maskable[L:] = False                                              # caption (and separator) stay clean
+    maskable = maskable.to(d.device)
+    n_tok = cfg.batch_size * (L if cfg.mask_mode == "sft" else T)
+    if d.main:
+        utils.save_json(c, os.path.join(run_dir, "config.json"))
+    log(f"text2dlc {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params/rank, "
+        f"N={len(codes)} L={L} V={V} T={T} world={d.world} accum={accum} mask_mode={cfg.mask_mode} fsdp={fsdp}")
+    amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and not fsdp else torch.autocast("cpu", enabled=False)
+    step = state["step"] if state else 0
+    model.train()
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        tot = 0.0
+        for _ in range(accum):
+            idx = shard[torch.randint(len(shard), (cfg.batch_size,), generator=g)]
+            x0 = make_sequences(codes[idx], cap_ids[idx], be.dlc_offset, be.start_id).to(d.device)  # (B, T)
+            xt, masked, p = forward_process(x0, be.mask_id, cfg.eps, maskable.expand_as(x0),
+                                            t=torch.rand(len(idx), generator=g).to(d.device))
+            with amp:
+                loss = masked_diffusion_loss(model_logits(model, xt), x0, masked, p, n_tok) / accum
+            loss.backward()
+            tot += loss.item()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            utils.ema_update(ema, model, cfg.ema_decay)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            lt = torch.tensor([tot], device=d.device)
+            if d.world > 1:
+                torch.distributed.all_reduce(lt)
+            dt = (time.perf_counter() - t0) / cfg.log_every
+            log(f"step {step:7d} | loss {lt.item() / d.world:.4f} | lr {lr_at(step - 1, cfg):.2e} | grad {float(gn):.3f} "
+                f"| {1000 * dt:.1f} ms/step | {gb / dt:.1f} samples/s")
+            t0 = time.perf_counter()
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            sd = full_state(model, d, fsdp)
+            osd = None
+            if fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+                osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            elif cfg.model == "tiny":
+                osd = opt.state_dict()
+            if d.main:  # consolidated checkpoint: rank 0 writes, every rank waits
+                utils.save_checkpoint({"model": sd, "ema": ema.state_dict() if ema is not None else None,
+                                       "opt": osd, "step": step, "config": c, "L": L, "V": V,
+                                       "vocab": be.extra.get("vocab"), "dlc": os.path.abspath(cfg.dlc),
+                                       "data": meta.get("data"), "versions": {"torch": torch.__version__}},
+                                      os.path.join(ck_dir, f"ckpt_{step:07d}.pt"))
+            if d.world > 1:
+                torch.distributed.barrier()
+    log(f"done: {run_dir}")
+    utils.cleanup_dist()
+
+
+#################################################################################
+#                         Sampling command and attribute probe                  #
+#################################################################################
+
+def load_for_sampling(ckpt_path, device, model_path=""):
+    state = utils.load_checkpoint(utils.resolve_ckpt(ckpt_path))
+    c = state["config"]
+    be = build_backend(c, state["L"], state["V"], vocab=state.get("vocab"), model_path=model_path or None)
+    be.model.load_state_dict(state["ema"] or state["model"])             # samplers use EMA weights
+    return be, state
+
+
+def sample_cmd(argv):
+    s = utils.parse_config(SampleConfig, argv)
+    if not s.ckpt or not s.out or not s.prompt:
+        utils.fail("sample needs --ckpt PATH --prompt TEXT --out DIR")
+    d = utils.setup_dist(s.device)
+    be, state = load_for_sampling(s.ckpt, d.device, s.model_path)
+    L, V = state["L"], state["V"]
+    steps = s.steps or L
+    if not 1 <= steps <= L:
+        utils.fail(f"--steps must be in [1, L={L}], got {steps}")
+    model = be.model.to(d.device).eval()
+    if d.device.type == "cuda" and state["config"]["model"] == "llada":
+        model.to(torch.bfloat16)
+    g = torch.Generator(d.device).manual_seed(s.seed)
+    prompt = be.encode([s.prompt]).to(d.device)
+    out = []
+    for i in range(0, s.n, s.batch_size):
+        b = min(s.batch_size, s.n - i)
+        out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
+                              be.start_id, be.mask_id, steps, s.temperature, s.cfg, g).cpu())
+    codes = torch.cat(out).numpy()
+    meta = {"L": L, "V": V, "prompt": s.prompt, "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt)),
+            "command": "text2dlc.py sample " + " ".join(argv), "data": state.get("data"), "source_dlc": state.get("dlc"),
+            "sampler": {"steps": steps, "temperature": s.temperature, "cfg": s.cfg, "seed": s.seed,
+                        "remasking": "low_confidence", "schedule": "linear"}}
+    utils.save_dlc_set(s.out, codes, meta, captions=[s.prompt] * len(codes))
+    print(f"wrote {len(codes)} DLCs for {s.prompt!r} to {s.out}")
+
+
+def parse_attrs(text):
+    """(shape, colour, background) from a shapes caption 'a red square on a green background'."""
+    m = re.match(r"a (\w+) (\w+) on a (\w+) background", text.strip().lower())
+    return m.groups() if m else None
+
+
+@dataclass
+class ProbeConfig:
+    dlc: str = ""                 # generated DLC set (text2dlc sample) whose meta holds the prompt
+    ref: str = ""                 # encoded DLC set with shapes captions covering all combinations
+    k: int = 5                    # neighbours voting per attribute
+
+
+def probe_cmd(argv):
+    """DLC-level judge (until the image chain is run): each generated code gets the majority
+    attributes of its k Hamming-nearest reference codes; report the fraction matching the prompt."""
+    p = utils.parse_config(ProbeConfig, argv)
+    gen = utils.load_dlc_set(p.dlc)
+    ref_codes, ref_caps, _ = load_captioned(p.ref, V=gen["meta"]["V"])
+    want = parse_attrs(gen["meta"].get("prompt", ""))
+    ref_attrs = [parse_attrs(c) for c in ref_caps]
+    if want is None or None in ref_attrs:
+        utils.fail("probe needs shapes-style captions ('a red square on a green background')")
+    gc = torch.from_numpy(np.asarray(gen["codes"]).astype(np.int64))
+    dist = (gc[:, None, :] != ref_codes[None]).sum(-1)                    # (Ng, Nr) Hamming
+    nn_idx = dist.topk(p.k, largest=False).indices                        # (Ng, k)
+    per, allm = [0, 0, 0], 0
+    for row in nn_idx.tolist():
+        got = [max(set(v), key=v.count) for v in zip(*[ref_attrs[j] for j in row])]
+        per = [a + (g == w) for a, g, w in zip(per, got, want)]
+        allm += tuple(got) == want
+    n = len(gc)
+    res = {"prompt": gen["meta"]["prompt"], "n": n, "all_match": allm / n,
+           "shape": per[0] / n, "colour": per[1] / n, "background": per[2] / n}
+    print(json.dumps(res))
+    return res
+
+
+#################################################################################
+#                                      Bench                                    #
+#################################################################################
+
+def bench(cfg):
+    """Training tokens/s, peak memory and MFU (6 N flops per token, attention ignored)."""
+    d = utils.setup_dist(cfg.device)
+    L, V, B = 16, 512, cfg.batch_size
+    if cfg.model == "llama_shaped":  # LLaDA-8B width with 2 layers, random weights (GPU)
+        tf = import_transformers()
+        hc = tf.LlamaConfig(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=32,
+                            num_hidden_layers=2, vocab_size=126464 + V + 1, max_position_embeddings=4096)
+        model = tf.LlamaForCausalLM(hc)
+        if cfg.act_ckpt:
+            enable_act_ckpt(model)
+        model = shard_fsdp(model.to(d.device), d)
+        vocab, T = 126464 + V + 1, L + 1 + 77
+    else:
+        model = TinyMDLM(64 + V + 1, L + 1 + cfg.max_caption, cfg.d_model, cfg.n_layers, cfg.n_heads).to(d.device)
+        vocab, T = 64 + V + 1, L + 1 + cfg.max_caption
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    nparam = sum(p.numel() for p in model.parameters()) * max(1, d.world if cfg.model == "llama_shaped" else 1)
+    x0 = torch.randint(0, vocab, (B, T), device=d.device)
+    def step():
+        xt, m, p = forward_process(x0, 2, 1e-3, torch.ones_like(x0, dtype=torch.bool))
+        masked_diffusion_loss(model_logits(model, xt), x0, m, p, x0.numel()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(3):
+        step()
+    utils.sync(d.device)
+    n, t = 10, time.perf_counter()
+    for _ in range(n):
+        step()
+    utils.sync(d.device)
+    dt = (time.perf_counter() - t) / n
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    peak = utils.matmul_peak_flops(d.device, dtype)
+    tps = B * T / dt
+    print(f"bench {cfg.model} on {d.device}: params {nparam / 1e6:.2f}M, batch {B} x {T} tokens, "
+          f"{1000 * dt:.1f} ms/step, {tps:.0f} tokens/s, peak memory {utils.peak_memory_mb(d.device):.0f} MB, "
+          f"MFU {6 * nparam * tps / peak:.1%} of measured {peak / 1e12:.2f} TFLOP/s ({dtype})")
+
+
+@dataclass
+class ToySetConfig:
+    out: str = ""                 # output DLC set folder
+    data: str = "shapes"          # shapes (held-out combinations excluded) | shapes-all | shapes-heldout
+    n: int = 4000                 # images
+    seed: int = 0                 # data seed
+
+
+def toyset_cmd(argv):
+    """A SYNTHETIC captioned DLC set (L=8, V=32) for when sem.py has not been run: tokens 0-1
+    name the shape, 2-3 the colour, 4-5 the background (two synonyms each), 6-7 are noise.
+    It tests the text -> code mapping only; real DLCs come from sem.py encode."""
+    c = utils.parse_config(ToySetConfig, argv)
+    if not c.out:
+        utils.fail("toyset needs --out DIR")
+    d = utils.load_embedded(c.data, n=c.n, size=8, seed=c.seed)
+    rng = np.random.RandomState(c.seed + 1)
+    a = d["attrs"].numpy()                                                # (N, 3)
+    syn = lambda base, col: base + 2 * a[:, col:col + 1] + rng.randint(2, size=(len(a), 2))  # (N, 2)
+    codes = np.concatenate([syn(0, 0), syn(8, 1), syn(18, 2), rng.randint(32, size=(len(a), 2))], 1)  # (N, 8)
+    meta = {"L": 8, "V": 32, "synthetic": True, "command": "text2dlc.py toyset " + " ".join(argv),
+            "data": {"name": c.data, "n": c.n, "size": 8, "seed": c.seed}}
+    utils.save_dlc_set(c.out, codes, meta, labels=a[:, 0], captions=d["captions"])
+    print(f"wrote SYNTHETIC DLC set {c.out}: N={len(codes)} L=8 V=32")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
+    if cmd == "train":
+        train(utils.parse_config(Config, argv, PRESETS))
+    elif cmd == "sample":
+        sample_cmd(argv)
+    elif cmd == "probe":
+        probe_cmd(argv)
+    elif cmd == "toyset":
+        toyset_cmd(argv)
+    elif cmd == "bench":
+        bench(utils.parse_config(Config, argv, PRESETS))
+    else:
+        utils.fail(f"unknown command {cmd!r}; use train, sample, probe, toyset or bench")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,579 @@
+"""Section 3 of the DLC paper: "Generating highly modal continuous distributions is hard".
+
+A 2-D mixture of N equal-weight Gaussians on a sqrt(N) x sqrt(N) grid gets harder to fit for an
+unconditional diffusion model as N grows, while a model conditioned on the index of the mode
+(the oracle index, the index inferred by a fitted GMM, or a discrete index learned end to end
+as in DisCo-Diff) keeps fitting it (paper Fig. 2, Fig. 11, Appendix C). This is the argument
+for conditioning image diffusion on a discrete code.
+
+Model: a 4-layer MLP denoiser with a timestep embedding and an optional index embedding, trained
+as an improved DDPM (Nichol & Dhariwal 2021, https://github.com/openai/improved-diffusion:
+cosine schedule, learned variance interpolation, hybrid loss L_simple + lambda L_vlb), sampled
+ancestrally, optionally over respaced steps. All (variant, N) models are trained at once as a
+batched ensemble (weights of shape (E, in, out), torch.baddbmm): Adam treats every element
+independently, so this is exactly E separate trainings, with larger matmuls that run closer to
+the machine's peak.
+
+Data: centres on a grid with spacing 1.0, every mode with std 0.1 (= 0.1 x spacing) for every N
+(the paper's values were lost from our copy of the text). Data are divided by the mixture's
+per-coordinate std before training, so that every N is seen by the diffusion at unit scale.
+
+Commands:
+  python toy_gmm.py                          # default sweep N = 4, 16, 64, 256 on a CPU
+  python toy_gmm.py --modes=4,16 --steps=500  # quicker
+  python toy_gmm.py --preset paper            # batch 2048, 300M training samples per model (GPU)
+  python toy_gmm.py bench                     # matmul peak, samples/s, achieved FLOP/s, MFU
+torchrun is not used: the whole sweep is one small batched model that fills one device.
+"""
+import dataclasses, json, math, os, sys, time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+VARIANTS = ("uncond", "oracle", "gmm", "disco")
+
+
+@dataclass
+class Config:
+    run: str = "toy"                 # run folder runs/toy_gmm-<run>/
+    modes: list[int] = field(default_factory=lambda: [4, 16, 64, 256])  # numbers of modes N (squares)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # conditionings to train
+    spacing: float = 1.0             # distance between neighbouring centres
+    std: float = 0.1                 # std of every mode (paper value unknown)
+    width: int = 128                 # hidden width of the 4-layer MLP
+    T: int = 1000                    # diffusion steps in training
+    sample_steps: int = 250          # respaced steps for ancestral sampling (T = no respacing)
+    vlb_weight: float = 0.001        # lambda in L_simple + lambda * L_vlb (IDDPM)
+    steps: int = 3000                # optimiser steps (paper: 300M samples / 2048 = 146k)
+    batch_size: int = 2048           # samples per step per model (paper: 2048)
+    lr: float = 2e-3                 # Adam learning rate, cosine-decayed to 0
+    warmup: int = 100                # linear warm-up steps
+    gumbel_tau: float = 1.0          # DisCo-Diff Gumbel-softmax temperature, annealed to tau/10
+    n_eval: int = 10000              # samples per model for the metrics
+    seed: int = 0                    # global seed
+    device: str = "auto"             # auto | cpu | cuda | mps
+    log_every: int = 100             # log a line every this many steps
+
+
+PRESETS = {"toy": {},
+           "paper": {"steps": 146_484, "batch_size": 2048, "width": 256, "lr": 1e-3}}
+
+
+#################################################################################
+#                      The data: a grid of equal-weight Gaussians               #
+#################################################################################
+
+def grid_centres(n_modes, spacing=1.0):
+    """(N, 2) centres of a sqrt(N) x sqrt(N) grid, centred on the origin."""
+    side = math.isqrt(n_modes)
+    if side * side != n_modes or n_modes < 1:
+        utils.fail(f"the number of modes must be a perfect square (4, 16, 64, ...), got {n_modes}")
+    ax = (torch.arange(side, dtype=torch.float64) - (side - 1) / 2) * spacing
+    return torch.cartesian_prod(ax, ax)
+
+
+def sample_gmm(centres, std, n, gen=None):
+    """x ~ sum_k (1/N) N(mu_k, std^2 I); returns (x (n, 2), oracle index k (n,))."""
+    k = torch.randint(len(centres), (n,), generator=gen)
+    return centres[k] + std * torch.randn(n, 2, generator=gen, dtype=centres.dtype), k
+
+
+def gmm_logpdf(x, centres, std):
+    """Exact log p(x) = logsumexp_k [log N(x; mu_k, std^2 I)] - log N."""
+    d2 = torch.cdist(x.double(), centres.double()) ** 2                                  # (n, N)
+    logn = -d2 / (2 * std ** 2) - math.log(2 * math.pi * std ** 2)
+    return torch.logsumexp(logn, 1) - math.log(len(centres))
+
+
+def data_scale(n_modes, spacing, std):
+    """Per-coordinate std of the mixture: a grid of s points has variance spacing^2 (s^2-1)/12."""
+    s = math.isqrt(n_modes)
+    return math.sqrt(spacing ** 2 * (s * s - 1) / 12 + std ** 2)
+
+
+def fit_gmm_index(x, n_modes, seed=0):
+    """Fit sklearn's GaussianMixture on training samples; return (means, vars, log weights)
+    as tensors so the index k = argmax_k p(k | x) is computed in torch during training."""
+    from sklearn.mixture import GaussianMixture
+    gm = GaussianMixture(n_modes, covariance_type="spherical", random_state=seed, max_iter=200).fit(x.numpy())
+    return (torch.tensor(gm.means_), torch.tensor(gm.covariances_), torch.tensor(np.log(gm.weights_)))
+
+
+def gmm_predict(x, means, var, logw):
+    """argmax_k [log w_k + log N(x; mean_k, var_k I)]: the GMM index of each point."""
+    d2 = torch.cdist(x.double(), means) ** 2  # float64: the modes are narrow
+    return (logw - d2 / (2 * var) - torch.log(var)).argmax(1)
+
+
+#################################################################################
+#            Improved DDPM: cosine schedule, learned variance, hybrid loss      #
+#################################################################################
+
+class Diffusion:
+    """Schedule tensors of IDDPM, optionally respaced to a subset of the T training steps."""
+
+    def __init__(self, T=1000, steps=None):
+        # alpha_bar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) pi/2), s = 0.008 (IDDPM Eq. 17)
+        f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = torch.tensor([min(1 - f(t + 1) / f(t), 0.999) for t in range(T)], dtype=torch.float64)
+        ab = torch.cumprod(1 - betas, 0)
+        self.timesteps = torch.arange(T)                      # the model sees original step indices
+        if steps is not None and steps < T:                   # respacing (IDDPM Sec. 4): keep alpha_bar
+            keep = torch.linspace(0, T - 1, steps).round().long()
+            ab = ab[keep]
+            betas = 1 - ab / torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+            self.timesteps = keep
+        self.betas, self.ab = betas, ab
+        self.ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
+        # posterior q(x_{t-1} | x_t, x_0) = N(c0 x_0 + ct x_t, beta_tilde) (DDPM Eq. 6-7)
+        self.beta_tilde = betas * (1 - self.ab_prev) / (1 - ab)
+        self.log_beta_tilde = torch.log(torch.cat([self.beta_tilde[1:2], self.beta_tilde[1:]]))  # clipped at t=0
+        self.c0 = betas * self.ab_prev.sqrt() / (1 - ab)
+        self.ct = (1 - self.ab_prev) * (1 - betas).sqrt() / (1 - ab)
+        # float32 columns [sqrt ab, sqrt(1-ab), log beta, log beta_tilde, c0, ct], gathered once per call
+        self.table = torch.stack([ab.sqrt(), (1 - ab).sqrt(), betas.log(), self.log_beta_tilde,
+                                  self.c0, self.ct], 1).float()
+
+    def at(self, i):
+        """The six schedule columns at indices i (E, B), each shaped (E, B, 1)."""
+        return [c[..., None] for c in self.table.to(i.device)[i].unbind(-1)]
+
+    def __len__(self):
+        return len(self.betas)
+
+    def q_sample(self, x0, i, eps):
+        """x_t = sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps (DDPM Eq. 4); i indexes this schedule."""
+        sab, s1ab = self.at(i)[:2]
+        return sab * x0 + s1ab * eps
+
+    def p_mean_logvar(self, x, i, eps_hat, v, clip=None):
+        """Model p(x_{t-1} | x_t): mean from eps (DDPM Eq. 11), log-variance interpolated
+        between log beta and log beta_tilde by v in [-1, 1] (IDDPM Eq. 15). At sampling the
+        predicted x_0 is clipped to the data's bounding box, as IDDPM clips images to [-1, 1]
+        (at large t, 1 / sqrt(alpha_bar) would otherwise blow up the error of eps_hat)."""
+        sab, s1ab, logb, logbt, c0, ct = self.at(i)
+        x0_hat = (x - s1ab * eps_hat) / sab
+        if clip is not None:
+            x0_hat = torch.maximum(torch.minimum(x0_hat, clip), -clip)
+        frac = (v + 1) / 2
+        return c0 * x0_hat + ct * x, frac * logb + (1 - frac) * logbt
+
+    def loss(self, model_out, x0, xt, i, eps):
+        """Hybrid loss L_simple + lambda L_vlb (IDDPM Eq. 16), per sample (E, B).
+        L_vlb uses a stop-gradient on the mean so that it only trains the variance; it is
+        T * L_t, the one-sample estimate of the sum over t; L_0 is the Gaussian NLL of x_0."""
+        eps_hat, v = model_out[..., :2], model_out[..., 2:]
+        l_simple = ((eps_hat - eps) ** 2).mean(-1)
+        mean, logvar = self.p_mean_logvar(xt, i, eps_hat.detach(), v)
+        _, _, _, logbt, c0, ct = self.at(i)
+        true_mean = c0 * x0 + ct * xt
+        kl = 0.5 * (-1 + logvar - logbt + torch.exp(logbt - logvar)
+                    + (true_mean - mean) ** 2 * torch.exp(-logvar))                     # KL of Gaussians
+        nll = 0.5 * (math.log(2 * math.pi) + logvar + (x0 - mean) ** 2 * torch.exp(-logvar))
+        l_vlb = torch.where(i[..., None] == 0, nll, kl).mean(-1) * len(self)
+        return l_simple, l_vlb
+
+
+#################################################################################
+#         A batched ensemble of 4-layer MLP denoisers (one per variant, N)      #
+#################################################################################
+
+class Linears(nn.Module):
+    """E independent Linear(din, dout) layers applied with one batched matmul."""
+
+    def __init__(self, E, din, dout):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(E, din, dout) / math.sqrt(din))
+        self.b = nn.Parameter(torch.zeros(E, 1, dout))
+
+    def forward(self, x):                                     # x (E, B, din) -> (E, B, dout)
+        return torch.baddbmm(self.b, x, self.w)
+
+
+def timestep_embedding(t, dim=64):
+    """Sinusoidal embedding of integer timesteps (E, B) -> (E, B, dim)."""
+    freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    a = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(a), torch.sin(a)], -1)
+
+
+class EnsembleMLP(nn.Module):
+    """E denoisers eps_theta(x_t, t, k): 4 linear layers with SiLU; the time embedding and the
+    index embedding (a table of K rows, used through a one-hot / Gumbel-softmax vector so the
+    DisCo-Diff encoder can be trained through it) are added to the first hidden layer.
+    Output: 2 eps coordinates + 2 variance interpolation values v."""
+
+    def __init__(self, E, K, width):
+        super().__init__()
+        self.l1, self.l2, self.l3, self.l4 = Linears(E, 2, width), Linears(E, width, width), \
+            Linears(E, width, width), Linears(E, width, 4)
+        self.temb = Linears(E, 64, width)
+        self.index_table = nn.Parameter(torch.randn(E, K, width) * 0.5)
+        self.register_buffer("cond_mask", torch.ones(E, 1, 1))  # 0 for unconditional members
+        nn.init.zeros_(self.l4.w)
+
+    def forward(self, x, t, k, soft=None, soft_members=None):   # x (E, B, 2), t (E, B), k (E, B)
+        """k: the integer index per member (ignored by members whose cond_mask is 0). DisCo-Diff
+        training passes `soft` (Ed, B, K) Gumbel-softmax vectors for the members `soft_members`,
+        used through a matmul with their table so that gradients reach the encoder."""
+        emb = self.index_table[torch.arange(len(x), device=x.device)[:, None], k]   # (E, B, W)
+        if soft is not None:
+            emb = emb.index_copy(0, soft_members, torch.bmm(soft, self.index_table[soft_members]))
+        h = self.l1(x) + self.temb(timestep_embedding(t)) + emb * self.cond_mask
+        h = self.l3(F.silu(self.l2(F.silu(h))))
+        return self.l4(F.silu(h))                             # (E, B, 4)
+
+    def flops_per_sample(self):
+        """Multiply-adds x 2 of one forward pass of one member."""
+        return 2 * sum(m.w[0].numel() for m in (self.l1, self.l2, self.l3, self.l4, self.temb))
+
+
+class Encoder(nn.Module):
+    """DisCo-Diff's q(k | x_0): an MLP from x_0 to K logits, one per DisCo member (batched)."""
+
+    def __init__(self, E, K, width=64):
+        super().__init__()
+        self.l1, self.l2, self.l3 = Linears(E, 2, width), Linears(E, width, width), Linears(E, width, K)
+
+    def forward(self, x0):
+        return self.l3(F.silu(self.l2(F.silu(self.l1(x0)))))
+
+
+#################################################################################
+#                  The sweep: every (variant, N) member trained at once         #
+#################################################################################
+
+class Sweep:
+    """Holds the members, their data and their conditioning rules."""
+
+    def __init__(self, cfg, device):
+        bad = [v for v in cfg.variants if v not in VARIANTS]
+        if bad:
+            utils.fail(f"unknown variant {bad[0]!r}; valid variants: {', '.join(VARIANTS)}")
+        self.cfg, self.device = cfg, device
+        self.members = [(v, n) for n in cfg.modes for v in cfg.variants]  # (variant, N) per member
+        for n in cfg.modes:
+            grid_centres(n)                                               # fails early on bad N
+        self.K = max(cfg.modes)
+        E = len(self.members)
+        self.net = EnsembleMLP(E, self.K, cfg.width).to(device)
+        self.net.cond_mask[[e for e, (v, _) in enumerate(self.members) if v == "uncond"]] = 0
+        self.disco = [e for e, (v, _) in enumerate(self.members) if v == "disco"]
+        self.enc = Encoder(max(len(self.disco), 1), self.K).to(device)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.centres = {n: grid_centres(n, cfg.spacing) for n in cfg.modes}
+        self.scale = {n: data_scale(n, cfg.spacing, cfg.std * cfg.spacing) for n in cfg.modes}
+        self.gmm = {}
+        if "gmm" in cfg.variants:                                         # fitted once, on training samples
+            for n in cfg.modes:
+                x, _ = sample_gmm(self.centres[n], cfg.std * cfg.spacing, max(10000, 40 * n), self.gen)
+                self.gmm[n] = fit_gmm_index(x, n, cfg.seed)
+        self.prior = {}                                                   # DisCo prior over k, fitted after training
+        # per-member tensors for fast batches: centres padded to K rows, N, scale
+        self.std = cfg.std * cfg.spacing
+        self.padded = torch.zeros(E, self.K, 2)
+        for e, (_, n) in enumerate(self.members):
+            self.padded[e, :n] = self.centres[n].float()
+        self.n_of = torch.tensor([float(n) for _, n in self.members])[:, None]
+        self.scale_of = torch.tensor([self.scale[n] for _, n in self.members])[:, None, None]
+        self.gmm_members = [e for e, (v, _) in enumerate(self.members) if v == "gmm"]
+
+    def batch(self, B):
+        """Fresh training samples for every member: x0 scaled (E, B, 2) and index k (E, B)."""
+        E = len(self.members)
+        k = (torch.rand(E, B, generator=self.gen) * self.n_of).long()                 # oracle index
+        x = self.padded[torch.arange(E)[:, None], k] + self.std * torch.randn(E, B, 2, generator=self.gen)
+        for e in self.gmm_members:                                                    # GMM index
+            k[e] = gmm_predict(x[e], *self.gmm[self.members[e][1]])
+        return (x / self.scale_of).to(self.device), k.to(self.device)
+
+    def soft_index(self, x0, tau):
+        """DisCo-Diff: Gumbel-softmax samples (Ed, B, K) of the encoder's q(k | x0), restricted
+        to the member's N values, and the member ids they belong to (or None, None)."""
+        if not self.disco:
+            return None, None
+        logits = self.enc(x0[self.disco])                                 # (Ed, B, K)
+        too_big = torch.arange(self.K, device=x0.device) >= torch.tensor(
+            [self.members[e][1] for e in self.disco], device=x0.device)[:, None, None]
+        soft = F.gumbel_softmax(logits.masked_fill(too_big, -1e9), tau=tau, dim=-1)
+        return soft, torch.tensor(self.disco, device=x0.device)
+
+
+def lr_at(cfg, step):
+    """Linear warm-up then cosine decay to 0."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
+def train(sweep, diff, log=print):
+    """Train every member for cfg.steps steps; returns the per-member loss history."""
+    cfg, dev = sweep.cfg, sweep.device
+    params = list(sweep.net.parameters()) + list(sweep.enc.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    E, hist, t0 = len(sweep.members), [], time.time()
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(cfg, step)
+        x0, k = sweep.batch(cfg.batch_size)
+        i = torch.randint(len(diff), (E, cfg.batch_size), device=dev)
+        eps = torch.randn_like(x0)
+        xt = diff.q_sample(x0, i, eps)
+        tau = cfg.gumbel_tau * 0.1 ** (step / max(1, cfg.steps - 1))      # anneal tau -> tau / 10
+        out = sweep.net(xt, diff.timesteps.to(dev)[i], k, *sweep.soft_index(x0, tau))
+        l_simple, l_vlb = diff.loss(out, x0, xt, i, eps)
+        per_member = (l_simple + cfg.vlb_weight * l_vlb).mean(1)           # (E,)
+        if not torch.isfinite(per_member).all():
+            utils.fail(f"loss became {per_member.tolist()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        per_member.sum().backward()                                       # members are independent
+        opt.step()
+        hist.append(l_simple.mean(1).detach().cpu())
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            dt = (time.time() - t0) / (step + 1)
+            log(f"step {step:6d} | loss {per_member.mean().item():.4f} | lr {lr_at(cfg, step):.2e} "
+                f"| {1000 * dt:.0f} ms/step | {E * cfg.batch_size / dt:.0f} samples/s")
+    if sweep.disco:                                        # DisCo-Diff: categorical prior over k
+        with torch.no_grad():
+            x0, _ = sweep.batch(20000)
+            codes = sweep.enc(x0[sweep.disco]).argmax(-1)
+        for j, e in enumerate(sweep.disco):
+            n = sweep.members[e][1]
+            sweep.prior[e] = torch.bincount(codes[j].cpu(), minlength=sweep.K).float()[:n]
+    return torch.stack(hist)                                              # (steps, E)
+
+
+@torch.no_grad()
+def sample(sweep, diff, n, gen=None):
+    """Ancestral sampling for every member: (E, n, 2) in data units. The index is drawn from the
+    member's prior: uniform (oracle), fitted GMM weights (gmm), fitted categorical (disco)."""
+    dev, E = sweep.device, len(sweep.members)
+    ks = []
+    for e, (v, m) in enumerate(sweep.members):
+        if v == "gmm":
+            probs = sweep.gmm[m][2].exp()
+        elif v == "disco":
+            probs = sweep.prior[e]
+        else:
+            probs = torch.ones(m)
+        ks.append(torch.multinomial(probs.float(), n, replacement=True, generator=gen))
+    k = torch.stack(ks).to(dev)
+    x = torch.randn(E, n, 2, generator=gen).to(dev)
+    box = torch.stack([sweep.centres[m].abs().max() + 5 * sweep.std for _, m in sweep.members])
+    clip = (box.float()[:, None, None] / sweep.scale_of).to(dev)         # (E, 1, 1) in model units
+    for i in reversed(range(len(diff))):
+        ii = torch.full((E, n), i, device=dev)
+        out = sweep.net(x, diff.timesteps.to(dev)[ii], k)
+        mean, logvar = diff.p_mean_logvar(x, ii, out[..., :2], out[..., 2:], clip)
+        x = mean + (torch.exp(0.5 * logvar) * torch.randn(E, n, 2, generator=gen).to(dev) if i > 0 else 0)
+    scale = torch.tensor([sweep.scale[m] for _, m in sweep.members], device=dev)[:, None, None]
+    return (x * scale).double().cpu()
+
+
+#################################################################################
+#            Metrics: KDE-KL (the paper's), reverse KL, off-mode, coverage      #
+#################################################################################
+
+def kde_logpdf(samples, x):
+    """log q_hat(x) with q_hat a Gaussian KDE of `samples` (scipy, Silverman bandwidth)."""
+    from scipy.stats import gaussian_kde
+    kde = gaussian_kde(samples.numpy().T, bw_method="silverman")
+    return torch.tensor(kde.logpdf(x.numpy().T))
+
+
+def kde_kl(samples, centres, std, n_eval=5000, gen=None):
+    """KL(p || q_hat) = E_{x~p}[log p(x) - log q_hat(x)], with its Monte Carlo standard error."""
+    x, _ = sample_gmm(centres, std, n_eval, gen)
+    d = gmm_logpdf(x, centres, std) - kde_logpdf(samples, x)
+    return d.mean().item(), (d.std() / math.sqrt(n_eval)).item()
+
+
+def metrics(samples, centres, std, gen=None):
+    """Every number for one model's samples (n, 2): forward KDE-KL, reverse KL
+    E_q[log q_hat - log p] (q_hat fitted on one half, evaluated on the other), off-mode
+    fraction (> 3 std from every centre) and mode coverage (modes with a sample within 3 std)."""
+    kl, se = kde_kl(samples, centres, std, gen=gen)
+    a, b = samples[: len(samples) // 2], samples[len(samples) // 2:]
+    rd = kde_logpdf(a, b) - gmm_logpdf(b, centres, std)
+    d = torch.cdist(samples, centres)                                     # (n, N)
+    near = d.min(1).values <= 3 * std
+    covered = torch.zeros(len(centres), dtype=torch.bool)
+    covered[d.argmin(1)[near]] = True
+    return {"kde_kl": kl, "kde_kl_se": se, "reverse_kl": rd.mean().item(),
+            "reverse_kl_se": (rd.std() / math.sqrt(len(rd))).item(),
+            "off_mode": 1 - near.double().mean().item(), "coverage": covered.double().mean().item()}
+
+
+#################################################################################
+#                                   Figures                                     #
+#################################################################################
+
+def figures(sweep, diff, samples, results, run_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = sweep.cfg
+    # Fig. 2a-c / Fig. 11: samples of every variant (rows) for every N (columns)
+    rows = ["data"] + list(cfg.variants)
+    fig, axes = plt.subplots(len(rows), len(cfg.modes), figsize=(3 * len(cfg.modes), 3 * len(rows)), squeeze=False)
+    for c, n in enumerate(cfg.modes):
+        for r, v in enumerate(rows):
+            if v == "data":
+                pts, _ = sample_gmm(sweep.centres[n], cfg.std * cfg.spacing, 5000, sweep.gen)
+            else:
+                pts = samples[sweep.members.index((v, n))][:5000]
+            ax = axes[r, c]
+            ax.scatter(pts[:, 0], pts[:, 1], s=0.3, alpha=0.5)
+            lim = sweep.centres[n].abs().max() + 1
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
+            ax.set_aspect("equal")
+            if r == 0:
+                ax.set_title(f"N = {n}")
+            if c == 0:
+                ax.set_ylabel(v)
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "samples.png"), dpi=80)
+    plt.close(fig)
+    # Fig. 2d: metrics vs N, all variants, with the p-vs-p KDE baseline
+    keys = [("kde_kl", "forward KDE-KL(p || q) [nats]"), ("reverse_kl", "reverse KL E_q[log q - log p]"),
+            ("off_mode", "fraction of samples > 3 std off every mode")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, title) in zip(axes, keys):
+        for v in ["baseline"] + list(cfg.variants):
+            ys = [results[str(n)][v][key] for n in cfg.modes]
+            ax.plot(cfg.modes, ys, "o-" if v != "baseline" else "k--", label=v)
+        ax.set(xscale="log", xlabel="number of modes N", title=title)
+        ax.set_xticks(cfg.modes, [str(n) for n in cfg.modes])
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "kl_vs_modes.png"), dpi=80)
+    plt.close(fig)
+    # Fig. 2e-f: denoising direction x0_hat - x_t of the unconditional and the oracle model
+    n = 16 if 16 in cfg.modes else cfg.modes[0]
+    shown = [v for v in ("uncond", "oracle") if v in cfg.variants]
+    ts = [int(len(diff) * f) for f in (0.1, 0.3, 0.6)]
+    fig, axes = plt.subplots(len(shown), len(ts), figsize=(4 * len(ts), 4 * len(shown)), squeeze=False)
+    lim = float(sweep.centres[n].abs().max() + 1)
+    g = torch.linspace(-lim, lim, 21)
+    grid = torch.cartesian_prod(g, g)                                      # (441, 2) data units
+    E = len(sweep.members)
+    with torch.no_grad():
+        for r, v in enumerate(shown):
+            e = sweep.members.index((v, n))
+            for c, i in enumerate(ts):
+                x = (grid / sweep.scale[n]).float()[None].expand(E, -1, -1).to(sweep.device)
+                ii = torch.full(x.shape[:2], i, device=sweep.device)
+                k = torch.full(x.shape[:2], n // 2 + math.isqrt(n) // 2, device=sweep.device)  # a central mode
+                out = sweep.net(x, diff.timesteps.to(sweep.device)[ii], k)
+                ab = diff.ab[i].float()
+                x0 = (x - (1 - ab).sqrt() * out[..., :2]) / ab.sqrt()
+                dirn = ((x0 - x)[e] * sweep.scale[n]).cpu()
+                ax = axes[r, c]
+                ax.quiver(grid[:, 0], grid[:, 1], dirn[:, 0], dirn[:, 1], angles="xy")
+                ax.scatter(*sweep.centres[n].T, c="r", s=8)
+                ax.set(title=f"{v}{' (k = centre mode)' if v != 'uncond' else ''}, t = {diff.timesteps[i].item()}",
+                       xticks=[], yticks=[])
+                ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "vector_field.png"), dpi=80)
+    plt.close(fig)
+
+
+#################################################################################
+#                                Entry points                                   #
+#################################################################################
+
+def run_sweep(cfg):
+    d = utils.setup_dist(cfg.device)
+    utils.seed_all(cfg.seed, d)
+    run_dir = os.path.join("runs", f"toy_gmm-{cfg.run}")
+    os.makedirs(run_dir, exist_ok=True)
+    utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+    log = utils.Logger(run_dir, d)
+    sweep = Sweep(cfg, d.device)
+    log(f"{len(sweep.members)} models ({', '.join(cfg.variants)}) x N = {cfg.modes}, width {cfg.width}, "
+        f"{cfg.steps} steps of {cfg.batch_size} on {d.device}")
+    t0 = time.time()
+    hist = train(sweep, Diffusion(cfg.T), log)
+    t_train = time.time() - t0
+    diff_s = Diffusion(cfg.T, cfg.sample_steps)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    samples = sample(sweep, diff_s, cfg.n_eval, gen)
+    results = {"train_seconds": t_train}
+    for n in cfg.modes:
+        std = cfg.std * cfg.spacing
+        ref, _ = sample_gmm(sweep.centres[n], std, cfg.n_eval, gen)       # the KDE's own bias: p vs p
+        results[str(n)] = {"baseline": metrics(ref, sweep.centres[n], std, gen)}
+        for v in cfg.variants:
+            results[str(n)][v] = metrics(samples[sweep.members.index((v, n))], sweep.centres[n], std, gen)
+            r = results[str(n)][v]
+            log(f"N={n:5d} {v:7s} KDE-KL {r['kde_kl']:.3f}+-{r['kde_kl_se']:.3f} (baseline "
+                f"{results[str(n)]['baseline']['kde_kl']:.3f}) | reverse KL {r['reverse_kl']:.3f} | "
+                f"off-mode {100 * r['off_mode']:.1f}% | coverage {100 * r['coverage']:.1f}%")
+    results["seconds"] = time.time() - t0
+    results["final_loss"] = {f"{v}-{n}": hist[-50:, e].mean().item() for e, (v, n) in enumerate(sweep.members)}
+    utils.save_json(results, os.path.join(run_dir, "results.json"))
+    figures(sweep, Diffusion(cfg.T), samples, results, run_dir)
+    log(f"done in {results['seconds']:.0f} s; results.json and figures in {run_dir}")
+    return results
+
+
+def bench(cfg):
+    """Matmul peak vs training throughput of one model and of the whole-sweep ensemble."""
+    d = utils.setup_dist(cfg.device)
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    peak = utils.matmul_peak_flops(d.device, dtype)
+    print(f"device {d.device}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype})")
+    diff = Diffusion(cfg.T)
+    for label, variants, modes in (("one model", ["oracle"], [cfg.modes[-1]]),
+                                   ("sweep ensemble", cfg.variants, cfg.modes)):
+        c = dataclasses.replace(cfg, variants=variants, modes=modes, steps=10 ** 9)
+        sweep = Sweep(c, d.device)
+        params = list(sweep.net.parameters()) + list(sweep.enc.parameters())
+        opt = torch.optim.Adam(params, lr=1e-4)
+        E = len(sweep.members)
+
+        def step():
+            x0, k = sweep.batch(c.batch_size)
+            i = torch.randint(len(diff), (E, c.batch_size), device=d.device)
+            eps = torch.randn_like(x0)
+            with torch.autocast(d.device.type, dtype=dtype, enabled=d.device.type == "cuda"):
+                out = sweep.net(diff.q_sample(x0, i, eps), diff.timesteps.to(d.device)[i], k, *sweep.soft_index(x0, 1.0))
+            ls, lv = diff.loss(out.float(), x0, diff.q_sample(x0, i, eps), i, eps)
+            opt.zero_grad()
+            (ls + c.vlb_weight * lv).mean(1).sum().backward()
+            opt.step()
+        for _ in range(3):
+            step()
+        utils.sync(d.device)
+        t, n = time.time(), 20
+        for _ in range(n):
+            step()
+        utils.sync(d.device)
+        dt = (time.time() - t) / n
+        flops = 3 * sweep.net.flops_per_sample() * E * c.batch_size / dt   # forward + backward = 3x
+        print(f"{label:15s}: {E:2d} models x batch {c.batch_size} | {1000 * dt:.0f} ms/step | "
+              f"{E * c.batch_size / dt:,.0f} samples/s | {flops / 1e9:.1f} GFLOP/s | MFU {100 * flops / peak:.0f}%"
+              f" | peak memory {utils.peak_memory_mb(d.device):.0f} MB")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = argv[0] if argv and not argv[0].startswith("--") else "train"
+    rest = argv[1:] if argv and not argv[0].startswith("--") else argv
+    cfg = utils.parse_config(Config, rest, PRESETS)
+    if cmd == "train":
+        run_sweep(cfg)
+    elif cmd == "bench":
+        bench(cfg)
+    else:
+        utils.fail(f"unknown sub-command {cmd!r}; use train or bench")
+
+
+if __name__ == "__main__":
+    main()
