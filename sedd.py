@@ -18,7 +18,7 @@ Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a sta
   python sedd.py sample --ckpt runs/sedd-toy --n 4000 --out runs/dlc-sedd   # tau-leaping + remasking
   python sedd.py bench                                                      # tokens/s, memory, MFU
   python sedd.py --preset imagenet512 --dlc DLC512 --run in512              # one GPU, paper model
-  torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --dlc DLC512 --batch_size 64   # no --run: see README
+  torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
   torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --count 50000 --out DLC512-gen
 """
 import dataclasses, math, os, sys, time

@@ -20,7 +20,7 @@ Commands:
   python sem.py probe --ckpt runs/sem-toy          # linear probe: trained vs random encoder
   python sem.py bench                              # img/s, peak memory, MFU
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
-  torchrun --nproc_per_node=8 sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
+  torchrun --nproc_per_node=8 sem.py --preset imagenet --run_name imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
 """
 import dataclasses, math, os, sys, time

@@ -49,7 +49,7 @@ class Config:
     T: int = 1000                    # diffusion steps in training
     sample_steps: int = 250          # respaced steps for ancestral sampling (T = no respacing)
     vlb_weight: float = 0.001        # lambda in L_simple + lambda * L_vlb (IDDPM)
-    steps: int = 3000                # optimiser steps (paper: 300M samples / 2048 = 146k)
+    steps: int = 2500                # optimiser steps (paper: 300M samples / 2048 = 146k)
     batch_size: int = 2048           # samples per step per model (paper: 2048)
     lr: float = 2e-3                 # Adam learning rate, cosine-decayed to 0
     warmup: int = 100                # linear warm-up steps
