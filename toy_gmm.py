@@ -47,13 +47,14 @@ class Config:
     std: float = 0.1                 # std of every mode (paper value unknown)
     width: int = 128                 # hidden width of the 4-layer MLP
     T: int = 1000                    # diffusion steps in training
-    sample_steps: int = 250          # respaced steps for ancestral sampling (T = no respacing)
+    sample_steps: int = 100          # respaced steps for ancestral sampling (T = no respacing)
     vlb_weight: float = 0.001        # lambda in L_simple + lambda * L_vlb (IDDPM)
     steps: int = 2500                # optimiser steps (paper: 300M samples / 2048 = 146k)
     batch_size: int = 2048           # samples per step per model (paper: 2048)
     lr: float = 2e-3                 # Adam learning rate, cosine-decayed to 0
     warmup: int = 100                # linear warm-up steps
     gumbel_tau: float = 1.0          # DisCo-Diff Gumbel-softmax temperature, annealed to tau/10
+    pool: int = 1 << 19              # training samples drawn once per model (524,288), reused
     n_eval: int = 10000              # samples per model for the metrics
     seed: int = 0                    # global seed
     device: str = "auto"             # auto | cpu | cuda | mps
@@ -61,7 +62,8 @@ class Config:
 
 
 PRESETS = {"toy": {},
-           "paper": {"steps": 146_484, "batch_size": 2048, "width": 256, "lr": 1e-3}}
+           "paper": {"steps": 146_484, "batch_size": 2048, "width": 256, "lr": 1e-3, "pool": 1 << 24,
+                     "sample_steps": 250}}
 
 
 #################################################################################
@@ -283,14 +285,25 @@ class Sweep:
         self.scale_of = torch.tensor([self.scale[n] for _, n in self.members])[:, None, None]
         self.gmm_members = [e for e, (v, _) in enumerate(self.members) if v == "gmm"]
 
-    def batch(self, B):
-        """Fresh training samples for every member: x0 scaled (E, B, 2) and index k (E, B)."""
+    def batch(self, B, gen=None):
+        """Fresh samples for every member: x0 scaled (E, B, 2) and index k (E, B); the GMM
+        members' index is the fitted GMM's argmax posterior."""
         E = len(self.members)
-        k = (torch.rand(E, B, generator=self.gen) * self.n_of).long()                 # oracle index
-        x = self.padded[torch.arange(E)[:, None], k] + self.std * torch.randn(E, B, 2, generator=self.gen)
+        gen = gen or self.gen
+        k = (torch.rand(E, B, generator=gen) * self.n_of).long()                      # oracle index
+        x = self.padded[torch.arange(E)[:, None], k] + self.std * torch.randn(E, B, 2, generator=gen)
         for e in self.gmm_members:                                                    # GMM index
-            k[e] = gmm_predict(x[e], *self.gmm[self.members[e][1]])
+            k[e] = torch.cat([gmm_predict(c, *self.gmm[self.members[e][1]]) for c in x[e].split(65536)])
         return (x / self.scale_of).to(self.device), k.to(self.device)
+
+    def make_pool(self, size):
+        """Draw `size` training samples per member once, so a training step only gathers rows
+        (drawing and GMM-indexing fresh samples every step cost more than the MLP itself)."""
+        self.pool_x, self.pool_k = self.batch(size)
+
+    def pool_batch(self, B):
+        rows = torch.randint(self.pool_x.shape[1], (len(self.members), B), generator=self.gen).to(self.device)
+        return self.pool_x.gather(1, rows[..., None].expand(-1, -1, 2)), self.pool_k.gather(1, rows)
 
     def soft_index(self, x0, tau):
         """DisCo-Diff: Gumbel-softmax samples (Ed, B, K) of the encoder's q(k | x0), restricted
@@ -300,7 +313,10 @@ class Sweep:
         logits = self.enc(x0[self.disco])                                 # (Ed, B, K)
         too_big = torch.arange(self.K, device=x0.device) >= torch.tensor(
             [self.members[e][1] for e in self.disco], device=x0.device)[:, None, None]
-        soft = F.gumbel_softmax(logits.masked_fill(too_big, -1e9), tau=tau, dim=-1)
+        # Gumbel-softmax written out: -log(-log U) is several times faster on a CPU than the
+        # exponential draws of F.gumbel_softmax, which cost more than the whole MLP here
+        u = torch.rand(logits.shape, generator=self.gen).to(logits.device).clamp_(1e-20, 1)
+        soft = F.softmax((logits.masked_fill(too_big, -1e9) - torch.log(-torch.log(u))) / tau, dim=-1)
         return soft, torch.tensor(self.disco, device=x0.device)
 
 
@@ -317,10 +333,11 @@ def train(sweep, diff, log=print):
     params = list(sweep.net.parameters()) + list(sweep.enc.parameters())
     opt = torch.optim.Adam(params, lr=cfg.lr)
     E, hist, t0 = len(sweep.members), [], time.time()
+    sweep.make_pool(min(cfg.steps * cfg.batch_size, cfg.pool))
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
-        x0, k = sweep.batch(cfg.batch_size)
+        x0, k = sweep.pool_batch(cfg.batch_size)
         i = torch.randint(len(diff), (E, cfg.batch_size), device=dev)
         eps = torch.randn_like(x0)
         xt = diff.q_sample(x0, i, eps)
@@ -538,8 +555,10 @@ def bench(cfg):
         opt = torch.optim.Adam(params, lr=1e-4)
         E = len(sweep.members)
 
+        sweep.make_pool(1 << 16)
+
         def step():
-            x0, k = sweep.batch(c.batch_size)
+            x0, k = sweep.pool_batch(c.batch_size)
             i = torch.randint(len(diff), (E, c.batch_size), device=d.device)
             eps = torch.randn_like(x0)
             with torch.autocast(d.device.type, dtype=dtype, enabled=d.device.type == "cuda"):
