@@ -23,7 +23,9 @@ Commands
     python dit.py train --cond none --run uncond
     python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
     python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 \
-        --emb_ckpt runs/dit-emb --out compose.npz
+        --emb_ckpt runs/dit-emb --out compose.npz     # + compose_embavg.npz (embedding averages)
+    python dit.py embgen --dlc runs/dlc-shapes --n 500 --out emb_gen.npy   # generated-embedding baseline
+    python dit.py sample --ckpt runs/dit-emb --embeddings emb_gen.npy --n 500 --out emb_gen.npz
     python dit.py bench
   one GPU, ImageNet 256 (SD-VAE latents extracted once, then DiT-XL/2):
     python dit.py extract --preset imagenet --data_path /data/imagenet/train --vae /models/sd-vae-ft-ema \
@@ -89,6 +91,8 @@ class Config:
     out: str = "samples.npz"        # samples file (arr_0 uint8 [N, H, W, C]) + a PNG grid next to it
     n: int = 64                     # number of samples
     start: int = 0                  # first row of the DLC set used for sampling
+    embeddings: str = ""            # `embedding` models: a .npy of embeddings (from `embgen`) instead of --dlc's
+    gmm_components: int = 32        # embgen: Gaussian-mixture components
     labels: list[int] = field(default_factory=list)  # labels to sample (cycled); empty = 0..classes-1
     # composition (Sec. 5.2)
     pairs: str = "0:1,2:3"          # source DLC rows "a:b,c:d"
@@ -606,7 +610,7 @@ def train(cfg):
         load_official(model, utils.load_checkpoint(cfg.init_from))
     ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
     ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     step, log = 0, utils.Logger(run_dir, d)
     ck = utils.latest_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else None
     if cfg.resume and ck is None:
@@ -722,6 +726,13 @@ def vae_decoder(cfg, device):
 def sample_conditions(cfg, model, n):
     """The n conditions to sample from: rows start..start+n of a DLC set (codes or
     embeddings), labels (cycled), or None."""
+    if model.cond == "embedding" and cfg.embeddings:                      # generated embeddings (embgen)
+        if not os.path.isfile(cfg.embeddings):
+            utils.fail(f"--embeddings {cfg.embeddings} does not exist; write it with `dit.py embgen`")
+        y = torch.from_numpy(np.load(cfg.embeddings).astype(np.float32))
+        if y.ndim != 2 or len(y) < cfg.start + n:
+            utils.fail(f"--embeddings {cfg.embeddings} has shape {tuple(y.shape)}; need at least {cfg.start + n} rows")
+        return y[cfg.start:cfg.start + n]
     if model.cond in ("dlc", "embedding"):
         c = dataclasses.replace(cfg, cond=model.cond)
         L = model.sem_embedder.L if model.cond == "dlc" else None
@@ -806,7 +817,7 @@ def compose(cfg):
     shape, k = (model.in_channels, size, size), cfg.n_per_pair
     diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    rows, comps, all_imgs = [], [], []
+    rows, comps, all_imgs, avg_imgs = [], [], [], []
     for j, (a, b) in enumerate(pairs):
         mixed = compose_codes(codes[a], codes[b], k, cfg.mix_p, gen)       # (k, L)
         seeds = [cfg.seed * 10_000_019 + j * 1000 + i for i in range(k)]
@@ -816,11 +827,16 @@ def compose(cfg):
         rows += [src_a, src_b, out]
         if emb_model is not None:                                          # baseline: average the embeddings
             rows.append(run(emb_model, ((embs[a] + embs[b]) / 2)[None].repeat(k, 1)))
+            avg_imgs.append(rows[-1])
         comps.append(mixed.numpy()); all_imgs.append(out)
     with utils.atomic_path(cfg.out) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, arr_0=np.concatenate(all_imgs), codes=np.concatenate(comps).astype(np.uint16),
                      pairs=np.array(pairs), sources=np.stack([codes[p].numpy() for p in np.array(pairs).ravel()]).astype(np.uint16))
+    if avg_imgs:                                                           # the baseline's images, same pairs
+        with utils.atomic_path(os.path.splitext(cfg.out)[0] + "_embavg.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs))
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
@@ -864,6 +880,25 @@ def extract(cfg):
                          "scale": 0.18215, "flip": "index 1 = horizontal flip"}, os.path.join(tmp, "meta.json"))
 
 
+def embgen(cfg):
+    """Generated continuous embeddings, the "embedding (generated)" baseline of Table 3. RCG
+    trains a diffusion model on the representations; here a much simpler generator stands in:
+    a Gaussian mixture (scikit-learn, full covariances) fitted to the encoded embeddings of
+    --dlc, from which --n draws go to --out (float16 [n, D] .npy) for `sample --embeddings`."""
+    from sklearn.mixture import GaussianMixture
+    if not cfg.out.endswith(".npy"):
+        utils.fail(f"--out {cfg.out!r} must be a .npy file for embgen")
+    e, _ = load_conditions(dataclasses.replace(cfg, cond="embedding"))
+    gm = GaussianMixture(min(cfg.gmm_components, len(e)), covariance_type="full", reg_covar=1e-4,
+                         random_state=cfg.seed).fit(e.numpy().astype(np.float64))
+    draws = gm.sample(cfg.n)[0][np.random.RandomState(cfg.seed).permutation(cfg.n)]  # sample() groups by component
+    with utils.atomic_path(cfg.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, draws.astype(np.float16))
+    print(f"wrote {cfg.n} embeddings drawn from a {gm.n_components}-component Gaussian mixture to {cfg.out} "
+          f"(train log-likelihood {gm.score(e.numpy()):.1f} per embedding)")
+
+
 def dit_flops_per_image(m, tokens):
     """Forward FLOPs: 2 x multiply-adds of the linears (12 D^2 per token per block) plus the
     attention scores and mixing (2 T D per token per block)."""
@@ -879,7 +914,7 @@ def bench(cfg):
     model = DiT(cfg.model, size, in_ch, "dlc", L=32, V=64, grad_ckpt=cfg.grad_ckpt).to(d.device)
     net = torch.compile(model) if cfg.compile else model
     diffusion = GaussianDiffusion.linear(cfg.diffusion_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     B, use_bf16 = cfg.batch_size, cfg.bf16 and d.device.type == "cuda"
     x = torch.randn(B, in_ch, size, size, device=d.device)
     y = torch.randint(0, 64, (B, 32), device=d.device)
@@ -900,11 +935,13 @@ def bench(cfg):
     mfu = 3 * dit_flops_per_image(model, tokens) * train_ips / peak
     model.eval()
     diff_s = diffusion.respace(cfg.sample_steps)
-    k = 5
-    t0 = time.perf_counter()
+    k, tt = 5, torch.full((B,), 500, device=d.device)
     with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels)            # warm-up (kernel choice)
+        utils.sync(d.device)
+        t0 = time.perf_counter()
         for i in range(k):                                                 # k chain steps with CFG
-            model.forward_with_cfg(x, torch.full((B,), 500, device=d.device), y, 1.5, cfg.cfg_channels)
+            model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels)
     utils.sync(d.device)
     sample_ips = B / ((time.perf_counter() - t0) / k * cfg.sample_steps)
     utils.print0(f"bench {cfg.model} {in_ch}x{size}x{size} batch {B} on {d.device}: train {train_ips:.1f} img/s, "
@@ -918,7 +955,8 @@ def main(argv=None):
     cmd = "train"
     if argv and not argv[0].startswith("--"):
         cmd, argv = argv[0], argv[1:]
-    commands = {"train": train, "sample": sample, "compose": compose, "extract": extract, "bench": bench}
+    commands = {"train": train, "sample": sample, "compose": compose, "embgen": embgen, "extract": extract,
+                "bench": bench}
     if cmd not in commands:
         utils.fail(f"unknown command {cmd!r}; use {', '.join(commands)}")
     cfg = utils.parse_config(Config, argv, PRESETS)

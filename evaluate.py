@@ -210,7 +210,7 @@ def resize_bilinear_tf1(x, size=299):
     coordinate = dst * in / out (no half-pixel offset, unlike F.interpolate). torch-fidelity
     documents the same fact; the two filters move FID by a few tenths."""
     def coords(n_in):
-        src = torch.arange(size, dtype=torch.float64) * (n_in / size)
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
         i0 = src.floor().long().clamp(max=n_in - 1)
         return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).to(x.dtype)
     y0, y1, wy = coords(x.shape[2])
@@ -412,8 +412,10 @@ def judge_outputs(model, images_uint8, data, batch_size=500):
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
     if x.shape[1] != want[0]:
         x = x.mean(1, keepdim=True) if want[0] == 1 else x.expand(-1, 3, -1, -1)
+    if x.shape[2] == x.shape[3] and x.shape[2] < want[1] and want[1] % x.shape[2] == 0:
+        x = F.interpolate(x, size=(want[1], want[1]), mode="bilinear", align_corners=False)  # e.g. 16 px DiT samples
     if x.shape[2:] != (want[1], want[1]):
-        utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images, got {tuple(x.shape[2:])}")
+        utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images (or a divisor of {want[1]}), got {tuple(x.shape[2:])}")
     feats, preds = [], []
     for i in range(0, len(x), batch_size):
         f, logits = model(x[i:i + batch_size])
@@ -492,12 +494,15 @@ def cmd_judge(cfg, device):
     model, acc = load_or_train_judge(cfg)
     f_s, pred = judge_outputs(model, smp, cfg.data)
     real = utils.load_embedded(cfg.data) if cfg.data == "digits" else utils.load_embedded("shapes")
-    f_r, _ = judge_outputs(model, to_uint8(real["images"]), cfg.data)   # the model's training data
+    x_r = real["images"]
+    if smp.shape[1] < x_r.shape[-1]:   # low-resolution samples: the real images take the same path
+        x_r = F.interpolate(x_r, size=smp.shape[1:3], mode="area")         # (area down, as dit.py trains)
+    f_r, _ = judge_outputs(model, to_uint8(x_r), cfg.data)                # the model's training data
     low = len(f_s) <= f_s.shape[1]
     m = {"judge_fid": frechet_distance(*gaussian_stats(f_s, cfg.allow_low_rank, "judge features (sample)"),
                                        *gaussian_stats(f_r, cfg.allow_low_rank, "judge features (real)")),
          "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(low),
-         "judge_heldout_acc": float(min(acc)), "samples": cfg.samples}
+         "judge_heldout_acc": float(min(acc)), "resolution": int(smp.shape[1]), "samples": cfg.samples}
     npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
     target = np.load(cfg.target_attrs) if cfg.target_attrs else next(
         (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)

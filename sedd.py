@@ -398,7 +398,8 @@ def train(cfg):
     model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
     ema = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())  # EMA starts as a copy and stays in eval mode
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=d.device.type == "cuda")
     start = 0
     if ck is not None:
         model.load_state_dict(ck["model"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
@@ -517,7 +518,7 @@ def bench(cfg):
     L, V = cfg.L or 16, cfg.V or 32
     model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
     net = torch.compile(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=d.device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
     def it():

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ class Config:
     steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
     batch_size: int = 32          # images per process (paper: 64 per GPU)
     compile: bool = False         # torch.compile the student backbone
+    grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
     data: str = "shapes"          # digits | shapes | ImageFolder path | img2dataset folder
     n: int = 4000                 # images of the embedded shapes data
     size: int = 32                # global crop / encoding resolution (paper: 224)
@@ -106,7 +108,7 @@ PRESETS = {
                      local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05,
                      hue=0.1, grayscale_p=0.2, solarize_p=0.2, blur_p=0.5,
                      teacher_temp_steps=37_500, lr=1e-4, warmup=12_500, freeze_last=1250,
-                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True),
+                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True, grad_ckpt=True),
 }
 # name: (width, depth, heads, ffn); DINOv2 hub models (dinov2/hub/backbones.py)
 ARCHS = {"toy": (64, 4, 4, "mlp"), "vit_s": (384, 12, 6, "mlp"), "vit_b": (768, 12, 12, "mlp"),
@@ -248,8 +250,9 @@ class SEMViT(nn.Module):
         R = self.cfg.registers
         if R:  # registers go after CLS and get no position (DINOv2 reg models)
             t = torch.cat([t[:, :1], self.register_tokens.expand(B, -1, -1), t[:, 1:]], 1)  # (B, 1+R+N, D)
-        for blk in self.blocks:
-            t = blk(t)
+        for blk in self.blocks:  # activation checkpointing recomputes each block in backward
+            ckpt = self.cfg.grad_ckpt and self.training and torch.is_grad_enabled()
+            t = torch.utils.checkpoint.checkpoint(blk, t, use_reentrant=False) if ckpt else blk(t)
         normed = self.norm(t)
         probs, cls = self.sem(t[:, :1 + R], self.cfg.tau if tau is None else tau)
         return {"cls": self.norm(cls), "probs": probs, "patch": normed[:, 1 + R:],
@@ -551,7 +554,8 @@ def train(cfg):
     teacher.eval().requires_grad_(False)
     K = cfg.prototypes
     centers = {"cls": torch.zeros(1, K, device=d.device), "patch": torch.zeros(1, K, device=d.device)}
-    opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
+                            fused=d.device.type == "cuda")
     start = 0
     ck_path = utils.latest_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else None
     if ck_path:
@@ -740,7 +744,7 @@ def bench(cfg):
     images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))
     student, teacher = Student(cfg).to(d.device), Student(cfg).to(d.device).eval().requires_grad_(False)
     centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
     data = MultiCropSteps(images, cfg, 0, 1)
     batches = [data[i] for i in range(cfg.steps)]
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
@@ -759,7 +763,8 @@ def bench(cfg):
     utils.sync(d.device)
     dt = (time.perf_counter() - t) / (cfg.steps - 2)
     print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
-          f"(step {train_flops / 1e9:.1f} GFLOP, peak {peak / 1e12:.2f} TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
+          f"(step {train_flops / 1e9:.1f} GFLOP{' incl. recompute' if cfg.grad_ckpt else ''}, peak {peak / 1e12:.2f} "
+          f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
     enc = student.backbone.eval()
     x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")

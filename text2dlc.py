@@ -81,7 +81,8 @@ PRESETS = {
 class SampleConfig:
     ckpt: str = ""                # checkpoint .pt or run folder
     prompt: str = ""              # caption to condition on
-    n: int = 16                   # number of DLCs to draw
+    prompts_file: str = ""        # or a text file of captions, one per line (n DLCs for each)
+    n: int = 16                   # number of DLCs to draw (per prompt)
     out: str = ""                 # output DLC set folder
     steps: int = 0                # unmasking steps (0: L, one token per step)
     temperature: float = 1.0      # Gumbel temperature (0: argmax)
@@ -540,8 +541,11 @@ def load_for_sampling(ckpt_path, device, model_path=""):
 
 def sample_cmd(argv):
     s = utils.parse_config(SampleConfig, argv)
-    if not s.ckpt or not s.out or not s.prompt:
-        utils.fail("sample needs --ckpt PATH --prompt TEXT --out DIR")
+    if s.prompts_file and not os.path.isfile(s.prompts_file):
+        utils.fail(f"--prompts_file {s.prompts_file} does not exist")
+    prompts = [p.strip() for p in open(s.prompts_file) if p.strip()] if s.prompts_file else [s.prompt] * bool(s.prompt)
+    if not s.ckpt or not s.out or not prompts:
+        utils.fail("sample needs --ckpt PATH --prompt TEXT (or --prompts_file FILE) --out DIR")
     d = utils.setup_dist(s.device)
     be, state = load_for_sampling(s.ckpt, d.device, s.model_path)
     L, V = state["L"], state["V"]
@@ -552,19 +556,27 @@ def sample_cmd(argv):
     if d.device.type == "cuda" and state["config"]["model"] == "llada":
         model.to(torch.bfloat16)
     g = torch.Generator(d.device).manual_seed(s.seed)
-    prompt = be.encode([s.prompt]).to(d.device)
-    out = []
-    for i in range(0, s.n, s.batch_size):
-        b = min(s.batch_size, s.n - i)
-        out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
-                              be.start_id, be.mask_id, steps, s.temperature, s.cfg, g).cpu())
+    out, captions = [], []
+    for text in prompts:                                                   # n DLCs per prompt, in order
+        prompt = be.encode([text]).to(d.device)
+        for i in range(0, s.n, s.batch_size):
+            b = min(s.batch_size, s.n - i)
+            out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
+                                  be.start_id, be.mask_id, steps, s.temperature, s.cfg, g).cpu())
+        captions += [text] * s.n
     codes = torch.cat(out).numpy()
-    meta = {"L": L, "V": V, "prompt": s.prompt, "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt)),
+    attrs = [parse_attrs(c) for c in captions]                             # (colour, shape, background)
+    names, extra = list(utils.COLOURS), None
+    if all(a and a[1] in utils.SHAPES and a[0] in names and a[2] in names for a in attrs):
+        extra = {"attrs.npy": np.array([(utils.SHAPES.index(sh), names.index(c), names.index(b))   # targets for
+                                        for c, sh, b in attrs], dtype=np.int64)}                    # evaluate judge
+    meta = {"L": L, "V": V, "prompt": prompts[0] if len(prompts) == 1 else prompts,
+            "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt)),
             "command": "text2dlc.py sample " + " ".join(argv), "data": state.get("data"), "source_dlc": state.get("dlc"),
             "sampler": {"steps": steps, "temperature": s.temperature, "cfg": s.cfg, "seed": s.seed,
                         "remasking": "low_confidence", "schedule": "linear"}}
-    utils.save_dlc_set(s.out, codes, meta, captions=[s.prompt] * len(codes))
-    print(f"wrote {len(codes)} DLCs for {s.prompt!r} to {s.out}")
+    utils.save_dlc_set(s.out, codes, meta, captions=captions, extra=extra)
+    print(f"wrote {len(codes)} DLCs for {len(prompts)} prompt(s) to {s.out}")
 
 
 def parse_attrs(text):
@@ -586,21 +598,21 @@ def probe_cmd(argv):
     p = utils.parse_config(ProbeConfig, argv)
     gen = utils.load_dlc_set(p.dlc)
     ref_codes, ref_caps, _ = load_captioned(p.ref, V=gen["meta"]["V"])
-    want = parse_attrs(gen["meta"].get("prompt", ""))
-    ref_attrs = [parse_attrs(c) for c in ref_caps]
-    if want is None or None in ref_attrs:
+    wants = [parse_attrs(c) for c in gen.get("captions") or [gen["meta"].get("prompt", "")] * len(gen["codes"])]
+    ref_attrs = [parse_attrs(c) for c in ref_caps]                        # (colour, shape, background)
+    if None in wants or None in ref_attrs:
         utils.fail("probe needs shapes-style captions ('a red square on a green background')")
     gc = torch.from_numpy(np.asarray(gen["codes"]).astype(np.int64))
     dist = (gc[:, None, :] != ref_codes[None]).sum(-1)                    # (Ng, Nr) Hamming
     nn_idx = dist.topk(p.k, largest=False).indices                        # (Ng, k)
     per, allm = [0, 0, 0], 0
-    for row in nn_idx.tolist():
+    for row, want in zip(nn_idx.tolist(), wants):
         got = [max(set(v), key=v.count) for v in zip(*[ref_attrs[j] for j in row])]
         per = [a + (g == w) for a, g, w in zip(per, got, want)]
         allm += tuple(got) == want
     n = len(gc)
     res = {"prompt": gen["meta"]["prompt"], "n": n, "all_match": allm / n,
-           "shape": per[0] / n, "colour": per[1] / n, "background": per[2] / n}
+           "colour": per[0] / n, "shape": per[1] / n, "background": per[2] / n}
     print(json.dumps(res))
     return res
 

@@ -225,7 +225,7 @@ class EnsembleMLP(nn.Module):
         used through a matmul with their table so that gradients reach the encoder."""
         emb = self.index_table[torch.arange(len(x), device=x.device)[:, None], k]   # (E, B, W)
         if soft is not None:
-            emb = emb.index_copy(0, soft_members, torch.bmm(soft, self.index_table[soft_members]))
+            emb = emb.index_copy(0, soft_members, torch.bmm(soft, self.index_table[soft_members]).to(emb.dtype))
         h = self.l1(x) + self.temb(timestep_embedding(t)) + emb * self.cond_mask
         h = self.l3(F.silu(self.l2(F.silu(h))))
         return self.l4(F.silu(h))                             # (E, B, 4)
