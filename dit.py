@@ -55,7 +55,7 @@ class Config:
     resume: bool = False            # continue from the newest checkpoint of the run folder
     seed: int = 0                   # base seed (noise, timesteps, batches, CFG drops)
     device: str = "auto"            # auto | cpu | cuda | mps
-    steps: int = 400                # optimiser steps (paper: 800 epochs of ImageNet, about 4M steps at 256)
+    steps: int = 2000               # optimiser steps (paper: 800 epochs of ImageNet, about 4M steps at 256)
     batch_size: int = 64            # per process (paper: 256 global)
     compile: bool = False           # torch.compile the model (the authors compile)
     # model and conditioning
@@ -69,7 +69,7 @@ class Config:
     drop_prob: float = 0.1          # probability of replacing the condition by the null / drop token
     init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
     # optimisation
-    lr: float = 1e-3                # AdamW learning rate (paper / DiT: 1e-4; a tiny toy model takes 1e-3)
+    lr: float = 2e-3                # AdamW learning rate (paper / DiT: 1e-4; the toy: 2e-3, see README)
     ema: float = 0.995              # EMA decay (paper: 0.9999; far too slow for a few hundred toy steps)
     grad_ckpt: bool = False         # gradient checkpointing through the blocks
     bf16: bool = True               # bf16 autocast on CUDA (CPU trains in fp32; the authors use fp16)
@@ -650,7 +650,10 @@ def train(cfg):
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         opt.step()
-        utils.ema_update(ema, model, cfg.ema)
+        # EMA with a warm-up, min(decay, (1 + step) / (10 + step)): the EMA of the first hundreds of
+        # steps would otherwise keep a large share of the zero-output init, whose samples stay noise
+        # (measured on the toy: 100 steps at 0.995 gave pure noise, the raw weights gave shapes)
+        utils.ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             stats = torch.stack([loss.detach(), mse.mean().detach(), vb.mean().detach()]).float()
@@ -718,7 +721,7 @@ def vae_decoder(cfg, device):
     try:
         from diffusers.models import AutoencoderKL
     except ImportError:
-        utils.fail("the VAE needs diffusers: pip install diffusers")
+        utils.fail("the VAE needs diffusers: pip install -r requirements.txt (diffusers>=0.30,<0.36)")
     vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval()
     return vae, (lambda z: vae.decode(z / 0.18215).sample)
 
@@ -865,7 +868,7 @@ def extract(cfg):
     with utils.atomic_path(cfg.latents) as tmp:
         os.makedirs(tmp)
         mm = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (len(ds), 2, 4, h, h))
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=4)
+        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(4, os.cpu_count() or 1))
         from tqdm import tqdm
         i = 0
         for xb, _ in tqdm(loader, desc="extract"):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (about 20 minutes on 2 cores)
+#   bash pipeline.sh              # the README's numbers (about 18 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
 # It is a plain chain of the scripts' own command lines; each step's files feed the next:
 #   toy_gmm (Sec. 3) | sem train -> encode (DLCs + embeddings) | sedd train -> sample (p(c))
@@ -13,8 +13,8 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM="--steps=1000 --n_eval=5000"         # the full sweep (python toy_gmm.py) is 2500 steps
-  NDATA=4000; SEM="--steps 100"; SEDD="--steps 800"; DIT="--steps 400"; T2D="--steps 400"
-  NS=500; STEPS=50; NPAIRS=16; K=8; NP=32; JUDGE="--judge_steps 400"
+  NDATA=4000; SEM="--steps 100"; SEDD="--steps 800"; DIT="--steps 2000"; T2D="--steps 400"
+  NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE="--judge_steps 400"
 elif [ "$SCALE" = tiny ]; then
   GMM="--modes=4 --steps=20 --batch_size=128 --width=16 --n_eval=300 --sample_steps=5"
   NDATA=200; SEM="--steps 2 --batch_size 8 --local_crops 1 --prototypes 32 --head_hidden 32 --head_bottleneck 16
@@ -40,10 +40,19 @@ $PY "$D/evaluate.py" probe --dlc "$OUT/dlc" --out "$OUT/eval/probe"
 stage "3. SEDD over the DLCs, then generated DLCs"
 $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline $SEDD
 $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd"
+$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0"   # no remasking
 
 stage "4. DiT with each conditioning (same size, same budget), generated embeddings for the baseline"
-for c in dlc label embedding none; do
-  $PY "$D/dit.py" train --cond $c --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$c $DIT
+# two trainings at a time, one thread each (faster than one after the other with two threads)
+for pair in "dlc label" "embedding none"; do
+  pids=()
+  for c in $pair; do
+    OMP_NUM_THREADS=1 $PY "$D/dit.py" train --cond $c --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$c $DIT \
+      > "$OUT/dit-$c.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p" || { tail -qn 1 "$OUT"/dit-*.log >&2; echo "error: a DiT training failed (logs: $OUT/dit-*.log)" >&2; exit 1; }; done
+  tail -n 2 "$OUT"/dit-*.log
 done
 $PY "$D/dit.py" embgen --dlc "$OUT/dlc" --n $NS --out "$OUT/emb-gen.npy"
 
@@ -110,9 +119,11 @@ for split in seen heldout; do
 done
 
 stage "8. Results tables"
-$PY - "$OUT" $((SECONDS - t0)) "$SCALE" <<'EOF'
+$PY - "$OUT" $((SECONDS - t0)) "$SCALE" "$D" <<'EOF'
 import json, os, sys
 out, secs, scale = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.path.insert(0, sys.argv[4])
+import numpy as np, sedd, utils
 m = lambda n: json.load(open(f"{out}/eval/{n}/metrics.json"))
 g = json.load(open("runs/toy_gmm-pipeline/results.json"))
 f = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
@@ -145,8 +156,67 @@ L += ["", "## 5. Linear probe (held-out accuracy) of the DLC (one-hot) vs the co
       "| attribute | DLC | embedding |", "|---|---|---|"]
 for a in ("shape", "colour", "background"):
     L.append(f"| {a} | {p[f'probe_dlc_{a}']:.3f} | {p[f'probe_embedding_{a}']:.3f} |")
+ref = np.asarray(utils.load_dlc_set(f"{out}/dlc")["codes"], dtype=np.int64)
+V = json.load(open(f"{out}/dlc/meta.json"))["V"]
+L += ["", "## 6. SEDD: total variation between generated DLCs and the encoded set (lower is better)", "",
+      "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
+for n, lab in (("dlc-sedd", "SEDD, remasking eta = 0.01 (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
+    t = json.load(open(f"{out}/{n}/meta.json"))["tv"]
+    L.append(f"| {lab} | {len(np.load(f'{out}/{n}/codes.npy'))} | {t['marginal']:.4f} | {t['pairs']:.4f} |")
+sub = ref[np.random.RandomState(0).choice(len(ref), len(np.load(f"{out}/dlc-sedd/codes.npy")), replace=False)]
+L.append(f"| encoded codes themselves (random subset: the sampling-noise floor) | {len(sub)} | "
+         f"{sedd.tv_marginals(ref, sub, V):.4f} | {sedd.tv_pairs(ref, sub, V):.4f} |")
 L += ["", f"Judge held-out accuracy (worst attribute): {m('real-16px')['judge_heldout_acc']:.3f}"]
 open(f"{out}/results.md", "w").write("\n".join(L) + "\n")
 print("\n".join(L))
 EOF
-echo "done in $((SECONDS - t0)) s; tables in $OUT/results.md, sample grids in $OUT/s/*.png"
+# the README's figures: samples per conditioning, composition, text -> image
+$PY - "$OUT" "$D" <<'EOF'
+import sys; sys.path.insert(0, sys.argv[2])
+import numpy as np, matplotlib, torch.nn.functional as F, utils
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out = dest = sys.argv[1]
+def strip(ax, imgs, label):  # one row of images, gaps of 2 px, label on the left
+    h, w = imgs.shape[1:3]
+    row = np.full((h, len(imgs) * (w + 2) - 2, 3), 255, np.uint8)
+    for k, im in enumerate(imgs):
+        row[:, k * (w + 2):k * (w + 2) + w] = im
+    ax.imshow(row, interpolation="nearest"); ax.set_xticks([]); ax.set_yticks([])
+    ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    for s in ax.spines.values():
+        s.set_visible(False)
+def figure(rows, path, title, left=0.22):
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 0.62 * len(rows) + 0.5))
+    for ax, (imgs, label) in zip(np.atleast_1d(axes), rows):
+        strip(ax, imgs, label)
+    fig.suptitle(title, fontsize=10); fig.tight_layout(h_pad=0.2); fig.subplots_adjust(left=left)
+    fig.savefig(path, dpi=110); plt.close(fig)
+s = lambda n: np.load(f"{out}/s/{n}.npz")
+k = 12
+figure([(s(n)["arr_0"][:k], lab) for n, lab in (
+    ("real-16px", "training images"), ("dlc-encoded", "DLC (encoded)"), ("embedding-encoded", "embedding (encoded)"),
+    ("dlc-sedd", "DLC (SEDD)"), ("embedding-generated", "embedding (GMM)"), ("label", "label"),
+    ("unconditional", "unconditional"))],
+    f"{dest}/pipeline_samples.png", "DiT samples, 16 px (first three rows: same images / codes column by column)")
+c, e = s("compose"), s("compose_embavg")
+K = len(c["arr_0"]) // len(c["pairs"])
+real = utils.load_embedded("shapes", n=int(c["pairs"].max()) + 1)["images"]
+real = ((F.interpolate(real, size=c["arr_0"].shape[1], mode="area").clamp(-1, 1) + 1) * 127.5).round().byte()
+real = real.permute(0, 2, 3, 1).numpy()
+rows = []
+for j in range(min(3, len(c["pairs"]))):
+    src = np.concatenate([real[c["pairs"][j]], np.full((K - 2, *real.shape[1:]), 255, np.uint8)])
+    rows += [(src, f"pair {j}: sources A, B"), (c["arr_0"][j * K:(j + 1) * K], f"pair {j}: DLC mix"),
+             (e["arr_0"][j * K:(j + 1) * K], "embedding avg")]
+figure(rows, f"{dest}/pipeline_compose.png", "Composition of two source images: DLC token mixing vs averaged embeddings")
+rows = []
+for split in ("seen", "heldout"):
+    t, prompts = s(f"text-{split}"), open(f"{out}/prompts-{split}.txt").read().split("\n")[:-1]
+    per = len(t["arr_0"]) // len(prompts)
+    rows += [(t["arr_0"][i * per:i * per + 10], ("held out: " if split == "heldout" else "") + p.replace(" background", ""))
+             for i, p in enumerate(prompts)]
+figure(rows, f"{dest}/pipeline_text.png", "Text -> DLC (text2dlc.py) -> image (dit.py)", left=0.33)
+print(f"figures: {dest}/pipeline_{{samples,compose,text}}.png")
+EOF
+echo "done in $((SECONDS - t0)) s; tables in $OUT/results.md, figures in $OUT/*.png, sample grids in $OUT/s/*.png"

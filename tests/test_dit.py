@@ -252,3 +252,50 @@ def test_bad_input(tmp_path, monkeypatch):
                     "--latents", "lat"], cwd=tmp_path, check=False)
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "--vae" in p.stderr
     assert not any(os.path.exists(f) for f in ["x.npz", "y.npz", "x.png", "lat"])
+
+
+def test_extract_and_latent_sampling_with_a_tiny_vae(tmp_path, monkeypatch):
+    """The paper path end to end on a randomly initialised diffusers AutoencoderKL of the SD-VAE's
+    layout (4 blocks: /8 downsampling, 4 latent channels), saved in the diffusers folder format:
+    extract writes scaled latents of the centre crop and of its flip, training reads them, and
+    sampling decodes through the VAE."""
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32).eval()
+    with torch.no_grad():  # posterior std ~ e^-15: the stored "sample" is then the mean, checkable exactly
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30.0
+    vae.save_pretrained("vae")
+    rng = np.random.RandomState(0)
+    raw = {}
+    for c in ("a", "b"):
+        os.makedirs(f"imgs/{c}")
+        for i in range(3):
+            raw[(c, i)] = rng.randint(0, 256, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(raw[(c, i)]).save(f"imgs/{c}/{i}.png")
+    dit.main(["extract", "--data_path", "imgs", "--vae", "vae", "--latents", "lat", "--image_size", "32",
+              "--batch_size", "4"])
+    lat = np.load("lat/latents.npy")
+    assert lat.shape == (6, 2, 4, 4, 4) and lat.dtype == np.float16
+    assert np.load("lat/labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    # the stored latent is 0.18215 x the VAE posterior (here its mean) of the ADM-style centre crop
+    # (index 0) and of its mirror image (index 1)
+    from torchvision import transforms
+    crop = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
+    x = crop(Image.fromarray(raw[("b", 1)]))[None] * 2 - 1
+    for f, im in enumerate((x, x.flip(-1))):
+        with torch.no_grad():
+            mean = vae.encode(im).latent_dist.mean[0]
+        z = torch.from_numpy(lat[4, f].astype(np.float32))
+        assert torch.allclose(z, 0.18215 * mean, rtol=2e-3, atol=2e-3), (f, (z - 0.18215 * mean).abs().max())
+    assert not np.allclose(lat[4, 0], lat[4, 1])
+    dit.main(["train", "--latents", "lat", "--cond", "label", "--model", "DiT-toy/2", "--steps", "2",
+              "--batch_size", "4", "--diffusion_steps", "100", "--ckpt_every", "2", "--run", "lat"])
+    dit.main(["sample", "--ckpt", "runs/dit-lat", "--vae", "vae", "--n", "3", "--sample_steps", "2",
+              "--diffusion_steps", "100", "--out", "s.npz"])
+    s = np.load("s.npz")
+    assert s["arr_0"].shape == (3, 32, 32, 3) and s["arr_0"].dtype == np.uint8 and s["labels"].tolist() == [0, 1, 0]
