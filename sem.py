@@ -82,7 +82,8 @@ class Config:
     ibot_weight: float = 1.0      # iBOT masked-patch loss weight
     koleo_weight: float = 0.1     # KoLeo weight
     mask_prob: float = 0.5        # fraction of global crops that get masked
-    mask_ratio: str = "0.1,0.5"   # masked-patch ratio range of a masked crop
+    mask_ratio: str = "0.1,0.5"   # masked-patch ratio range, spread over the masked crops
+    mask_mode: str = "random"     # "block" (DINOv2 / BEiT rectangles; imagenet preset) or "random" patches
     lr: float = 5e-3              # base lr, scaled by sqrt(global batch / 1024) (paper: 1e-4)
     min_lr: float = 1e-6          # cosine end
     warmup: int = 30              # lr warm-up steps (paper: 10 epochs = 12.5k)
@@ -108,7 +109,8 @@ PRESETS = {
                      local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05,
                      hue=0.1, grayscale_p=0.2, solarize_p=0.2, blur_p=0.5,
                      teacher_temp_steps=37_500, lr=1e-4, warmup=12_500, freeze_last=1250,
-                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True, grad_ckpt=True),
+                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True, grad_ckpt=True,
+                     mask_mode="block"),
 }
 # name: (width, depth, heads, ffn); DINOv2 hub models (dinov2/hub/backbones.py)
 ARCHS = {"toy": (64, 4, 4, "mlp"), "vit_s": (384, 12, 6, "mlp"), "vit_b": (768, 12, 12, "mlp"),
@@ -449,14 +451,54 @@ class MultiCropSteps(torch.utils.data.Dataset):
         imgs = [self.images[int(i)] for i in idx]
         g = torch.stack([torch.stack([self.g1(im) for im in imgs]), torch.stack([self.g2(im) for im in imgs])])  # (2, B, 3, S, S)
         loc = [torch.stack([self.loc(im) for im in imgs]) for _ in range(cfg.local_crops)]             # n x (B, 3, s, s)
-        N = (cfg.size // cfg.patch) ** 2
-        lo, hi = (float(v) for v in cfg.mask_ratio.split(","))
-        masks = torch.zeros(2 * B, N, dtype=torch.bool)
-        for r in range(2 * B):  # random patch masking (DINOv2 uses block masking)
-            if torch.rand(()) < cfg.mask_prob:
+        return g, loc, ibot_masks(2 * B, cfg.size // cfg.patch, cfg.mask_prob, cfg.mask_ratio, cfg.mask_mode)
+
+
+def ibot_masks(n, side, prob, ratio, mode="block"):
+    """DINOv2's collate (mode "block"): int(n * prob) of the n global crops get a block mask, their
+    target ratios spread evenly over the range (crop i draws from the i-th of n_masked equal
+    slices), at most half the patches in one block; the rows are then shuffled. Mode "random"
+    (the toy's, with which its README numbers were measured): each crop is masked with
+    probability prob, that many patches scattered uniformly. (n, side^2) bool."""
+    lo, hi = (float(v) for v in ratio.split(","))
+    N, k = side * side, int(n * prob)
+    masks = torch.zeros(n, N, dtype=torch.bool)
+    if mode == "random":
+        for r in range(n):
+            if torch.rand(()) < prob:
                 m = int(N * (lo + (hi - lo) * torch.rand(()).item()))
                 masks[r, torch.randperm(N)[:m]] = True
-        return g, loc, masks
+        return masks
+    edges = torch.linspace(lo, hi, k + 1)
+    for i in range(k):
+        target = int(N * (edges[i] + (edges[i + 1] - edges[i]) * torch.rand(())).item())
+        masks[i] = block_mask(side, side, target, max_patches=N // 2).flatten()
+    return masks[torch.randperm(n)]
+
+
+def block_mask(h, w, target, min_patches=4, max_patches=None, min_aspect=0.3):
+    """BEiT block masking (as DINOv2's MaskingGenerator): add rectangles of random area in
+    [min_patches, budget] and log-uniform aspect ratio in [min_aspect, 1 / min_aspect] at random
+    places until `target` patches are masked, or until 10 tries in a row add nothing."""
+    mask, count = torch.zeros(h, w, dtype=torch.bool), 0
+    log_a = math.log(min_aspect)
+    while count < target:
+        budget, added = min(target - count, max_patches or target), 0
+        for _ in range(10):
+            area = min_patches + (budget - min_patches) * torch.rand(()).item()
+            aspect = math.exp(log_a - 2 * log_a * torch.rand(()).item())
+            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if bh < h and bw < w:
+                top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
+                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+                if 0 < new <= budget:
+                    mask[top:top + bh, left:left + bw] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
 
 
 #################################################################################
@@ -540,6 +582,8 @@ def set_threads(cfg):
 
 
 def train(cfg):
+    if cfg.mask_mode not in ("block", "random"):
+        utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
     out, log = run_dir(cfg), utils.Logger(run_dir(cfg), d)

@@ -251,3 +251,28 @@ def test_bad_inputs(tmp_path):
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode != 0 and last.startswith("error:") and msg in last, p.stderr[-500:]
         assert not os.path.exists(out)
+
+
+def test_block_masks_are_blocks_with_dinov2_ratios():
+    """iBOT masks as DINOv2 draws them: half the global crops masked, target ratios spread over
+    [0.1, 0.5], each mask a union of rectangles, never more than the target."""
+    torch.manual_seed(0)
+    side, N = 16, 256
+    neigh_block, neigh_rand = [], []
+    for _ in range(50):
+        target = int(torch.randint(10, 128, ()))
+        m = sem.block_mask(side, side, target, max_patches=N // 2)
+        assert 0.7 * target <= m.sum() <= target
+        r = torch.zeros(N, dtype=torch.bool)
+        r[torch.randperm(N)[:int(m.sum())]] = True
+        for mask, out in ((m, neigh_block), (r.view(side, side), neigh_rand)):
+            pairs = (mask[1:] & mask[:-1]).sum() + (mask[:, 1:] & mask[:, :-1]).sum()   # masked 4-neighbour pairs
+            out.append(float(pairs) / float(mask.sum()))
+    # a block of a x b patches has about 2 masked neighbour pairs per patch; scattered patches far fewer
+    assert np.mean(neigh_block) > 1.5 and np.mean(neigh_rand) < 0.8
+    masks = sem.ibot_masks(64, side, 0.5, "0.1,0.5", "block")
+    counts = masks.sum(1).float()
+    assert masks.shape == (64, N) and int((counts > 0).sum()) == 32 and counts.max() <= 0.5 * N
+    assert abs(counts[counts > 0].mean() / N - 0.3) < 0.05                       # mean of U(0.1, 0.5)
+    scattered = sem.ibot_masks(64, side, 0.5, "0.1,0.5", "random")             # the toy's mode
+    assert 0 < int((scattered.sum(1) > 0).sum()) < 64 and scattered.sum(1).max() <= 0.5 * N
