@@ -67,11 +67,10 @@ $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-none $S --out "$OUT/s/unconditio
 # the training images themselves at the DiT's 16 px: the floor of judge-FID
 $PY - "$D" "$OUT" $NS <<'EOF'
 import sys; sys.path.insert(0, sys.argv[1])
-import numpy as np, torch.nn.functional as F, utils
+import numpy as np, dit, utils
 out, n = sys.argv[2], int(sys.argv[3])
 d = utils.load_embedded("shapes", n=n)
-x = ((F.interpolate(d["images"], size=16, mode="area").clamp(-1, 1) + 1) * 127.5).round().byte()
-np.savez(f"{out}/s/real-16px.npz", arr_0=x.permute(0, 2, 3, 1).numpy(), attrs=d["attrs"].numpy())
+np.savez(f"{out}/s/real-16px.npz", arr_0=dit.to_image(dit.resize(d["images"], 16)), attrs=d["attrs"].numpy())
 EOF
 for s in real-16px dlc-encoded embedding-encoded; do
   $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --target_attrs "$OUT/dlc/attrs.npy" --out "$OUT/eval/$s" $JUDGE
@@ -156,14 +155,15 @@ L += ["", "## 5. Linear probe (held-out accuracy) of the DLC (one-hot) vs the co
       "| attribute | DLC | embedding |", "|---|---|---|"]
 for a in ("shape", "colour", "background"):
     L.append(f"| {a} | {p[f'probe_dlc_{a}']:.3f} | {p[f'probe_embedding_{a}']:.3f} |")
-ref = np.asarray(utils.load_dlc_set(f"{out}/dlc")["codes"], dtype=np.int64)
-V = json.load(open(f"{out}/dlc/meta.json"))["V"]
+enc = utils.load_dlc_set(f"{out}/dlc")
+ref, V = np.asarray(enc["codes"], dtype=np.int64), enc["meta"]["V"]
 L += ["", "## 6. SEDD: total variation between generated DLCs and the encoded set (lower is better)", "",
       "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
 for n, lab in (("dlc-sedd", "SEDD, remasking eta = 0.01 (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
-    t = json.load(open(f"{out}/{n}/meta.json"))["tv"]
-    L.append(f"| {lab} | {len(np.load(f'{out}/{n}/codes.npy'))} | {t['marginal']:.4f} | {t['pairs']:.4f} |")
-sub = ref[np.random.RandomState(0).choice(len(ref), len(np.load(f"{out}/dlc-sedd/codes.npy")), replace=False)]
+    gen = utils.load_dlc_set(f"{out}/{n}")
+    t = gen["meta"]["tv"]
+    L.append(f"| {lab} | {len(gen['codes'])} | {t['marginal']:.4f} | {t['pairs']:.4f} |")
+sub = ref[np.random.RandomState(0).choice(len(ref), len(gen["codes"]), replace=False)]
 L.append(f"| encoded codes themselves (random subset: the sampling-noise floor) | {len(sub)} | "
          f"{sedd.tv_marginals(ref, sub, V):.4f} | {sedd.tv_pairs(ref, sub, V):.4f} |")
 L += ["", f"Judge held-out accuracy (worst attribute): {m('real-16px')['judge_heldout_acc']:.3f}"]
@@ -173,7 +173,7 @@ EOF
 # the README's figures: samples per conditioning, composition, text -> image
 $PY - "$OUT" "$D" <<'EOF'
 import sys; sys.path.insert(0, sys.argv[2])
-import numpy as np, matplotlib, torch.nn.functional as F, utils
+import numpy as np, matplotlib, dit, utils
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 out = dest = sys.argv[1]
@@ -201,9 +201,7 @@ figure([(s(n)["arr_0"][:k], lab) for n, lab in (
     f"{dest}/pipeline_samples.png", "DiT samples, 16 px (first three rows: same images / codes column by column)")
 c, e = s("compose"), s("compose_embavg")
 K = len(c["arr_0"]) // len(c["pairs"])
-real = utils.load_embedded("shapes", n=int(c["pairs"].max()) + 1)["images"]
-real = ((F.interpolate(real, size=c["arr_0"].shape[1], mode="area").clamp(-1, 1) + 1) * 127.5).round().byte()
-real = real.permute(0, 2, 3, 1).numpy()
+real = dit.to_image(dit.resize(utils.load_embedded("shapes", n=int(c["pairs"].max()) + 1)["images"], c["arr_0"].shape[1]))
 rows = []
 for j in range(min(3, len(c["pairs"]))):
     src = np.concatenate([real[c["pairs"][j]], np.full((K - 2, *real.shape[1:]), 255, np.uint8)])
