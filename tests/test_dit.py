@@ -299,3 +299,21 @@ def test_extract_and_latent_sampling_with_a_tiny_vae(tmp_path, monkeypatch):
               "--diffusion_steps", "100", "--out", "s.npz"])
     s = np.load("s.npz")
     assert s["arr_0"].shape == (3, 32, 32, 3) and s["arr_0"].dtype == np.uint8 and s["labels"].tolist() == [0, 1, 0]
+
+
+def test_ema_warms_up(tmp_path, monkeypatch):
+    """The EMA decay is min(ema, (1 + step) / (10 + step)): 0.1 after the first step, so the EMA is
+    already 90% the trained weights and not the zero-output init (whose samples are noise)."""
+    monkeypatch.chdir(tmp_path)
+    s = make_set(tmp_path / "set")
+    dit.main(["train", "--cond", "dlc", "--dlc", s, *TINY, "--steps", "2", "--ckpt_every", "1", "--run", "w"])
+    one = torch.load("runs/dit-w/checkpoints/ckpt_0000001.pt", weights_only=True)
+    two = torch.load("runs/dit-w/checkpoints/ckpt_0000002.pt", weights_only=True)
+    torch.manual_seed(0)                                                    # train's init
+    init = dit.DiT(**one["model_args"]).state_dict()
+    for k in one["model"]:
+        assert torch.allclose(one["ema"][k], 0.1 * init[k] + 0.9 * one["model"][k], atol=1e-6), k
+        d = 2 / 11                                                          # step 1: (1 + 1) / (10 + 1)
+        assert torch.allclose(two["ema"][k], d * one["ema"][k] + (1 - d) * two["model"][k], atol=1e-6), k
+    moved = [k for k in one["model"] if not torch.equal(one["model"][k], init[k])]
+    assert moved                                                            # the check is not vacuous

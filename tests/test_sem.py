@@ -244,13 +244,14 @@ def test_bad_inputs(tmp_path):
     base = [SEM, "encode", "--arch", "vit_s", "--patch", "14", "--pos_grid", "37", "--size", "28"]
     cases = [([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "empty")], "no images"),
              ([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "badimg")], "cannot read image"),
-             ([SEM, "--init", str(tmp_path / "missing.pth"), "--steps", "1"], "does not exist")]
+             ([SEM, "--init", str(tmp_path / "missing.pth"), "--steps", "1"], "does not exist"),
+             ([SEM, "--mask_mode", "blocks", "--steps", "1"], "unknown --mask_mode")]
     for i, (args, msg) in enumerate(cases):
         out = str(tmp_path / f"out{i}")
         p = run_script([*args, "--out", out], cwd=tmp_path, check=False)
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode != 0 and last.startswith("error:") and msg in last, p.stderr[-500:]
-        assert not os.path.exists(out)
+        assert not os.path.exists(out) and not os.path.exists(tmp_path / "runs/sem-toy/checkpoints")
 
 
 def test_block_masks_are_blocks_with_dinov2_ratios():
