@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (about 18 minutes on 2 cores)
+#   bash pipeline.sh              # the README's numbers (about 16 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
 # It is a plain chain of the scripts' own command lines; each step's files feed the next:
 #   toy_gmm (Sec. 3) | sem train -> encode (DLCs + embeddings) | sedd train -> sample (p(c))

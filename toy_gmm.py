@@ -12,7 +12,8 @@ cosine schedule, learned variance interpolation, hybrid loss L_simple + lambda L
 ancestrally, optionally over respaced steps. All (variant, N) models are trained at once as a
 batched ensemble (weights of shape (E, in, out), torch.baddbmm): Adam treats every element
 independently, so this is exactly E separate trainings, with larger matmuls that run closer to
-the machine's peak.
+the machine's peak. Width 384 and batch 512 keep the matmuls dominant on a CPU (about 60% of
+its matmul peak; see BENCHMARKS.md).
 
 Data: centres on a grid with spacing 1.0, every mode with std 0.1 (= 0.1 x spacing) for every N
 (the paper's values were lost from our copy of the text). Data are divided by the mixture's
@@ -21,7 +22,7 @@ per-coordinate std before training, so that every N is seen by the diffusion at 
 Commands:
   python toy_gmm.py                          # default sweep N = 4, 16, 64, 256 on a CPU
   python toy_gmm.py --modes=4,16 --steps=500  # quicker
-  python toy_gmm.py --preset paper            # batch 2048, 300M training samples per model (GPU)
+  python toy_gmm.py --preset paper --compile=true  # width 256, batch 2048, 300M samples per model (GPU)
   python toy_gmm.py bench                     # matmul peak, samples/s, achieved FLOP/s, MFU
 torchrun is not used: the whole sweep is one small batched model that fills one device.
 """
@@ -45,12 +46,12 @@ class Config:
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # conditionings to train
     spacing: float = 1.0             # distance between neighbouring centres
     std: float = 0.1                 # std of every mode (paper value unknown)
-    width: int = 128                 # hidden width of the 4-layer MLP
+    width: int = 384                 # hidden width of the 4-layer MLP
     T: int = 1000                    # diffusion steps in training
     sample_steps: int = 100          # respaced steps for ancestral sampling (T = no respacing)
     vlb_weight: float = 0.001        # lambda in L_simple + lambda * L_vlb (IDDPM)
     steps: int = 2500                # optimiser steps (paper: 300M samples / 2048 = 146k)
-    batch_size: int = 2048           # samples per step per model (paper: 2048)
+    batch_size: int = 512            # samples per step per model (paper: 2048)
     lr: float = 2e-3                 # Adam learning rate, cosine-decayed to 0
     warmup: int = 100                # linear warm-up steps
     gumbel_tau: float = 1.0          # DisCo-Diff Gumbel-softmax temperature, annealed to tau/10
@@ -58,6 +59,7 @@ class Config:
     n_eval: int = 10000              # samples per model for the metrics
     seed: int = 0                    # global seed
     device: str = "auto"             # auto | cpu | cuda | mps
+    compile: bool = False            # torch.compile the forward + loss (for GPUs: fewer, fused kernels)
     log_every: int = 100             # log a line every this many steps
 
 
@@ -145,6 +147,11 @@ class Diffusion:
         """The six schedule columns at indices i (E, B), each shaped (E, B, 1)."""
         return [c[..., None] for c in self.table.to(i.device)[i].unbind(-1)]
 
+    def to(self, device):
+        """Keep the gathered tables on the training device (no copy per step)."""
+        self.table, self.timesteps = self.table.to(device), self.timesteps.to(device)
+        return self
+
     def __len__(self):
         return len(self.betas)
 
@@ -198,41 +205,43 @@ class Linears(nn.Module):
 
 
 def timestep_embedding(t, dim=64):
-    """Sinusoidal embedding of integer timesteps (E, B) -> (E, B, dim)."""
+    """Sinusoidal embedding of integer timesteps t (...) -> (..., dim)."""
     freqs = torch.exp(-math.log(10000) * torch.arange(dim // 2, device=t.device) / (dim // 2))
     a = t.float()[..., None] * freqs
     return torch.cat([torch.cos(a), torch.sin(a)], -1)
 
 
 class EnsembleMLP(nn.Module):
-    """E denoisers eps_theta(x_t, t, k): 4 linear layers with SiLU; the time embedding and the
-    index embedding (a table of K rows, used through a one-hot / Gumbel-softmax vector so the
-    DisCo-Diff encoder can be trained through it) are added to the first hidden layer.
-    Output: 2 eps coordinates + 2 variance interpolation values v."""
+    """E denoisers eps_theta(x_t, t, k): 4 linear layers with SiLU. The first layer reads x_t
+    and the sinusoidal embedding of t concatenated (one matmul instead of two plus an add); the
+    index embedding (a table of K rows per member, all zero for unconditional members) is added
+    to its output. DisCo-Diff training replaces the row lookup by a Gumbel-softmax vector times
+    the table, so that gradients reach the encoder. Output: 2 eps coordinates + 2 variance
+    interpolation values v."""
 
-    def __init__(self, E, K, width):
+    def __init__(self, E, K, width, T=1000):
         super().__init__()
-        self.l1, self.l2, self.l3, self.l4 = Linears(E, 2, width), Linears(E, width, width), \
+        self.l1, self.l2, self.l3, self.l4 = Linears(E, 2 + 64, width), Linears(E, width, width), \
             Linears(E, width, width), Linears(E, width, 4)
-        self.temb = Linears(E, 64, width)
         self.index_table = nn.Parameter(torch.randn(E, K, width) * 0.5)
         self.register_buffer("cond_mask", torch.ones(E, 1, 1))  # 0 for unconditional members
+        self.register_buffer("t_table", timestep_embedding(torch.arange(T)))  # (T, 64), looked up
         nn.init.zeros_(self.l4.w)
 
-    def forward(self, x, t, k, soft=None, soft_members=None):   # x (E, B, 2), t (E, B), k (E, B)
+    def forward(self, x, t, k, soft=None):                      # x (E, B, 2), t (E, B), k (E, B)
         """k: the integer index per member (ignored by members whose cond_mask is 0). DisCo-Diff
-        training passes `soft` (Ed, B, K) Gumbel-softmax vectors for the members `soft_members`,
-        used through a matmul with their table so that gradients reach the encoder."""
-        emb = self.index_table[torch.arange(len(x), device=x.device)[:, None], k]   # (E, B, W)
-        if soft is not None:
-            emb = emb.index_copy(0, soft_members, torch.bmm(soft, self.index_table[soft_members]).to(emb.dtype))
-        h = self.l1(x) + self.temb(timestep_embedding(t)) + emb * self.cond_mask
+        training passes `soft` = {member e: (B, N_e) Gumbel-softmax vectors} for its members."""
+        E, K, W = self.index_table.shape
+        table = self.index_table * self.cond_mask                             # (E, K, W)
+        rows = k + K * torch.arange(E, device=x.device)[:, None]              # row of (e, k) in E*K
+        emb = F.embedding(rows, table.reshape(E * K, W))                      # (E, B, W)
+        if soft:                                                              # soft (B, N_e) @ rows (N_e, W)
+            mixed = torch.stack([s @ table[e, :s.shape[1]] for e, s in soft.items()]).to(emb.dtype)
+            ids = torch.tensor(list(soft)).to(x.device, non_blocking=True)    # (no GPU sync)
+            emb = emb.index_copy(0, ids, mixed)
+        h = self.l1(torch.cat([x, self.t_table[t].to(x.dtype)], -1)) + emb
         h = self.l3(F.silu(self.l2(F.silu(h))))
-        return self.l4(F.silu(h))                             # (E, B, 4)
-
-    def flops_per_sample(self):
-        """Multiply-adds x 2 of one forward pass of one member."""
-        return 2 * sum(m.w[0].numel() for m in (self.l1, self.l2, self.l3, self.l4, self.temb))
+        return self.l4(F.silu(h))                                             # (E, B, 4)
 
 
 class Encoder(nn.Module):
@@ -263,11 +272,14 @@ class Sweep:
             grid_centres(n)                                               # fails early on bad N
         self.K = max(cfg.modes)
         E = len(self.members)
-        self.net = EnsembleMLP(E, self.K, cfg.width).to(device)
+        self.net = EnsembleMLP(E, self.K, cfg.width, cfg.T).to(device)
         self.net.cond_mask[[e for e, (v, _) in enumerate(self.members) if v == "uncond"]] = 0
         self.disco = [e for e, (v, _) in enumerate(self.members) if v == "disco"]
         self.enc = Encoder(max(len(self.disco), 1), self.K).to(device)
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        # training-step noise is drawn where it is used: on a GPU a CPU draw + copy would make
+        # the host wait for the GPU at every step (on a CPU this is the same generator)
+        self.dgen = self.gen if device.type == "cpu" else torch.Generator(device).manual_seed(cfg.seed)
         self.centres = {n: grid_centres(n, cfg.spacing) for n in cfg.modes}
         self.scale = {n: data_scale(n, cfg.spacing, cfg.std * cfg.spacing) for n in cfg.modes}
         self.gmm = {}
@@ -284,6 +296,7 @@ class Sweep:
         self.n_of = torch.tensor([float(n) for _, n in self.members])[:, None]
         self.scale_of = torch.tensor([self.scale[n] for _, n in self.members])[:, None, None]
         self.gmm_members = [e for e, (v, _) in enumerate(self.members) if v == "gmm"]
+        self.forward_loss = torch.compile(forward_loss) if cfg.compile else forward_loss
 
     def batch(self, B, gen=None):
         """Fresh samples for every member: x0 scaled (E, B, 2) and index k (E, B); the GMM
@@ -302,22 +315,37 @@ class Sweep:
         self.pool_x, self.pool_k = self.batch(size)
 
     def pool_batch(self, B):
-        rows = torch.randint(self.pool_x.shape[1], (len(self.members), B), generator=self.gen).to(self.device)
+        rows = torch.randint(self.pool_x.shape[1], (len(self.members), B), generator=self.dgen, device=self.device)
         return self.pool_x.gather(1, rows[..., None].expand(-1, -1, 2)), self.pool_k.gather(1, rows)
 
+    def train_flops_per_sample(self):
+        """Model FLOPs of one training sample, summed over members: a (din x dout) matmul costs
+        2 din dout forward and twice that backward (input and weight gradients), except in a
+        first layer, whose input needs no gradient. Counted: every denoiser, and for each DisCo
+        member its encoder and its soft index times its table over its own N indices only (the
+        padding to K is waste, so it lowers the MFU rather than raising it)."""
+        mm = lambda din, dout, first=False: 2 * din * dout * (2 if first else 3)
+        W, H = self.cfg.width, self.enc.l2.w.shape[-1]
+        total = len(self.members) * (mm(2 + 64, W, True) + 2 * mm(W, W) + mm(W, 4))
+        for e in self.disco:
+            n = self.members[e][1]
+            total += mm(2, H, True) + mm(H, H) + mm(H, n) + mm(n, W)
+        return total
+
     def soft_index(self, x0, tau):
-        """DisCo-Diff: Gumbel-softmax samples (Ed, B, K) of the encoder's q(k | x0), restricted
-        to the member's N values, and the member ids they belong to (or None, None)."""
+        """DisCo-Diff: {member e: Gumbel-softmax samples (B, N_e) of the encoder's q(k | x0)
+        over the member's N_e index values} (None without DisCo members)."""
         if not self.disco:
-            return None, None
+            return None
         logits = self.enc(x0[self.disco])                                 # (Ed, B, K)
-        too_big = torch.arange(self.K, device=x0.device) >= torch.tensor(
-            [self.members[e][1] for e in self.disco], device=x0.device)[:, None, None]
-        # Gumbel-softmax written out: -log(-log U) is several times faster on a CPU than the
-        # exponential draws of F.gumbel_softmax, which cost more than the whole MLP here
-        u = torch.rand(logits.shape, generator=self.gen).to(logits.device).clamp_(1e-20, 1)
-        soft = F.softmax((logits.masked_fill(too_big, -1e9) - torch.log(-torch.log(u))) / tau, dim=-1)
-        return soft, torch.tensor(self.disco, device=x0.device)
+        soft = {}
+        for j, e in enumerate(self.disco):
+            lj = logits[j, :, :self.members[e][1]]
+            # Gumbel-softmax written out: -log(-log U) is several times faster on a CPU than
+            # the exponential draws of F.gumbel_softmax
+            u = torch.rand(lj.shape, generator=self.dgen, device=lj.device).clamp_(1e-20, 1)
+            soft[e] = F.softmax((lj - torch.log(-torch.log(u))) / tau, dim=-1)
+        return soft
 
 
 def lr_at(cfg, step):
@@ -327,33 +355,55 @@ def lr_at(cfg, step):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
 
+def forward_loss(net, diff, x0, xt, i, eps, t, k, soft):
+    """The hybrid loss terms (L_simple, L_vlb), each (E, B): the MLPs in bf16 on a GPU, the loss
+    in fp32. One graph for torch.compile (--compile), which fuses the element-wise work."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
+        out = net(xt, t, k, soft)
+    return diff.loss(out.float(), x0, xt, i, eps)
+
+
+def train_step(sweep, diff, opt, step):
+    """One optimiser step of every member at once (the training loop and `bench` both use it);
+    returns the per-member hybrid loss and L_simple, each (E,)."""
+    cfg, dev = sweep.cfg, sweep.device
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, step)
+    x0, k = sweep.pool_batch(cfg.batch_size)
+    i = torch.randint(len(diff), (len(sweep.members), cfg.batch_size), device=dev)
+    eps = torch.randn_like(x0)
+    xt = diff.q_sample(x0, i, eps)
+    tau = cfg.gumbel_tau * 0.1 ** (min(step / max(1, cfg.steps - 1), 1))   # anneal tau -> tau / 10
+    l_simple, l_vlb = sweep.forward_loss(sweep.net, diff, x0, xt, i, eps, diff.timesteps[i], k,
+                                         sweep.soft_index(x0, tau))
+    per_member = (l_simple + cfg.vlb_weight * l_vlb).mean(1)               # (E,)
+    opt.zero_grad(set_to_none=True)
+    per_member.sum().backward()                                           # members are independent
+    opt.step()
+    return per_member.detach(), l_simple.mean(1).detach()
+
+
+def make_optimizer(sweep):
+    """Adam over every member's denoiser and encoder; the fused kernel on CPU and CUDA (one pass
+    over the parameters instead of several)."""
+    return torch.optim.Adam(list(sweep.net.parameters()) + list(sweep.enc.parameters()), lr=sweep.cfg.lr,
+                            fused=sweep.device.type in ("cpu", "cuda"))
+
+
 def train(sweep, diff, log=print):
     """Train every member for cfg.steps steps; returns the per-member loss history."""
-    cfg, dev = sweep.cfg, sweep.device
-    params = list(sweep.net.parameters()) + list(sweep.enc.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    cfg, diff = sweep.cfg, diff.to(sweep.device)
+    opt = make_optimizer(sweep)
     E, hist, t0 = len(sweep.members), [], time.time()
     sweep.make_pool(min(cfg.steps * cfg.batch_size, cfg.pool))
     for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(cfg, step)
-        x0, k = sweep.pool_batch(cfg.batch_size)
-        i = torch.randint(len(diff), (E, cfg.batch_size), device=dev)
-        eps = torch.randn_like(x0)
-        xt = diff.q_sample(x0, i, eps)
-        tau = cfg.gumbel_tau * 0.1 ** (step / max(1, cfg.steps - 1))      # anneal tau -> tau / 10
-        out = sweep.net(xt, diff.timesteps.to(dev)[i], k, *sweep.soft_index(x0, tau))
-        l_simple, l_vlb = diff.loss(out, x0, xt, i, eps)
-        per_member = (l_simple + cfg.vlb_weight * l_vlb).mean(1)           # (E,)
-        if not torch.isfinite(per_member).all():
-            utils.fail(f"loss became {per_member.tolist()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        per_member.sum().backward()                                       # members are independent
-        opt.step()
-        hist.append(l_simple.mean(1).detach().cpu())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        loss, l_simple = train_step(sweep, diff, opt, step)
+        hist.append(l_simple)
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:   # the only host syncs: a GPU runs ahead
+            if not torch.isfinite(loss).all():                  # a NaN stays NaN: caught at the next log
+                utils.fail(f"loss became {loss.tolist()} by step {step}; lower --lr")
             dt = (time.time() - t0) / (step + 1)
-            log(f"step {step:6d} | loss {per_member.mean().item():.4f} | lr {lr_at(cfg, step):.2e} "
+            log(f"step {step:6d} | loss {loss.mean().item():.4f} | lr {lr_at(cfg, step):.2e} "
                 f"| {1000 * dt:.0f} ms/step | {E * cfg.batch_size / dt:.0f} samples/s")
     if sweep.disco:                                        # DisCo-Diff: categorical prior over k
         with torch.no_grad():
@@ -362,7 +412,7 @@ def train(sweep, diff, log=print):
         for j, e in enumerate(sweep.disco):
             n = sweep.members[e][1]
             sweep.prior[e] = torch.bincount(codes[j].cpu(), minlength=sweep.K).float()[:n]
-    return torch.stack(hist)                                              # (steps, E)
+    return torch.stack(hist).cpu()                                        # (steps, E)
 
 
 @torch.no_grad()
@@ -541,44 +591,37 @@ def run_sweep(cfg):
 
 
 def bench(cfg):
-    """Matmul peak vs training throughput of one model and of the whole-sweep ensemble."""
+    """Training throughput and MFU of one model and of the whole-sweep ensemble. The matmul peak
+    is measured right before each of 3 timed windows (a shared machine's speed drifts), and the
+    MFU reported is the median of the 3 window / peak ratios."""
     d = utils.setup_dist(cfg.device)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    peak = utils.matmul_peak_flops(d.device, dtype)
-    print(f"device {d.device}, {torch.get_num_threads()} threads, matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype})")
-    diff = Diffusion(cfg.T)
+    print(f"device {d.device}, {torch.get_num_threads()} threads, peak: {dtype} square matmul")
+    diff = Diffusion(cfg.T).to(d.device)
     for label, variants, modes in (("one model", ["oracle"], [cfg.modes[-1]]),
                                    ("sweep ensemble", cfg.variants, cfg.modes)):
         c = dataclasses.replace(cfg, variants=variants, modes=modes, steps=10 ** 9)
         sweep = Sweep(c, d.device)
-        params = list(sweep.net.parameters()) + list(sweep.enc.parameters())
-        opt = torch.optim.Adam(params, lr=1e-4)
+        opt = make_optimizer(sweep)
         E = len(sweep.members)
-
         sweep.make_pool(1 << 16)
-
-        def step():
-            x0, k = sweep.pool_batch(c.batch_size)
-            i = torch.randint(len(diff), (E, c.batch_size), device=d.device)
-            eps = torch.randn_like(x0)
-            with torch.autocast(d.device.type, dtype=dtype, enabled=d.device.type == "cuda"):
-                out = sweep.net(diff.q_sample(x0, i, eps), diff.timesteps.to(d.device)[i], k, *sweep.soft_index(x0, 1.0))
-            ls, lv = diff.loss(out.float(), x0, diff.q_sample(x0, i, eps), i, eps)
-            opt.zero_grad()
-            (ls + c.vlb_weight * lv).mean(1).sum().backward()
-            opt.step()
+        for step in range(3):                                    # warm-up (and compilation)
+            train_step(sweep, diff, opt, step)
+        flops_per_step, dts, peaks = sweep.train_flops_per_sample() * c.batch_size, [], []
         for _ in range(3):
-            step()
-        utils.sync(d.device)
-        t, n = time.time(), 20
-        for _ in range(n):
-            step()
-        utils.sync(d.device)
-        dt = (time.time() - t) / n
-        flops = 3 * sweep.net.flops_per_sample() * E * c.batch_size / dt   # forward + backward = 3x
+            peaks.append(utils.matmul_peak_flops(d.device, dtype))
+            utils.sync(d.device)
+            t = time.perf_counter()
+            for step in range(10):
+                train_step(sweep, diff, opt, step)
+            utils.sync(d.device)
+            dts.append((time.perf_counter() - t) / 10)
+        dt = float(np.median(dts))
+        mfus = [100 * flops_per_step / t / p for t, p in zip(dts, peaks)]
         print(f"{label:15s}: {E:2d} models x batch {c.batch_size} | {1000 * dt:.0f} ms/step | "
-              f"{E * c.batch_size / dt:,.0f} samples/s | {flops / 1e9:.1f} GFLOP/s | MFU {100 * flops / peak:.0f}%"
-              f" | peak memory {utils.peak_memory_mb(d.device):.0f} MB")
+              f"{E * c.batch_size / dt:,.0f} samples/s | {flops_per_step / dt / 1e9:.1f} GFLOP/s | MFU "
+              f"{np.median(mfus):.0f}% (windows {'/'.join(f'{m:.0f}' for m in mfus)}%, peak "
+              f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s) | peak memory {utils.peak_memory_mb(d.device):.0f} MB")
 
 
 def main(argv=None):

@@ -123,3 +123,71 @@ def test_command_line_end_to_end(tmp_path):
     for f in ("samples.png", "kl_vs_modes.png", "vector_field.png", "config.json", "log.txt"):
         assert (run / f).is_file()
     assert "KDE-KL" in p.stdout
+
+
+def test_ensemble_is_independent_mlps_and_soft_one_hot_is_the_lookup():
+    """The batched ensemble equals E separate 4-layer MLPs written out here, a member's loss
+    reaches only its own weights, and a one-hot DisCo soft index gives the hard lookup."""
+    torch.manual_seed(0)
+    E, K, W, B = 3, 5, 8, 7
+    net = tg.EnsembleMLP(E, K, W)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.5)                          # l4 starts at zero: randomise all
+    net.cond_mask[1] = 0                                           # member 1 is unconditional
+    x, t, k = torch.randn(E, B, 2), torch.randint(1000, (E, B)), torch.randint(K, (E, B))
+    out = net(x, t, k)
+    silu = lambda z: z * torch.sigmoid(z)
+    for e in range(E):
+        half = torch.arange(32)                                    # sinusoid: cos then sin, 32 freqs
+        a = t[e, :, None].float() * torch.exp(-math.log(10000) * half / 32)
+        h = torch.cat([x[e], torch.cos(a), torch.sin(a)], 1) @ net.l1.w[e] + net.l1.b[e]
+        h = h + (net.index_table[e, k[e]] if e != 1 else 0)
+        for lin in (net.l2, net.l3):
+            h = silu(h) @ lin.w[e] + lin.b[e]
+        torch.testing.assert_close(out[e], silu(h) @ net.l4.w[e] + net.l4.b[e], rtol=1e-4, atol=1e-4)
+    out[2].sum().backward()
+    assert net.l2.w.grad[:2].abs().max() == 0 and net.l2.w.grad[2].abs().max() > 0
+    assert net.index_table.grad[:2].abs().max() == 0
+    soft = {2: torch.nn.functional.one_hot(k[2].clamp(max=3), 4).float()}   # member 2 with N = 4
+    k2 = k.clone()
+    k2[2] = k[2].clamp(max=3)
+    torch.testing.assert_close(net(x, t, k, soft), net(x, t, k2))
+
+
+def test_train_flops_counted_by_hand():
+    cfg = tg.Config(modes=[4, 16], variants=["uncond", "disco"], width=32)
+    sweep = tg.Sweep(cfg, torch.device("cpu"))
+    # forward 2 x multiply-adds, backward twice that, but no input gradient for a first layer
+    mlp = 2 * (2 * 66 * 32 + 3 * (32 * 32 + 32 * 32 + 32 * 4))       # x + sinusoid -> W -> W -> W -> 4
+    disco = sum(2 * (2 * 2 * 64 + 3 * (64 * 64 + 64 * n + n * 32)) for n in (4, 16))  # encoder, soft @ table
+    assert sweep.train_flops_per_sample() == 4 * mlp + disco
+
+
+def test_compiled_forward_loss_matches_eager():
+    import dataclasses
+    cfg = tg.Config(modes=[4], variants=["oracle", "disco"], width=16, batch_size=64)
+    torch.manual_seed(0)
+    eager = tg.Sweep(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    comp = tg.Sweep(dataclasses.replace(cfg, compile=True), torch.device("cpu"))
+    d = tg.Diffusion(cfg.T)
+    x0, k = eager.batch(64)
+    i = torch.randint(len(d), (2, 64))
+    eps = torch.randn_like(x0)
+    xt = d.q_sample(x0, i, eps)
+    soft = {e: s.detach() for e, s in eager.soft_index(x0, 1.0).items()}
+    losses = []
+    for sw in (eager, comp):
+        ls, lv = sw.forward_loss(sw.net, d, x0, xt, i, eps, d.timesteps[i], k, soft)
+        (ls + lv).sum().backward()
+        losses.append(torch.stack([ls, lv]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager.net.l2.w.grad, comp.net.l2.w.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_nan_loss_is_one_clear_line():
+    cfg = tg.Config(modes=[4], variants=["oracle"], steps=30, batch_size=64, width=16, lr=1e30, warmup=1,
+                    log_every=10)
+    sweep = tg.Sweep(cfg, torch.device("cpu"))
+    with pytest.raises(SystemExit, match=r"loss became \[nan\] by step \d+; lower --lr"):
+        tg.train(sweep, tg.Diffusion(cfg.T), log=lambda m: None)
