@@ -356,11 +356,10 @@ def lr_at(cfg, step):
 
 
 def forward_loss(net, diff, x0, xt, i, eps, t, k, soft):
-    """The hybrid loss terms (L_simple, L_vlb), each (E, B): the MLPs in bf16 on a GPU, the loss
-    in fp32. One graph for torch.compile (--compile), which fuses the element-wise work."""
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x0.device.type == "cuda"):
-        out = net(xt, t, k, soft)
-    return diff.loss(out.float(), x0, xt, i, eps)
+    """The hybrid loss terms (L_simple, L_vlb), each (E, B), in fp32 (TF32 matmuls on a GPU): bf16
+    would round x_t (up to |x_t| ~ 2) by about a fifth of a mode's std at N = 256. One graph for
+    torch.compile (--compile), which fuses the element-wise work."""
+    return diff.loss(net(xt, t, k, soft), x0, xt, i, eps)
 
 
 def train_step(sweep, diff, opt, step):
@@ -408,10 +407,12 @@ def train(sweep, diff, log=print):
     if sweep.disco:                                        # DisCo-Diff: categorical prior over k
         with torch.no_grad():
             x0, _ = sweep.batch(20000)
-            codes = sweep.enc(x0[sweep.disco]).argmax(-1)
-        for j, e in enumerate(sweep.disco):
+            logits = sweep.enc(x0[sweep.disco])
+        for j, e in enumerate(sweep.disco):                # the member's own N codes only
             n = sweep.members[e][1]
-            sweep.prior[e] = torch.bincount(codes[j].cpu(), minlength=sweep.K).float()[:n]
+            sweep.prior[e] = torch.bincount(logits[j, :, :n].argmax(-1).cpu(), minlength=n).float()
+    if not all(torch.isfinite(p).all() for p in opt.param_groups[0]["params"]):   # the last update
+        utils.fail(f"the weights became NaN or inf in the last {cfg.log_every} steps; lower --lr")
     return torch.stack(hist).cpu()                                        # (steps, E)
 
 
@@ -595,8 +596,9 @@ def bench(cfg):
     is measured right before each of 3 timed windows (a shared machine's speed drifts), and the
     MFU reported is the median of the 3 window / peak ratios."""
     d = utils.setup_dist(cfg.device)
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    print(f"device {d.device}, {torch.get_num_threads()} threads, peak: {dtype} square matmul")
+    print(f"device {d.device}, {torch.get_num_threads()} threads, peak: fp32 square matmul (TF32 on CUDA, "
+          f"as training)")
+    n_steps = 100 if d.device.type == "cuda" else 10              # windows of about a second
     diff = Diffusion(cfg.T).to(d.device)
     for label, variants, modes in (("one model", ["oracle"], [cfg.modes[-1]]),
                                    ("sweep ensemble", cfg.variants, cfg.modes)):
@@ -609,19 +611,22 @@ def bench(cfg):
             train_step(sweep, diff, opt, step)
         flops_per_step, dts, peaks = sweep.train_flops_per_sample() * c.batch_size, [], []
         for _ in range(3):
-            peaks.append(utils.matmul_peak_flops(d.device, dtype))
+            peaks.append(utils.matmul_peak_flops(d.device, torch.float32))
             utils.sync(d.device)
             t = time.perf_counter()
-            for step in range(10):
+            for step in range(n_steps):
                 train_step(sweep, diff, opt, step)
             utils.sync(d.device)
-            dts.append((time.perf_counter() - t) / 10)
-        dt = float(np.median(dts))
+            dts.append((time.perf_counter() - t) / n_steps)
+        if d.device.type == "cuda":                              # the model's memory, not the peak matmul's
+            torch.cuda.reset_peak_memory_stats()
+            train_step(sweep, diff, opt, 0)
+        dt, mem = float(np.median(dts)), utils.peak_memory_mb(d.device)
         mfus = [100 * flops_per_step / t / p for t, p in zip(dts, peaks)]
         print(f"{label:15s}: {E:2d} models x batch {c.batch_size} | {1000 * dt:.0f} ms/step | "
               f"{E * c.batch_size / dt:,.0f} samples/s | {flops_per_step / dt / 1e9:.1f} GFLOP/s | MFU "
               f"{np.median(mfus):.0f}% (windows {'/'.join(f'{m:.0f}' for m in mfus)}%, peak "
-              f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s) | peak memory {utils.peak_memory_mb(d.device):.0f} MB")
+              f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s) | peak memory {mem:.0f} MB")
 
 
 def main(argv=None):
