@@ -404,6 +404,8 @@ def train(sweep, diff, log=print):
             dt = (time.time() - t0) / (step + 1)
             log(f"step {step:6d} | loss {loss.mean().item():.4f} | lr {lr_at(cfg, step):.2e} "
                 f"| {1000 * dt:.0f} ms/step | {E * cfg.batch_size / dt:.0f} samples/s")
+    if not all(torch.isfinite(p).all() for p in opt.param_groups[0]["params"]):   # the last update
+        utils.fail("the weights became NaN or inf in the last update; lower --lr")
     if sweep.disco:                                        # DisCo-Diff: categorical prior over k
         with torch.no_grad():
             x0, _ = sweep.batch(20000)
@@ -411,8 +413,6 @@ def train(sweep, diff, log=print):
         for j, e in enumerate(sweep.disco):                # the member's own N codes only
             n = sweep.members[e][1]
             sweep.prior[e] = torch.bincount(logits[j, :, :n].argmax(-1).cpu(), minlength=n).float()
-    if not all(torch.isfinite(p).all() for p in opt.param_groups[0]["params"]):   # the last update
-        utils.fail(f"the weights became NaN or inf in the last {cfg.log_every} steps; lower --lr")
     return torch.stack(hist).cpu()                                        # (steps, E)
 
 

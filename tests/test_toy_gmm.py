@@ -191,3 +191,11 @@ def test_nan_loss_is_one_clear_line():
     sweep = tg.Sweep(cfg, torch.device("cpu"))
     with pytest.raises(SystemExit, match=r"loss became \[nan\] by step \d+; lower --lr"):
         tg.train(sweep, tg.Diffusion(cfg.T), log=lambda m: None)
+
+
+def test_nan_weights_after_the_last_update_is_one_clear_line():
+    # one step: its loss is computed before the update (finite); the update itself overflows
+    cfg = tg.Config(modes=[4], variants=["oracle"], steps=1, batch_size=64, width=16, lr=1e39, warmup=1)
+    sweep = tg.Sweep(cfg, torch.device("cpu"))
+    with pytest.raises(SystemExit, match="weights became NaN or inf in the last update; lower --lr"):
+        tg.train(sweep, tg.Diffusion(cfg.T), log=lambda m: None)
