@@ -59,6 +59,9 @@ class Config:
     batch_size: int = 50       # images per forward pass
     max_samples: int = 0       # 0 = all
     seed: int = 0              # seed for the judge, the probe splits and the novelty grid
+    pipeline: str = ""         # `report`: the pipeline's output folder (eval/*/metrics.json, s/*.npz, DLC sets)
+    gmm: str = ""              # `report`: the toy_gmm run's results.json
+    seconds: int = 0           # `report`: the pipeline's wall time, printed in the title
     device: str = "auto"       # cpu | cuda | mps | auto
 
 
@@ -406,8 +409,9 @@ def load_or_train_judge(cfg, log=print):
 
 
 @torch.no_grad()
-def judge_outputs(model, images_uint8, data, batch_size=500):
-    """uint8 [N, H, W, C] -> penultimate features [N, 128] and predictions [N, n_heads]."""
+def judge_outputs(model, images_uint8, data, batch_size=500, with_confidence=False):
+    """uint8 [N, H, W, C] -> penultimate features [N, 128] and predictions [N, n_heads] (and the
+    top softmax probability of each head [N, n_heads] with_confidence)."""
     want = (1, 8) if data == "digits" else (3, 32)
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
     if x.shape[1] != want[0]:
@@ -416,10 +420,13 @@ def judge_outputs(model, images_uint8, data, batch_size=500):
         x = F.interpolate(x, size=(want[1], want[1]), mode="bilinear", align_corners=False)  # e.g. 16 px DiT samples
     if x.shape[2:] != (want[1], want[1]):
         utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images (or a divisor of {want[1]}), got {tuple(x.shape[2:])}")
-    feats, preds = [], []
+    feats, preds, conf = [], [], []
     for i in range(0, len(x), batch_size):
         f, logits = model(x[i:i + batch_size])
         feats.append(f.double()); preds.append(torch.stack([l.argmax(1) for l in logits], 1))
+        conf.append(torch.stack([l.softmax(1).amax(1) for l in logits], 1))   # (b, heads) top probability
+    if with_confidence:
+        return torch.cat(feats).numpy(), torch.cat(preds).numpy(), torch.cat(conf).numpy()
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
 
@@ -489,10 +496,22 @@ def train_combinations():
             for b in range(len(names)) if c != b and (s, c, b) not in held}
 
 
+def recombination(pred, sources):
+    """Composition of two sources a, b (Sec. 5.2) judged per sample: pred (N, 3) judged
+    (shape, colour, background), sources (N, 2, 3). A recombination takes every attribute from
+    a or b, is neither a nor b, and is a valid image (colour != background)."""
+    a, b = sources[:, 0], sources[:, 1]
+    from_sources = ((pred == a) | (pred == b)).all(1)
+    is_a, is_b = (pred == a).all(1), (pred == b).all(1)
+    valid = pred[:, 1] != pred[:, 2]
+    return {"recombination_rate": float((from_sources & ~is_a & ~is_b & valid).mean()),
+            "source_copy_rate": float((is_a | is_b).mean())}
+
+
 def cmd_judge(cfg, device):
     smp = load_images(cfg.samples, cfg.max_samples)
     model, acc = load_or_train_judge(cfg)
-    f_s, pred = judge_outputs(model, smp, cfg.data)
+    f_s, pred, conf = judge_outputs(model, smp, cfg.data, with_confidence=True)
     real = utils.load_embedded(cfg.data) if cfg.data == "digits" else utils.load_embedded("shapes")
     x_r = real["images"]
     if smp.shape[1] < x_r.shape[-1]:   # low-resolution samples: the real images take the same path
@@ -519,7 +538,11 @@ def cmd_judge(cfg, device):
         valid = pred[:, 1] != pred[:, 2]                    # colour == background is no image at all
         m["novel_combination_rate"] = novel_rate(pred[valid], seen) if valid.any() else 0.0
         m["invalid_rate"] = float(1 - valid.mean())
+        # a valid image: colour != background and a shape the judge recognises (top probability >= 0.5)
+        m["valid_rate"] = float((valid & (conf[:, 0] >= 0.5)).mean())
         m["distinct_combinations"] = len({tuple(a) for a in pred.tolist()})
+        if "source_attrs" in npz:                                          # compositions of two sources
+            m.update(recombination(pred, np.asarray(npz["source_attrs"])[:len(pred)]))
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
 
 
@@ -616,8 +639,185 @@ def cmd_bench(cfg, device):
           f"judge (32 px, batch 1024) {jud:.0f} img/s | peak memory {utils.peak_memory_mb(device):.0f} MB")
 
 
+#################################################################################
+#       report: the toy pipeline's tables, its claims next to the paper's        #
+#################################################################################
+
+def tv_marginals(a, b, V):
+    """Mean over positions of the total-variation distance between per-position token histograms."""
+    ha = np.stack([np.bincount(a[:, i], minlength=V) / len(a) for i in range(a.shape[1])])   # (L, V)
+    hb = np.stack([np.bincount(b[:, i], minlength=V) / len(b) for i in range(b.shape[1])])
+    return float(0.5 * np.abs(ha - hb).sum(-1).mean())
+
+
+def tv_pairs(a, b, V, max_pairs=200, seed=0):
+    """Mean TV between the joint histograms (V*V cells) of position pairs (all, or a random subset)."""
+    L = a.shape[1]
+    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
+    if len(pairs) > max_pairs:
+        pairs = [pairs[k] for k in np.random.RandomState(seed).choice(len(pairs), max_pairs, replace=False)]
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    hist = lambda c, i, j: np.bincount(c[:, i] * V + c[:, j], minlength=V * V) / len(c)
+    return float(np.mean([0.5 * np.abs(hist(a, i, j) - hist(b, i, j)).sum() for i, j in pairs]))
+
+
+# The claims of the paper that the toy pipeline checks: (section, what, paper's number, our value
+# from the metrics `m`, the bar it must clear). A claim is met when value >= bar.
+def pipeline_claims(m, g):
+    off = lambda n, v: g[str(n)][v]["off_mode"]
+    fid = lambda n: m[n]["judge_fid"]
+    comp, avg = m["compose-dlc"], m["compose-embedding"]
+    sizes = sorted(int(n) for n in g if n.isdigit())
+    grows = all(off(a, "uncond") < off(b, "uncond") for a, b in zip(sizes, sizes[1:]))
+    return [
+        ("Sec. 3", "off-mode fraction, unconditional / oracle index, N = 64", "Fig. 2d: KL grows with N for uncond only",
+         off(64, "uncond") / max(off(64, "oracle"), 1e-9), 3.0),
+        ("Sec. 3", "off-mode fraction, unconditional / oracle index, N = 256", "", off(256, "uncond") / max(off(256, "oracle"), 1e-9), 3.0),
+        ("Sec. 3", "unconditional off-mode fraction grows with N (1 = yes)", "", float(grows), 1.0),
+        ("Table 3", "probe of the one-hot DLC: shape", "DLC512 85.3% (DINOv2 85.9%) on ImageNet", m["probe"]["probe_dlc_shape"], 0.95),
+        ("Table 3", "probe of the one-hot DLC: colour", "", m["probe"]["probe_dlc_colour"], 0.98),
+        ("Table 3", "probe of the one-hot DLC: background", "", m["probe"]["probe_dlc_background"], 0.99),
+        ("Table 3", "probe: DLC minus continuous embedding, worst attribute", "DLC512 85.3 vs DINOv2 85.9",
+         min(m["probe"][f"probe_dlc_{a}"] - m["probe"][f"probe_embedding_{a}"] for a in ("shape", "colour", "background")), -0.02),
+        ("Tables 1, 3", "judge-FID: unconditional / DLC (encoded)", "FID 27.30 uncond vs 4.09 DLC512 encoded",
+         fid("unconditional") / fid("dlc-encoded"), 2.0),
+        ("Tables 1, 3", "judge-FID: DLC (SEDD) < unconditional (1 = yes)", "4.21 (generated) < 27.30",
+         float(fid("dlc-sedd") < fid("unconditional")), 1.0),
+        ("Tables 1, 3", "judge-FID: DLC (encoded) < DLC (SEDD) (1 = yes)", "4.09 (encoded) < 4.21 (generated)",
+         float(fid("dlc-encoded") < fid("dlc-sedd")), 1.0),
+        ("Sec. 5.1", "DLC (encoded) samples keep all 3 attributes of their source", "Enc-Dec FID 4.09", m["dlc-encoded"]["acc_all"], 0.80),
+        ("Table 1", "label-conditioned samples show the requested shape", "DiT-XL/2 label-conditional", m["label"]["acc_shape"], 0.90),
+        ("Table 1", "DLC (SEDD) samples are valid images", "FID 2.00 unguided", m["dlc-sedd"]["valid_rate"], 0.85),
+        ("Sec. 5.2, Fig. 6", "DLC token mixing: recombination rate", "novel compositions", comp["recombination_rate"], 0.40),
+        ("Sec. 5.2, Fig. 6", "recombination rate: DLC mixing / embedding averaging", "",
+         comp["recombination_rate"] / max(avg["recombination_rate"], 1e-9), 1.5),
+        ("Sec. 5.2, Fig. 6", "Vendi: DLC mixing minus embedding averaging", "DLC compositions more diverse",
+         comp["vendi_judge"] - avg["vendi_judge"], 1e-9),
+        ("Sec. 6, Fig. 7", "text -> DLC -> image, held-out prompts, all 3 attributes", "out-of-distribution prompts",
+         m["text-heldout"]["acc_all"], 0.50),
+        ("Sec. 6, Fig. 7", "text -> image, held-out minus seen prompts", "", m["text-heldout"]["acc_all"] - m["text-seen"]["acc_all"], -0.15),
+    ]
+
+
+def cmd_report(cfg, device):
+    """results.md of the toy pipeline (bash pipeline.sh): each stage's table, then every claim
+    with our number, the bar and the paper's number, from the metrics the pipeline wrote."""
+    out = cfg.pipeline
+    if not out or not os.path.isdir(os.path.join(out, "eval")):
+        utils.fail(f"--pipeline {out!r} is not a pipeline output folder (it needs eval/); run bash pipeline.sh")
+    if not os.path.isfile(cfg.gmm):
+        utils.fail(f"--gmm {cfg.gmm!r} does not exist; it is the toy_gmm run's results.json")
+    names = ["real-16px", "unconditional", "label", "embedding-encoded", "embedding-generated", "dlc-encoded",
+             "dlc-sedd", "compose-dlc", "compose-embedding", "compose-heldout-dlc", "compose-heldout-embedding",
+             "text-seen", "text-heldout", "probe"]
+    missing = [n for n in names if not os.path.isfile(os.path.join(out, "eval", n, "metrics.json"))]
+    if missing:
+        utils.fail(f"{out}/eval lacks {', '.join(missing)}; run the whole of pipeline.sh")
+    m = {n: json.load(open(os.path.join(out, "eval", n, "metrics.json"))) for n in names}
+    g = json.load(open(cfg.gmm))
+    f3 = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    L = [f"# Toy pipeline results ({cfg.seconds} s)", "",
+         "## 1. Section 3: off-mode samples (> 3 std from every centre) and forward KDE-KL (nats) vs number of modes", "",
+         "| modes | off-mode uncond | off-mode oracle | KDE-KL p vs p | KDE-KL uncond | KDE-KL oracle |", "|---" * 6 + "|"]
+    for n in sorted((k for k in g if k.isdigit()), key=int):
+        r = g[n]
+        L.append(f"| {n} | {100 * r['uncond']['off_mode']:.1f}% | {100 * r['oracle']['off_mode']:.1f}% | "
+                 + " | ".join(f3(r[v]["kde_kl"]) for v in ("baseline", "uncond", "oracle")) + " |")
+    L += ["", "## 2. DiT samples (Tables 1, 3): judge-FID on the shapes (lower is better), attributes judged", "",
+          "| samples | judge-FID | Vendi | all 3 kept | shape | colour | background | valid |", "|---" * 8 + "|"]
+    for n in names[:7]:
+        r = m[n]
+        L.append(f"| {n} | {r['judge_fid']:.2f} | {r['vendi_judge']:.2f} | " + " | ".join(
+            f3(r.get(k, "-")) for k in ("acc_all", "acc_shape", "acc_colour", "acc_background", "valid_rate")) + " |")
+    L += ["", "## 3. Composition (Sec. 5.2): pairs of sources that differ in all 3 attributes", "",
+          "| method | recombination rate | copies of a source | Vendi | distinct combos | held-out target produced |", "|---" * 6 + "|"]
+    for key, lab in (("dlc", "DLC token mixing"), ("embedding", "embedding averaging")):
+        r, h = m[f"compose-{key}"], m[f"compose-heldout-{key}"]
+        L.append(f"| {lab} | {r['recombination_rate']:.3f} | {r['source_copy_rate']:.3f} | {r['vendi_judge']:.2f} | "
+                 f"{r['distinct_combinations']} | {h['acc_all']:.3f} |")
+    L += ["", "## 4. Text -> DLC -> image (Sec. 6): judged attributes equal the prompt's", "",
+          "| prompts | all 3 | shape | colour | background |", "|---" * 5 + "|"]
+    for n in ("text-seen", "text-heldout"):
+        r = m[n]
+        L.append(f"| {n[5:]} | " + " | ".join(f3(r[k]) for k in ("acc_all", "acc_shape", "acc_colour", "acc_background")) + " |")
+    p = m["probe"]
+    L += ["", "## 5. Linear probe (Table 3): one-hot DLC vs the continuous embedding of the same encoder", "",
+          "| attribute | DLC | embedding |", "|---|---|---|"]
+    L += [f"| {a} | {p[f'probe_dlc_{a}']:.3f} | {p[f'probe_embedding_{a}']:.3f} |" for a in ("shape", "colour", "background")]
+    enc = utils.load_dlc_set(os.path.join(out, "dlc"))
+    ref, V = np.asarray(enc["codes"], dtype=np.int64), int(enc["meta"]["V"])
+    L += ["", "## 6. SEDD (Eq. 4): total variation between generated and encoded DLCs (lower is better)", "",
+          "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
+    for n, lab in (("dlc-sedd", "SEDD, remasking (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
+        gen = np.asarray(utils.load_dlc_set(os.path.join(out, n))["codes"], dtype=np.int64)
+        L.append(f"| {lab} | {len(gen)} | {tv_marginals(ref, gen, V):.4f} | {tv_pairs(ref, gen, V):.4f} |")
+    sub = ref[np.random.RandomState(0).choice(len(ref), len(gen), replace=False)]
+    L.append(f"| encoded codes themselves (a random subset: the sampling-noise floor) | {len(sub)} | "
+             f"{tv_marginals(ref, sub, V):.4f} | {tv_pairs(ref, sub, V):.4f} |")
+    claims = pipeline_claims(m, g)
+    L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",
+          "| paper | claim | paper's number | ours | bar | met |", "|---|---|---|---|---|---|"]
+    L += [f"| {sec} | {what} | {paper} | {v:.3f} | >= {bar:g} | {'yes' if v >= bar else 'NO'} |"
+          for sec, what, paper, v, bar in claims]
+    L += ["", f"Judge held-out accuracy on real 32 px images (worst attribute): {m['real-16px']['judge_heldout_acc']:.3f}"]
+    with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(L) + "\n")
+    pipeline_figures(out)
+    print("\n".join(L))
+
+
+def image_rows_figure(rows, path, title, left=0.22):
+    """One labelled strip of images per row (uint8 [k, H, W, 3], label), written as a PNG."""
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 0.62 * len(rows) + 0.5))
+    for ax, (imgs, label) in zip(np.atleast_1d(axes), rows):
+        h, w = imgs.shape[1:3]
+        strip = np.full((h, len(imgs) * (w + 2) - 2, 3), 255, np.uint8)      # 2 px white gaps
+        for k, im in enumerate(imgs):
+            strip[:, k * (w + 2):k * (w + 2) + w] = im
+        ax.imshow(strip, interpolation="nearest"); ax.set_xticks([]); ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.suptitle(title, fontsize=10); fig.tight_layout(h_pad=0.2); fig.subplots_adjust(left=left)
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def pipeline_figures(out, k=12):
+    """The README's three figures from the pipeline's sample files: samples per conditioning,
+    compositions of source pairs, text -> image per prompt."""
+    s = lambda n: np.load(os.path.join(out, "s", f"{n}.npz"))
+    image_rows_figure([(s(n)["arr_0"][:k], lab) for n, lab in (
+        ("real-16px", "training images"), ("dlc-encoded", "DLC (encoded)"), ("embedding-encoded", "embedding (encoded)"),
+        ("dlc-sedd", "DLC (SEDD)"), ("embedding-generated", "embedding (GMM)"), ("label", "label"),
+        ("unconditional", "unconditional"))], os.path.join(out, "pipeline_samples.png"),
+        "DiT samples, 16 px (first three rows: the same training images / their codes, column by column)")
+    c, e, real = s("compose"), s("compose_embavg"), s("real-16px")
+    K, rows = len(c["arr_0"]) // len(c["pairs"]), []
+    srcs = dict(zip(map(tuple, real["attrs"].tolist()), real["arr_0"]))     # a real image per attribute triple
+    for j in range(min(3, len(c["pairs"]))):
+        a, b = (tuple(v) for v in c["source_attrs"][j * K].tolist())
+        blank = np.full_like(real["arr_0"][0], 255)
+        rows += [(np.stack([srcs.get(a, blank), srcs.get(b, blank)]), f"pair {j}: sources A, B"),
+                 (c["arr_0"][j * K:(j + 1) * K], f"pair {j}: DLC mix"), (e["arr_0"][j * K:(j + 1) * K], "embedding avg")]
+    image_rows_figure(rows, os.path.join(out, "pipeline_compose.png"),
+                      "Composition of two sources: DLC token mixing vs averaged embeddings")
+    rows = []
+    for split in ("seen", "heldout"):
+        t = s(f"text-{split}")
+        prompts = [l.strip() for l in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", f"{split}.txt")) if l.strip()]
+        per = len(t["arr_0"]) // len(prompts)
+        rows += [(t["arr_0"][i * per:i * per + 10], ("held out: " if split == "heldout" else "") + p.replace(" background", ""))
+                 for i, p in enumerate(prompts)]
+    image_rows_figure(rows, os.path.join(out, "pipeline_text.png"), "Text -> DLC (text2dlc.py) -> image (dit.py)", left=0.33)
+
+
 COMMANDS = {"fid": cmd_fid, "judge": cmd_judge, "probe": cmd_probe, "novelty": cmd_novelty,
-            "table": cmd_table, "bench": cmd_bench}
+            "table": cmd_table, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv=None):

@@ -115,6 +115,17 @@ def test_dlc_embedder_drop_and_average():
     assert torch.allclose(out[1], e.embedding_table[:, 5].mean(0))          # index V = drop token everywhere
 
 
+def check_bayes_posterior(D, steps):
+    """q(x_{t-1} | x_t, x_0) by Bayes: N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) N(x_t; sqrt(a_t) x_{t-1}, beta_t)."""
+    for s in steps:
+        x0, xt = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        a, b, abp = 1 - D.betas[s], D.betas[s], D.abar[s - 1]
+        var = 1 / (1 / (1 - abp) + a / b)
+        mean = var * (math.sqrt(abp) * x0 / (1 - abp) + math.sqrt(a) * xt / b)
+        m, v, _ = D.q_posterior(x0, xt, torch.full((5,), s))
+        assert torch.allclose(m, mean) and torch.allclose(v, torch.full_like(v, var))
+
+
 def test_diffusion_closed_forms():
     D = dit.GaussianDiffusion.linear(1000)
     assert np.isclose(D.betas[0], 1e-4) and np.isclose(D.betas[-1], 0.02)
@@ -123,14 +134,7 @@ def test_diffusion_closed_forms():
     xt = D.q_sample(x0, t, torch.randn_like(x0))
     ab = D.abar[300]
     assert abs(xt.mean() - math.sqrt(ab) * 0.7) < 0.02 and abs(xt.var() - (1 - ab)) < 0.02
-    # posterior by Bayes: N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) N(x_t; sqrt(a_t) x_{t-1}, beta_t)
-    for s in [1, 50, 999]:
-        x0, xt = torch.randn(5, 1, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
-        a, b, abp = 1 - D.betas[s], D.betas[s], D.abar[s - 1]
-        var = 1 / (1 / (1 - abp) + a / b)
-        mean = var * (math.sqrt(abp) * x0 / (1 - abp) + math.sqrt(a) * xt / b)
-        m, v, _ = D.q_posterior(x0, xt, torch.full((5,), s))
-        assert torch.allclose(m, mean) and torch.allclose(v, torch.full_like(v, var))
+    check_bayes_posterior(D, [1, 50, 999])
     # KL of identical Gaussians is 0; against the closed form otherwise
     mu, lv = torch.randn(10, dtype=torch.float64), torch.randn(10, dtype=torch.float64)
     assert dit.normal_kl(mu, lv, mu, lv).abs().max() < 1e-12
@@ -164,6 +168,43 @@ def test_respacing_keeps_alpha_bar():
     assert np.allclose(R.abar, D.abar[keep], rtol=1e-12)
 
 
+def test_cosine_schedule_closed_form():
+    """IDDPM eq. 17: abar_t = f(t) / f(0) with f(t) = cos^2(pi/2 (t/T + s) / (1 + s)), as long as
+    no beta is clipped; the posterior is still the Bayes posterior under these betas."""
+    T, s = 1000, 0.008
+    D = dit.GaussianDiffusion.cosine(T)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    clipped = D.betas >= 0.999
+    assert clipped.sum() <= 2 and clipped[-1]                                  # only at the very end
+    for t in [0, 10, 250, 500, 900, 990]:
+        assert abs(D.abar[t] - f(t + 1) / f(0)) < 1e-12                         # chain step t = time t+1
+    assert np.all(np.diff(D.abar) < 0) and 0 < D.abar[-1] < 1e-4
+    check_bayes_posterior(D, [1, 300, 998])
+    with pytest.raises(SystemExit, match="schedule"):
+        dit.GaussianDiffusion.make("quadratic")
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_sampler_with_exact_epsilon_recovers_gaussian_data(schedule):
+    """Data x0 ~ N(m, s^2): the exact epsilon is E[eps | x_t] = sqrt(1 - ab) (x_t - sqrt(ab) m) /
+    (ab s^2 + 1 - ab). Ancestral sampling over the full chain, with either end of the learned
+    variance range (v = -1: posterior variance, v = +1: beta_t), and DDIM, driven by it, must give
+    back N(m, s^2) under either schedule (a wrong alpha-bar anywhere in the chain shifts both)."""
+    m, s, n = 0.4, 0.3, 10000
+    D = dit.GaussianDiffusion.make(schedule, 1000)
+    for v in (-1.0, 1.0):
+        def model_fn(x, t):
+            ab = float(D.abar[int(t[0])])                                    # one timestep per call
+            eps = math.sqrt(1 - ab) * (x - math.sqrt(ab) * m) / (ab * s * s + 1 - ab)
+            return torch.cat([eps, torch.full_like(x, v)], 1)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)
+        for ddim in (False, True):
+            x = D.sample(model_fn, noise, lambda i: torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64),
+                         clip=False, ddim=ddim)
+            assert abs(x.mean() - m) < 0.015 and abs(x.std() - s) < 0.01, (schedule, v, ddim, x.mean(), x.std())
+
+
 def test_composition_tokens():
     a, b = torch.arange(32), torch.arange(32) + 100                            # all positions differ
     c = dit.compose_codes(a, b, 200, 0.5, torch.Generator().manual_seed(0))
@@ -171,6 +212,21 @@ def test_composition_tokens():
     assert ((c == a) | (c == b)).all() and (c != 500).all()                  # only source tokens, never V
     assert abs(from_a.float().mean() - 0.5) < 0.03
     assert dit.compose_codes(a, b, 10, 1.0, torch.Generator()).eq(a).all()
+
+
+def test_pick_pairs():
+    at = utils.make_shapes(500, split="train")["attrs"].numpy()
+    pairs, t = dit.pick_pairs(at, "differ", 20)
+    assert t is None and len(pairs) == 20 and all((at[a] != at[b]).all() for a, b in pairs)
+    pairs, t = dit.pick_pairs(at, "heldout", 12)
+    names = list(utils.COLOURS)
+    held = {(utils.SHAPES.index(s), names.index(c), names.index(b)) for s, c, b in utils.HELD_OUT}
+    assert {tuple(h) for h in t.tolist()} == held                       # every held-out combination, twice
+    for (a, b), h in zip(pairs, t):
+        assert (at[a] != at[b]).all() and ((h == at[a]) | (h == at[b])).all()
+        assert not (h == at[a]).all() and not (h == at[b]).all()      # a recombination, not a source
+    with pytest.raises(SystemExit, match="found only"):
+        dit.pick_pairs(at[:2], "differ", 5)
 
 
 def test_train_resume_sample_compose(tmp_path, monkeypatch):

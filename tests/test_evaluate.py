@@ -215,6 +215,36 @@ def test_judge_command_on_real_images(judges, tmp_path):
     assert "judge_fid" in table and "| shapes-heldout |" in table
 
 
+def test_recombination_by_hand():
+    a, b = np.array([0, 1, 2]), np.array([3, 4, 0])                 # differ in all three attributes
+    src = np.tile(np.stack([a, b])[None], (6, 1, 1))                # (6, 2, 3)
+    pred = np.array([[0, 4, 0],    # shape a, colour b, background b: a recombination
+                     [3, 1, 2],    # shape b, colour a, background a: a recombination
+                     [0, 1, 2],    # source a itself
+                     [3, 4, 0],    # source b itself
+                     [1, 4, 0],    # shape from neither source
+                     [0, 0, 0]])   # from the sources, but colour == background: no image
+    m = ev.recombination(pred, src)
+    assert m["recombination_rate"] == pytest.approx(2 / 6) and m["source_copy_rate"] == pytest.approx(2 / 6)
+
+
+def test_judge_scores_real_recombinations(judges, tmp_path):
+    """Real images drawn with attributes recombined from two sources score 1; copies of a source
+    score 0 (and count as copies); the valid rate of real images is about 1."""
+    path = judges["shapes"][0]
+    d = utils.load_embedded("shapes-all", n=300, seed=5)
+    at = d["attrs"].numpy()
+    other = (at + np.array([1, 1, 1])) % np.array([4, 5, 5])       # differs from `at` in every attribute
+    for name, src, rate in (("recomb", np.stack([np.c_[at[:, 0], other[:, 1:]], np.c_[other[:, 0], at[:, 1:]]], 1), 1.0),
+                            ("copies", np.stack([at, other], 1), 0.0)):
+        npz = str(tmp_path / f"{name}.npz")
+        np.savez(npz, arr_0=ev.to_uint8(d["images"]), source_attrs=src)
+        ev.main(["judge", "--samples", npz, "--data", "shapes", "--judge", path, "--out", str(tmp_path / name)])
+        m = json.load(open(tmp_path / name / "metrics.json"))
+        assert m["recombination_rate"] == pytest.approx(rate, abs=0.03), (name, m)
+        assert m["source_copy_rate"] == pytest.approx(1 - rate, abs=0.03) and m["valid_rate"] >= 0.97
+
+
 def test_probe_command(tmp_path):
     rng = np.random.RandomState(0)
     labels = rng.randint(0, 4, 400)
