@@ -196,7 +196,8 @@ def _alive(pid):
 
 def clean_stale(folder):
     """Remove the temporaries that a killed process (kill -9, power cut) left in `folder`:
-    only names of our own pattern whose PID is no longer running. An interrupted folder swap
+    only names of our own pattern whose PID is no longer running on this machine (writers on
+    other machines of a shared disk are not seen: there only rank 0 writes). An interrupted folder swap
     (NAME.old-PID left while NAME is missing) is undone: the old NAME comes back."""
     if not os.path.isdir(folder):
         return
@@ -249,7 +250,6 @@ def atomic_path(path):
         if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed over a folder
             os.replace(path, old)
             os.replace(tmp, path)
-            _fsync(folder)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
