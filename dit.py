@@ -53,6 +53,7 @@ class Config:
     # shared by every training script
     run: str = "toy"                # run folder runs/dit-<run>/
     resume: bool = False            # continue from the newest checkpoint of the run folder
+    overwrite: bool = False         # replace an earlier run in the same folder (checkpoints, config, log, grids)
     seed: int = 0                   # base seed (noise, timesteps, batches, CFG drops)
     device: str = "auto"            # auto | cpu | cuda | mps
     steps: int = 2000               # optimiser steps (paper: 800 epochs of ImageNet, about 4M steps at 256)
@@ -104,6 +105,8 @@ class Config:
     n_per_pair: int = 8             # compositions per pair
     mix_p: float = 0.5              # probability that a position takes source A's token
     emb_ckpt: str = ""              # `embedding` model: the same pairs by averaging continuous embeddings
+    POSITIVE = ("steps", "batch_size", "data_n", "image_size", "log_every", "ckpt_every", "sample_every",
+                "diffusion_steps", "sample_steps", "n", "n_per_pair", "gmm_components")
 
 
 PRESETS = {
@@ -619,6 +622,7 @@ def save_grid(images, path, ncol=8):
 def train(cfg):
     d = utils.setup_dist(cfg.device)
     run_dir = os.path.join("runs", f"dit-{cfg.run}")
+    utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     x, y, info = load_training_data(cfg)
     latent = bool(cfg.latents)
     in_ch, size = (x.shape[2], x.shape[-1]) if latent else (x.shape[1], x.shape[-1])
@@ -631,15 +635,16 @@ def train(cfg):
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     step, log = 0, utils.Logger(run_dir, d)
-    ck = utils.latest_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else None
+    ck, state = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
     if cfg.resume and ck is None:
         log(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch")
     if ck:
-        state = utils.load_checkpoint(ck)
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"]); step = state["step"]
         log(f"resumed from {ck} at step {step}")
     if d.main:
+        if cfg.overwrite:
+            utils.clear_run_dir(run_dir, ("samples_*.png",))
         utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
     net = model
@@ -648,6 +653,7 @@ def train(cfg):
     if cfg.compile:
         net = torch.compile(net)
     use_bf16 = cfg.bf16 and d.device.type == "cuda"
+    finite = utils.FiniteCheck(d.device)
     log(f"DiT {cfg.model} cond={cfg.cond} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"data={len(x)} x {in_ch}x{size}x{size} world={d.world} device={d.device}")
     while step < cfg.steps:
@@ -674,13 +680,17 @@ def train(cfg):
         # (measured on the toy: 100 steps at 0.995 gave pure noise, the raw weights gave shapes)
         utils.ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
+        finite.step(loss, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
+            finite.check()
             stats = torch.stack([loss.detach(), mse.mean().detach(), vb.mean().detach()]).float()
             if d.world > 1:                                                 # all-reduce only to log
                 dist.all_reduce(stats); stats /= d.world
             ms = (time.perf_counter() - t0) * 1000
             log(f"step {step:7d} | loss {stats[0]:.4f} (mse {stats[1]:.4f} vb {stats[2]:.4f}) | lr {cfg.lr:.1e} "
                 f"| grad {gnorm:.3f} | {ms:6.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:7.1f} samples/s")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            finite.check(model.parameters())                                # never save a NaN model
         if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                    "step": step, "config": dataclasses.asdict(cfg), "model_args": margs,
@@ -733,9 +743,11 @@ def trained_diffusion(state):
 
 
 def load_for_sampling(ckpt_path, device):
-    state = utils.load_checkpoint(utils.resolve_ckpt(ckpt_path))
+    path = utils.resolve_ckpt(ckpt_path)
+    state = utils.load_checkpoint(path)
     model = DiT(**state["model_args"]).to(device).eval()
     model.load_state_dict(state["ema"])                                    # samplers use EMA weights
+    utils.check_sampling_weights(model.state_dict(), path)
     return model, state
 
 

@@ -2,7 +2,8 @@
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
 #   bash pipeline.sh              # the README's numbers (about 20 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
-# A plain chain of the scripts' own command lines; each step's files feed the next:
+# A plain chain of the scripts' own command lines; each step's files feed the next
+# (--overwrite: a second run replaces the first one's runs/*-pipeline and DLC sets):
 #   toy_gmm (Sec. 3) | sem train -> encode (DLCs + embeddings) | sedd train -> sample (p(c))
 #   dit train x 4 conditionings -> sample | dit compose | text2dlc train -> sample -> dit sample
 #   evaluate judge / probe on everything -> evaluate report -> $OUT/results.md + figures
@@ -31,24 +32,24 @@ t0=$SECONDS
 stage() { echo; echo "### [$((SECONDS - t0)) s] $*"; }
 
 stage "1. Section 3: grid GMMs, unconditional vs oracle-index conditioning (python toy_gmm.py: all four variants)"
-$PY "$D/toy_gmm.py" --run=pipeline --variants=uncond,oracle "${GMM[@]}"
+$PY "$D/toy_gmm.py" --run=pipeline --overwrite --variants=uncond,oracle "${GMM[@]}"
 
 stage "2. SEM encoder (self-distillation) on shapes, then DLCs + continuous embeddings of the training images"
-$PY "$D/sem.py" --run pipeline --n $NDATA "${SEM[@]}"
-$PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NDATA --out "$OUT/dlc" --continuous
+$PY "$D/sem.py" --run pipeline --overwrite --n $NDATA "${SEM[@]}"
+$PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NDATA --out "$OUT/dlc" --continuous --overwrite
 $PY "$D/evaluate.py" probe --dlc "$OUT/dlc" --out "$OUT/eval/probe"
 
 stage "3. SEDD over the DLCs, then generated DLCs"
-$PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline "${SEDD[@]}"
-$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd"
-$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0"   # no remasking
+$PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"
+$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd" --overwrite
+$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0" --overwrite   # no remasking
 
 stage "4. DiT with each conditioning (same size, same budget), generated embeddings for the baseline"
 # two trainings at a time, one thread each (faster than one after the other with two threads)
 for pair in "dlc label" "embedding none"; do
   pids=()
   for c in $pair; do
-    OMP_NUM_THREADS=1 $PY "$D/dit.py" train --cond $c --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$c "${DIT[@]}" \
+    OMP_NUM_THREADS=1 $PY "$D/dit.py" train --cond $c --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$c --overwrite "${DIT[@]}" \
       > "$OUT/dit-$c.log" 2>&1 &
     pids+=($!)
   done
@@ -84,10 +85,10 @@ for pick in differ heldout; do
 done
 
 stage "7. Text -> DLC -> image (Sec. 6): seen vs held-out attribute combinations (prompts/*.txt)"
-$PY "$D/text2dlc.py" --dlc "$OUT/dlc" --run pipeline "${T2D[@]}"
+$PY "$D/text2dlc.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${T2D[@]}"
 for split in seen heldout; do
   $PY "$D/text2dlc.py" sample --ckpt runs/text2dlc-pipeline --prompts_file "$D/prompts/$split.txt" --n $NP \
-    --out "$OUT/t2d-$split"
+    --out "$OUT/t2d-$split" --overwrite
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/t2d-$split" --n $((6 * NP)) \
     --sample_steps $STEPS --out "$OUT/s/text-$split.npz"
   $PY "$D/evaluate.py" judge --samples "$OUT/s/text-$split.npz" --target_attrs "$OUT/t2d-$split/attrs.npy" \

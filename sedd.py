@@ -41,6 +41,7 @@ class Config:
     L: int = 0                   # expected code length; 0 = take it from the DLC set
     V: int = 0                   # expected vocabulary (mask is V); 0 = from the DLC set
     resume: bool = False         # continue from the newest checkpoint of the run
+    overwrite: bool = False      # replace an earlier run in the same folder (its checkpoints, config, log)
     seed: int = 0                # base seed (per rank: seed * world + rank, per step)
     device: str = "auto"         # auto | cpu | cuda | mps
     steps: int = 1200            # optimiser steps (paper: ~200 epochs of ImageNet = ~500k at 512)
@@ -60,6 +61,7 @@ class Config:
     bench_iters: int = 10        # bench: timed training iterations
     bench_n: int = 64            # bench: DLCs sampled
     bench_steps: int = 128       # bench: sampling steps
+    POSITIVE = ("steps", "batch_size", "cond_dim", "eval_every", "ckpt_every", "bench_iters", "bench_n", "bench_steps")
 
 
 SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
@@ -78,6 +80,7 @@ class SampleConfig:
     n: int = 1000                # number of DLCs (split across torchrun ranks)
     count: int = 0               # same as --n: torchrun's own parser rejects --n (ambiguous prefix)
     out: str = ""                # output DLC set folder
+    overwrite: bool = False      # replace an existing DLC set at --out
     sampler: str = "analytic"    # analytic (Tweedie tau-leaping) | euler
     steps: int = 128             # time steps from 1 to t_end (paper: 1024, or 4096 with remasking)
     eta: float = 0.01            # remasking probability per step in the window; 0 = off (see README)
@@ -88,6 +91,7 @@ class SampleConfig:
     batch_size: int = 500        # DLCs per forward
     seed: int = 0                # per-rank seed
     device: str = "auto"         # auto | cpu | cuda | mps
+    POSITIVE = ("n", "steps", "batch_size")
 
 
 SAMPLE_PRESETS = {"toy": {}, "imagenet": {"steps": 4096, "eta": 0.01, "batch_size": 256}}
@@ -342,14 +346,11 @@ def tv_pairs(a, b, V, max_pairs=200, seed=0):
 #################################################################################
 
 def load_codes(path, L=None, V=None):
-    """A DLC set as int64 codes [N, L] plus its meta; every token must lie in [0, V)."""
+    """A DLC set as int64 codes [N, L] plus its meta (load_dlc_set checks every token < V)."""
     if not path:
         utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode, or sedd.py synth)")
     s = utils.load_dlc_set(path, L=L, V=V)
-    codes, meta = np.asarray(s["codes"], dtype=np.int64), s["meta"]
-    if codes.max() >= meta["V"]:
-        utils.fail(f"DLC set {path} holds token {codes.max()} >= V={meta['V']}; re-encode it or fix meta.json")
-    return codes, meta
+    return np.asarray(s["codes"], dtype=np.int64), s["meta"]
 
 
 @torch.no_grad()
@@ -382,11 +383,11 @@ def train(cfg):
     if cfg.size not in SIZES:
         utils.fail(f"unknown size {cfg.size!r}; use {', '.join(SIZES)}")
     d = utils.setup_dist(cfg.device)
+    run_dir = os.path.join("runs", f"sedd-{cfg.run}")
+    utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
     L, V = int(meta["L"]), int(meta["V"])
-    run_dir = os.path.join("runs", f"sedd-{cfg.run}")
-    ck_path = utils.latest_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else None
-    ck = utils.load_checkpoint(ck_path) if ck_path else None
+    ck_path, ck = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
     if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (L, V):
         utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
                    f"but {cfg.dlc} has L={L} V={V}; use a matching DLC set or a new --run")
@@ -406,6 +407,8 @@ def train(cfg):
         start = ck["step"]
     log = utils.Logger(run_dir, d)
     if d.main:
+        if cfg.overwrite:
+            utils.clear_run_dir(run_dir)
         utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
         log(f"sedd: L={L} V={V} size={cfg.size} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"train={len(train_codes)} held-out={n_hold} world={d.world} device={d.device} start={start}")
@@ -416,7 +419,10 @@ def train(cfg):
         net = torch.compile(net)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
 
+    finite = utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
+
     def save(step):
+        finite.check(model.parameters())                                   # never save a NaN model
         if d.main:
             utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                    "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta,
@@ -439,10 +445,12 @@ def train(cfg):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         utils.ema_update(ema, model, cfg.ema)
+        finite.step(loss, step + 1)
         stat = torch.stack([loss.detach() / L, gnorm.detach()])
         if d.world > 1:  # all-reduce only to log
             dist.all_reduce(stat); stat /= d.world
         utils.sync(d.device)
+        finite.check()                                                     # the log line syncs anyway
         ms = (time.perf_counter() - t_start) * 1000
         log(f"step {step + 1:7d} | loss {stat[0].item():.4f} | lr {lr:.2e} | grad {stat[1].item():.3f} | "
             f"{ms:7.1f} ms/step | {cfg.batch_size * d.world / ms * 1000:8.0f} samples/s")
@@ -466,12 +474,14 @@ def sample_main(sc):
     sc = dataclasses.replace(sc, n=sc.count or sc.n)
     if sc.n < 1 or sc.steps < 1 or not 0 <= sc.eta < 1 or not 0 <= sc.t0 < sc.t1 <= 1:
         utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
+    utils.check_dlc_out(sc.out, sc.overwrite)                              # before any work
     path = utils.resolve_ckpt(sc.ckpt)
     ck = utils.load_checkpoint(path)
     cfg = ck["config"]
     d = utils.setup_dist(sc.device)
     model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
     model.load_state_dict(ck["ema"])  # samplers use the EMA weights
+    utils.check_sampling_weights(model.state_dict(), path)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     def raw_fn(x, sigma):
         with amp:
@@ -499,7 +509,7 @@ def sample_main(sc):
             ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
             meta["tv"] = {"marginal": tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
                           "pairs": tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
-        utils.save_dlc_set(sc.out, codes, meta)
+        utils.save_dlc_set(sc.out, codes, meta, overwrite=sc.overwrite)
         print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
               f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f})"
               + (f" | TV marginal {meta['tv']['marginal']:.4f} pairs {meta['tv']['pairs']:.4f}" if "tv" in meta else ""),
@@ -555,11 +565,13 @@ def bench(cfg):
 @dataclass
 class SynthConfig:
     out: str = ""                # output DLC set folder
+    overwrite: bool = False      # replace an existing DLC set at --out
     n: int = 4000                # number of codes
     L: int = 16                  # code length
     V: int = 32                  # vocabulary
     noise: float = 0.1           # probability of replacing a token by a uniform one
     seed: int = 0                # seed of the tables and of the noise
+    POSITIVE = ("n", "L", "V")
 
 
 def synth(c):
@@ -568,6 +580,7 @@ def synth(c):
     (one or two of the three), then uniform noise. Marginals and pairs are far from uniform."""
     if not c.out:
         utils.fail("synth needs --out DIR")
+    utils.check_dlc_out(c.out, c.overwrite)
     rng = np.random.RandomState(c.seed)
     attrs = utils.make_shapes(c.n, 8, c.seed)["attrs"].numpy()             # (N, 3)
     sizes = (len(utils.SHAPES), len(utils.COLOURS), len(utils.COLOURS))
@@ -582,7 +595,7 @@ def synth(c):
     utils.save_dlc_set(c.out, codes, {"L": c.L, "V": c.V, "tau": None, "checkpoint": None,
                                       "command": " ".join(["sedd.py"] + sys.argv[1:]), "synthetic": True,
                                       "data": {"name": "shapes", "n": c.n, "size": 8, "seed": c.seed}},
-                       labels=attrs[:, 0])
+                       labels=attrs[:, 0], overwrite=c.overwrite)
     print(f"wrote synthetic DLC set {c.out}: N={c.n} L={c.L} V={c.V}", flush=True)
 
 

@@ -40,6 +40,7 @@ import utils
 class Config:
     run: str = "toy"              # run folder runs/sem-<run>/
     resume: bool = False          # continue from the newest checkpoint of the run
+    overwrite: bool = False       # train: replace an earlier run in the same folder; encode: an existing --out set
     seed: int = 0                 # base seed (per rank and per step)
     device: str = "auto"          # auto | cpu | cuda | mps
     steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
@@ -99,6 +100,8 @@ class Config:
     ckpt: str = ""                # encode / probe: checkpoint file or run folder
     continuous: bool = False      # encode: also write embeddings.npy (normalised CLS)
     encode_batch: int = 256       # encode: images per batch
+    POSITIVE = ("steps", "batch_size", "n", "size", "patch", "L", "V", "prototypes", "local_size", "log_every",
+                "ckpt_every", "encode_batch")
 
 
 PRESETS = {
@@ -586,6 +589,7 @@ def train(cfg):
         utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
+    utils.check_run_dir(run_dir(cfg), cfg.resume, cfg.overwrite)
     out, log = run_dir(cfg), utils.Logger(run_dir(cfg), d)
     utils.seed_all(cfg.seed, d)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -601,15 +605,16 @@ def train(cfg):
     opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
                             fused=d.device.type == "cuda")
     start = 0
-    ck_path = utils.latest_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else None
+    ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
     if ck_path:
-        ck = utils.load_checkpoint(ck_path)
         student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
         for k in centers:
             centers[k].copy_(ck["centers"][k])
         start = ck["step"]
         log(f"resumed from {ck_path} at step {start}")
     if d.main:
+        if cfg.overwrite:
+            utils.clear_run_dir(out)
         utils.save_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
     model = student
     if cfg.compile:
@@ -622,7 +627,7 @@ def train(cfg):
     lr_base = cfg.lr * math.sqrt(cfg.batch_size * d.world / 1024)
     from tqdm import tqdm
     bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
-    t0 = time.perf_counter()
+    t0, finite = time.perf_counter(), utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
     for step, batch in zip(range(start, cfg.steps), bar):
         lr = cosine(lr_base, cfg.min_lr, step, cfg.steps, cfg.warmup)
         wd = cosine(cfg.wd, cfg.wd_end, step, cfg.steps)
@@ -636,7 +641,9 @@ def train(cfg):
         opt.step()
         m = cosine(cfg.momentum, 1.0, step, cfg.steps)  # teacher momentum 0.992 -> 1
         utils.ema_update(teacher, student, m)
+        finite.step(loss, step + 1)
         if (step + 1) % cfg.log_every == 0:
+            finite.check()
             ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
             if d.world > 1:
                 dist.all_reduce(ls); ls /= d.world
@@ -646,6 +653,7 @@ def train(cfg):
                 f"| lr {lr:.2e} | grad {gnorm:.3f} | {ms:.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:.0f} samples/s")
             t0 = time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            finite.check(student.parameters())                             # never save a NaN model
             if d.main:
                 utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
                                        "opt": opt.state_dict(), "step": step + 1, "centers": centers,
@@ -681,6 +689,7 @@ def load_encoder(cfg, argv=()):
         if sd["sem_embed.weight"].shape[0] != cfg.L * cfg.V:
             utils.fail(f"checkpoint SEM head has L*V={sd['sem_embed.weight'].shape[0]}, config says {cfg.L}x{cfg.V}")
         enc.load_state_dict(sd)
+        utils.check_sampling_weights(enc.state_dict(), path)
         return enc, cfg, path, "trained"
     torch.manual_seed(cfg.seed)
     enc = SEMViT(cfg)
@@ -716,6 +725,7 @@ def encode(cfg, argv=()):
         utils.fail("encode needs --out DIR for the DLC set")
     if not cfg.ckpt:
         utils.fail("encode needs --ckpt (our checkpoint / run folder or an official DINOv2 .pth)")
+    utils.check_dlc_out(cfg.out, cfg.overwrite)                            # before any work
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
     enc, cfg, path, head = load_encoder(cfg, argv)
@@ -738,7 +748,7 @@ def encode(cfg, argv=()):
         if cfg.continuous:
             extra["embeddings.npy"] = embs.astype(np.float16)
         utils.save_dlc_set(cfg.out, codes, meta, labels=images.labels, captions=images.captions,
-                           index=images.index, extra=extra)
+                           index=images.index, extra=extra, overwrite=cfg.overwrite)
         print(f"wrote {len(codes)} codes [N, L={cfg.L}] V={cfg.V} to {cfg.out}", flush=True)
     if d.world > 1:
         dist.barrier()

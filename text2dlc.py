@@ -43,6 +43,7 @@ import utils
 class Config:
     run: str = "toy"              # run folder runs/text2dlc-<run>/
     resume: bool = False          # continue from the newest checkpoint of the run
+    overwrite: bool = False       # replace an earlier run in the same folder (its checkpoints, config, log)
     seed: int = 0                 # base seed (per rank: seed * world + rank)
     device: str = "auto"          # auto | cpu | cuda | mps
     steps: int = 400              # optimizer steps (paper: 9M pairs at batch 128, step count not given)
@@ -66,6 +67,7 @@ class Config:
     act_ckpt: bool = False        # activation checkpointing (llada: the model's own mechanism)
     log_every: int = 100          # steps between log lines
     ckpt_every: int = 400         # steps between checkpoints
+    POSITIVE = ("steps", "batch_size", "d_model", "n_layers", "n_heads", "max_caption", "log_every", "ckpt_every")
 
 
 PRESETS = {
@@ -84,6 +86,7 @@ class SampleConfig:
     prompts_file: str = ""        # or a text file of captions, one per line (n DLCs for each)
     n: int = 16                   # number of DLCs to draw (per prompt)
     out: str = ""                 # output DLC set folder
+    overwrite: bool = False       # replace an existing DLC set at --out
     steps: int = 0                # unmasking steps (0: L, one token per step)
     temperature: float = 1.0      # Gumbel temperature (0: argmax)
     cfg: float = 0.0              # classifier-free guidance scale w: un + (w + 1)(cond - un) (LLaDA's form)
@@ -91,6 +94,7 @@ class SampleConfig:
     seed: int = 0                 # sampling seed
     device: str = "auto"          # auto | cpu | cuda
     model_path: str = ""          # llada: override the base-model folder stored in the checkpoint
+    POSITIVE = ("n", "batch_size")
 
 
 #################################################################################
@@ -420,12 +424,12 @@ def train(cfg):
     if cfg.model == "llada" and not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
         utils.fail(f"--model_path {cfg.model_path!r} is not a model folder with config.json; download "
                    "GSAI-ML/LLaDA-8B-Base and pass its local path")
-    codes, caps, meta = load_captioned(cfg.dlc)
-    L, V = int(meta["L"]), int(meta["V"])
     run_dir = os.path.join("runs", f"text2dlc-{cfg.run}")
     ck_dir = os.path.join(run_dir, "checkpoints")
-    resume = utils.latest_checkpoint(ck_dir) if cfg.resume else None
-    state = utils.load_checkpoint(resume) if resume else None
+    utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    codes, caps, meta = load_captioned(cfg.dlc)
+    L, V = int(meta["L"]), int(meta["V"])
+    resume, state = utils.resume_checkpoint(ck_dir) if cfg.resume else (None, None)
     if state and (state["L"], state["V"]) != (L, V):
         utils.fail(f"checkpoint {resume} has L={state['L']}, V={state['V']} but --dlc has L={L}, V={V}")
     d = utils.setup_dist(cfg.device)
@@ -473,11 +477,14 @@ def train(cfg):
     maskable = maskable.to(d.device)
     n_tok = cfg.batch_size * (L if cfg.mask_mode == "sft" else T)
     if d.main:
+        if cfg.overwrite:
+            utils.clear_run_dir(run_dir)
         utils.save_json(c, os.path.join(run_dir, "config.json"))
     log(f"text2dlc {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params/rank, "
         f"N={len(codes)} L={L} V={V} T={T} world={d.world} accum={accum} mask_mode={cfg.mask_mode} fsdp={fsdp}")
     amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and not fsdp else torch.autocast("cpu", enabled=False)
     step = state["step"] if state else 0
+    finite = utils.FiniteCheck(d.device)
     model.train()
     t0 = time.perf_counter()
     while step < cfg.steps:
@@ -499,7 +506,9 @@ def train(cfg):
         if ema is not None:
             utils.ema_update(ema, model, cfg.ema_decay)
         step += 1
+        finite.step(tot, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
+            finite.check()
             lt = torch.tensor([tot], device=d.device)
             if d.world > 1:
                 torch.distributed.all_reduce(lt)
@@ -508,6 +517,7 @@ def train(cfg):
                 f"| {1000 * dt:.1f} ms/step | {gb / dt:.1f} samples/s")
             t0 = time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            finite.check(model.parameters())                              # never save a NaN model
             sd = full_state(model, d, fsdp)
             osd = None
             if fsdp:
@@ -532,10 +542,12 @@ def train(cfg):
 #################################################################################
 
 def load_for_sampling(ckpt_path, device, model_path=""):
-    state = utils.load_checkpoint(utils.resolve_ckpt(ckpt_path))
+    path = utils.resolve_ckpt(ckpt_path)
+    state = utils.load_checkpoint(path)
     c = state["config"]
     be = build_backend(c, state["L"], state["V"], vocab=state.get("vocab"), model_path=model_path or None)
     be.model.load_state_dict(state["ema"] or state["model"])             # samplers use EMA weights
+    utils.check_sampling_weights(be.model.state_dict(), path)
     return be, state
 
 
@@ -546,6 +558,7 @@ def sample_cmd(argv):
     prompts = [p.strip() for p in open(s.prompts_file) if p.strip()] if s.prompts_file else [s.prompt] * bool(s.prompt)
     if not s.ckpt or not s.out or not prompts:
         utils.fail("sample needs --ckpt PATH --prompt TEXT (or --prompts_file FILE) --out DIR")
+    utils.check_dlc_out(s.out, s.overwrite)                               # before any work
     d = utils.setup_dist(s.device)
     be, state = load_for_sampling(s.ckpt, d.device, s.model_path)
     L, V = state["L"], state["V"]
@@ -575,7 +588,7 @@ def sample_cmd(argv):
             "command": "text2dlc.py sample " + " ".join(argv), "data": state.get("data"), "source_dlc": state.get("dlc"),
             "sampler": {"steps": steps, "temperature": s.temperature, "cfg": s.cfg, "seed": s.seed,
                         "remasking": "low_confidence", "schedule": "linear"}}
-    utils.save_dlc_set(s.out, codes, meta, captions=captions, extra=extra)
+    utils.save_dlc_set(s.out, codes, meta, captions=captions, extra=extra, overwrite=s.overwrite)
     print(f"wrote {len(codes)} DLCs for {len(prompts)} prompt(s) to {s.out}")
 
 
@@ -590,6 +603,7 @@ class ProbeConfig:
     dlc: str = ""                 # generated DLC set (text2dlc sample) whose meta holds the prompt
     ref: str = ""                 # encoded DLC set with shapes captions covering all combinations
     k: int = 5                    # neighbours voting per attribute
+    POSITIVE = ("k",)
 
 
 def probe_cmd(argv):
@@ -664,9 +678,11 @@ def bench(cfg):
 @dataclass
 class ToySetConfig:
     out: str = ""                 # output DLC set folder
+    overwrite: bool = False       # replace an existing DLC set at --out
     data: str = "shapes"          # shapes (held-out combinations excluded) | shapes-all | shapes-heldout
     n: int = 4000                 # images
     seed: int = 0                 # data seed
+    POSITIVE = ("n",)
 
 
 def toyset_cmd(argv):
@@ -676,6 +692,7 @@ def toyset_cmd(argv):
     c = utils.parse_config(ToySetConfig, argv)
     if not c.out:
         utils.fail("toyset needs --out DIR")
+    utils.check_dlc_out(c.out, c.overwrite)
     d = utils.load_embedded(c.data, n=c.n, size=8, seed=c.seed)
     rng = np.random.RandomState(c.seed + 1)
     a = d["attrs"].numpy()                                                # (N, 3)
@@ -683,7 +700,7 @@ def toyset_cmd(argv):
     codes = np.concatenate([syn(0, 0), syn(8, 1), syn(18, 2), rng.randint(32, size=(len(a), 2))], 1)  # (N, 8)
     meta = {"L": 8, "V": 32, "synthetic": True, "command": "text2dlc.py toyset " + " ".join(argv),
             "data": {"name": c.data, "n": c.n, "size": 8, "seed": c.seed}}
-    utils.save_dlc_set(c.out, codes, meta, labels=a[:, 0], captions=d["captions"])
+    utils.save_dlc_set(c.out, codes, meta, labels=a[:, 0], captions=d["captions"], overwrite=c.overwrite)
     print(f"wrote SYNTHETIC DLC set {c.out}: N={len(codes)} L=8 V=32")
 
 

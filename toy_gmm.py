@@ -42,6 +42,7 @@ VARIANTS = ("uncond", "oracle", "gmm", "disco")
 @dataclass
 class Config:
     run: str = "toy"                 # run folder runs/toy_gmm-<run>/
+    overwrite: bool = False          # replace an earlier run's results in the same folder
     modes: list[int] = field(default_factory=lambda: [4, 16, 64, 256])  # numbers of modes N (squares)
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # conditionings to train
     spacing: float = 1.0             # distance between neighbouring centres
@@ -61,6 +62,7 @@ class Config:
     device: str = "auto"             # auto | cpu | cuda | mps
     compile: bool = False            # torch.compile the forward + loss (for GPUs: fewer, fused kernels)
     log_every: int = 100             # log a line every this many steps
+    POSITIVE = ("width", "T", "sample_steps", "steps", "batch_size", "pool", "n_eval", "log_every")
 
 
 PRESETS = {"toy": {},
@@ -560,6 +562,9 @@ def run_sweep(cfg):
     d = utils.setup_dist(cfg.device)
     utils.seed_all(cfg.seed, d)
     run_dir = os.path.join("runs", f"toy_gmm-{cfg.run}")
+    utils.check_run_dir(run_dir, False, cfg.overwrite, results=("results.json",))
+    if cfg.overwrite and d.main:
+        utils.clear_run_dir(run_dir, ("results.json", "samples.png", "kl_vs_modes.png", "vector_field.png"))
     os.makedirs(run_dir, exist_ok=True)
     utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
     log = utils.Logger(run_dir, d)

@@ -2,7 +2,7 @@
 and the embedded datasets. Everything a model is made of lives in the script of its paper
 section; this file only holds infrastructure that every script needs in the same form.
 """
-import dataclasses, json, os, shutil, time, typing
+import dataclasses, glob, json, os, re, shutil, time, typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -47,7 +47,8 @@ def parse_config(cls, argv, presets=None):
     """Build a `cls` dataclass from `--preset NAME` then `--key=value` / `--key value` / `--flag`.
 
     Presets are named dicts of overrides applied first; later flags win. Unknown keys and
-    values of the wrong type stop with one line listing what is valid."""
+    values of the wrong type stop with one line listing what is valid, and so does a value
+    <= 0 of a field named in the class attribute `POSITIVE` (e.g. steps, batch_size)."""
     presets = presets or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -81,7 +82,11 @@ def parse_config(cls, argv, presets=None):
     for key in values:
         if key not in fields:
             fail(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
-    return cls(**values)
+    cfg = cls(**values)
+    for key in getattr(cls, "POSITIVE", ()):  # counts and sizes: 0 or negative makes no sense
+        if getattr(cfg, key) <= 0:
+            fail(f"--{key} must be a positive number, got {getattr(cfg, key)}")
+    return cfg
 
 
 def save_json(obj, path):
@@ -176,15 +181,79 @@ class Logger:
 #                Atomic files, checkpoints, EMA (plain dicts of tensors)        #
 #################################################################################
 
+TMP = re.compile(r"(.+)\.(tmp|old)-(\d+)")   # our temporaries: NAME.tmp-PID, NAME.old-PID (a swap)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process (or no os.kill): assume alive
+        return True
+    return True
+
+
+def clean_stale(folder):
+    """Remove the temporaries that a killed process (kill -9, power cut) left in `folder`:
+    only names of our own pattern whose PID is no longer running on this machine (writers on
+    other machines of a shared disk are not seen: there only rank 0 writes). An interrupted folder swap
+    (NAME.old-PID left while NAME is missing) is undone: the old NAME comes back."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = TMP.fullmatch(name)
+        if not m or int(m[3]) == os.getpid() or _alive(int(m[3])):
+            continue
+        path, target = os.path.join(folder, name), os.path.join(folder, m[1])
+        try:
+            if m[2] == "old" and not os.path.exists(target):
+                os.replace(path, target)                  # crashed between the two renames
+            elif os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError:  # a read-only folder (a shared data set): leave it to its owner
+            pass
+
+
+def _fsync(path):
+    """Flush a file, or a folder's entries, to disk. Without it a power cut after the rename
+    can leave an empty file under the final name (the rename reached the disk, the data not)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on some systems (Windows): nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds,
-    so a crash never leaves a half-written file (the old one, if any, stays intact)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    so a crash never leaves a half-written file (the old one, if any, stays intact). The data
+    is flushed before the rename and the folder after it; the temporaries of killed processes
+    in the same folder are removed first. A folder written at `tmp` replaces a folder at
+    `path` by two renames (old aside, new in), undone by clean_stale if a crash falls between."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    clean_stale(folder)
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
     try:
         yield tmp
-        os.replace(tmp, path)
+        for f in (glob.glob(os.path.join(glob.escape(tmp), "*")) if os.path.isdir(tmp) else []) + [tmp]:
+            _fsync(f)
+        if os.path.isdir(tmp) and os.path.isdir(path):  # a folder cannot be renamed over a folder
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+        _fsync(folder)
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
@@ -211,13 +280,21 @@ def save_checkpoint(obj, path):
         torch.save(_plain(obj), tmp)
 
 
+def _read_checkpoint(path):
+    """(object, None) or (None, the reason it does not load)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e)[:80]}"
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist; pass the path of a .pt file written by train")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"could not read checkpoint {path} ({type(e).__name__}: {str(e)[:80]}); is it corrupt?")
+    ck, err = _read_checkpoint(path)
+    if err:
+        fail(f"could not read checkpoint {path} ({err}); is it corrupt?")
+    return ck
 
 
 def resolve_ckpt(path):
@@ -230,12 +307,99 @@ def resolve_ckpt(path):
     return path
 
 
-def latest_checkpoint(ckpt_dir):
-    """Newest `ckpt_<step>.pt` in ckpt_dir, or None (for --resume)."""
+CKPT = re.compile(r"ckpt_(\d+)\.pt")   # what every trainer writes: checkpoints/ckpt_<step>.pt
+
+
+def checkpoints(ckpt_dir):
+    """The `ckpt_<step>.pt` files of ckpt_dir, newest first (other names, e.g. ckpt_best.pt, ignored)."""
     if not os.path.isdir(ckpt_dir):
-        return None
-    names = [n for n in os.listdir(ckpt_dir) if n.startswith("ckpt_") and n.endswith(".pt")]
-    return os.path.join(ckpt_dir, max(names, key=lambda n: int(n[5:-3]))) if names else None
+        return []
+    steps = [(int(m[1]), n) for n in os.listdir(ckpt_dir) if (m := CKPT.fullmatch(n))]
+    return [os.path.join(ckpt_dir, n) for _, n in sorted(steps, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir):
+    """Newest `ckpt_<step>.pt` in ckpt_dir, or None."""
+    found = checkpoints(ckpt_dir)
+    return found[0] if found else None
+
+
+def resume_checkpoint(ckpt_dir):
+    """For --resume: (path, checkpoint) of the newest checkpoint that loads, or (None, None).
+    A newer one that does not load (a disk filled up, a copy cut short) is skipped with one line."""
+    skipped = []
+    for path in checkpoints(ckpt_dir):
+        ck, err = _read_checkpoint(path)
+        if err is None and isinstance(ck, dict) and "step" in ck:
+            if skipped:
+                print0(f"warning: --resume skipped {', '.join(skipped)} (unreadable); resuming from {path}")
+            return path, ck
+        skipped.append(f"{os.path.basename(path)} ({err or 'not a training checkpoint'})")
+    if skipped:
+        fail(f"no checkpoint in {ckpt_dir} loads ({'; '.join(skipped)}); start again without --resume")
+    return None, None
+
+
+def check_run_dir(run_dir, resume, overwrite, results=()):
+    """Before any work: a fresh run refuses a run folder that holds an earlier run's checkpoints
+    (or other `results` files): two runs mixed in one folder would leave old checkpoints beside
+    new ones, and --ckpt RUN would pick the old. Also removes what killed processes left there."""
+    if resume and overwrite:
+        fail("--resume continues a run and --overwrite replaces it; pass one of them")
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    for folder in (run_dir, ck_dir):
+        clean_stale(folder)
+    found = checkpoints(ck_dir) + [p for r in results for p in glob.glob(os.path.join(glob.escape(run_dir), r))]
+    if found and not (resume or overwrite):
+        fail(f"{run_dir} holds an earlier run ({os.path.relpath(found[0], run_dir)}); pass --resume to "
+             f"continue it, --overwrite to replace it, or another --run name")
+
+
+def clear_run_dir(run_dir, written=()):
+    """--overwrite: delete only the files this project writes in a run folder (config.json,
+    log.txt, checkpoints/ckpt_<step>.pt and the script's `written` patterns); others stay."""
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    for p in checkpoints(ck_dir) + [p for pat in ("config.json", "log.txt", *written)
+                                    for p in glob.glob(os.path.join(glob.escape(run_dir), pat))]:
+        os.remove(p)
+    if os.path.isdir(ck_dir) and not os.listdir(ck_dir):
+        os.rmdir(ck_dir)
+
+
+class FiniteCheck:
+    """Stops training with one line when the loss turns NaN / inf, before the weights that came
+    out of it are saved. `step(loss, i)` at step i records the first bad step on the device
+    (no host sync, so a GPU keeps running ahead); `check(params)` at log and checkpoint steps
+    syncs once and also checks the weights (the last update can overflow on a finite loss)."""
+    def __init__(self, device, hint="lower --lr"):
+        self.hint = hint
+        self.first = torch.full((), -1, dtype=torch.long, device=device)   # first bad step, -1: none
+        self.value = torch.zeros((), device=device)                        # the loss at that step
+
+    def step(self, loss, i):
+        loss = torch.as_tensor(loss, device=self.first.device).detach().float().sum()  # a tensor or a float
+        new = ~torch.isfinite(loss) & (self.first < 0)
+        self.first = torch.where(new, i, self.first)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self, params=()):
+        if self.first.item() >= 0:
+            fail(f"the loss became {self.value.item()} at step {self.first.item()}; "
+                 f"nothing was saved from there on; {self.hint}")
+        check_finite_weights(params, hint=self.hint)
+
+
+def check_finite_weights(tensors, where="the weights", hint="lower --lr"):
+    """One line if any floating tensor of `tensors` (parameters or a state dict's values) holds NaN / inf."""
+    bad = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        fail(f"{where} hold NaN or inf ({len(bad)} tensors); {hint}")
+
+
+def check_sampling_weights(state_dict, path):
+    """Samplers refuse a checkpoint of a run that diverged (its samples would be all one token)."""
+    check_finite_weights(state_dict.values(), f"the weights of {path}",
+                         "it comes from a diverged run: retrain with a lower --lr")
 
 
 def unwrap(model):
@@ -293,15 +457,39 @@ def peak_memory_mb(device):
 #          DLC sets: codes.npy uint16 [N, L] + meta.json (+ labels / captions)  #
 #################################################################################
 
-def save_dlc_set(out, codes, meta, labels=None, captions=None, index=None, extra=None):
-    """Write a DLC set folder atomically (a temporary folder renamed at the end).
+DLC_FILES = ("codes.npy", "meta.json", "labels.npy", "captions.jsonl", "index.txt")   # + extra *.npy
+
+
+def check_dlc_out(out, overwrite):
+    """Before any work: `out` must be new, an empty folder, or (with --overwrite) a DLC set.
+    Anything else is refused, so that a typo in --out never costs a user's files."""
+    if not out:
+        fail("no output folder given; pass --out DIR")
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return
+    names = os.listdir(out) if os.path.isdir(out) else []
+    foreign = [n for n in names if n not in DLC_FILES and not n.endswith(".npy")]
+    if not {"codes.npy", "meta.json"} <= set(names) or foreign:
+        fail(f"--out {out} exists and is not a DLC set (it holds {(foreign or names or [out])[0]!r}); "
+             f"refusing to touch it: pick a new folder")
+    if not overwrite:
+        fail(f"--out {out} already holds a DLC set; pass --overwrite to replace it, or pick a new folder")
+
+
+def save_dlc_set(out, codes, meta, labels=None, captions=None, index=None, extra=None, overwrite=False):
+    """Write a DLC set folder atomically: a temporary folder beside `out`, swapped in at the end,
+    so a crash leaves the old set or the new one. An existing `out` must be a DLC set, and is
+    replaced only with overwrite=True (check_dlc_out: commands call it before any work too).
     `extra` maps file names to numpy arrays (e.g. {"embeddings.npy": float16 [N, D]})."""
+    check_dlc_out(out, overwrite)
     codes = np.asarray(codes)
     V = int(meta["V"])
     if codes.ndim != 2 or codes.shape[1] != int(meta["L"]):
         fail(f"codes have shape {codes.shape}, expected [N, L={meta['L']}]")
     if codes.size and (codes.min() < 0 or codes.max() >= V):
         fail(f"codes hold values outside [0, V={V}); refusing to write {out}")
+    if os.path.isdir(out) and not os.listdir(out):  # an empty folder: take its place
+        os.rmdir(out)
     with atomic_path(out) as tmp:
         os.makedirs(tmp)
         np.save(os.path.join(tmp, "codes.npy"), codes.astype(np.uint16))
@@ -317,13 +505,28 @@ def save_dlc_set(out, codes, meta, labels=None, captions=None, index=None, extra
                 f.writelines(f"{i}\n" for i in index)
         for name, arr in (extra or {}).items():
             np.save(os.path.join(tmp, name), arr)
-        if os.path.isdir(out):  # replace an older set with the same name
-            shutil.rmtree(out)
+
+
+def check_tokens(codes, V, path, chunk=1 << 22):
+    """Every token in [0, V), read `chunk` tokens at a time (a 1.3 GB memmap is never loaded
+    whole). One line names the first bad row and position."""
+    if not np.issubdtype(codes.dtype, np.integer):
+        fail(f"DLC set {path}: codes.npy holds {codes.dtype}, not integer tokens; re-run the command that wrote it")
+    rows = max(1, chunk // max(1, codes.shape[1]))
+    for i in range(0, len(codes), rows):
+        block = np.asarray(codes[i:i + rows])                               # (rows, L)
+        if block.min() < 0 or block.max() >= V:
+            r, c = np.argwhere((block < 0) | (block >= V))[0]
+            t = block[r, c]
+            fail(f"DLC set {path}: row {i + r} position {c} holds token {t} {'< 0' if t < 0 else f'>= V={V}'}; "
+                 f"every token must lie in [0, V): re-encode it or fix meta.json")
 
 
 def load_dlc_set(path, L=None, V=None):
-    """Read a DLC set; check L and V against the caller's model. Returns a dict with
-    codes (memory-mapped uint16 [N, L]), meta, and labels / captions when present."""
+    """Read a DLC set; check meta.json, every token in [0, V), and L and V against the caller's
+    model. Returns a dict with codes (memory-mapped uint16 [N, L]), meta, and labels /
+    captions when present."""
+    clean_stale(os.path.dirname(os.path.abspath(path)))   # an interrupted replacement comes back
     mpath, cpath = os.path.join(path, "meta.json"), os.path.join(path, "codes.npy")
     if not (os.path.isfile(mpath) and os.path.isfile(cpath)):
         fail(f"{path} is not a DLC set (needs codes.npy and meta.json); make one with sem.py encode")
@@ -332,6 +535,10 @@ def load_dlc_set(path, L=None, V=None):
         codes = np.load(cpath, mmap_mode="r")
     except Exception as e:
         fail(f"DLC set {path} is corrupt ({type(e).__name__}); re-run the command that wrote it")
+    if not isinstance(meta, dict) or not all(type(meta.get(k)) is int and meta[k] > 0 for k in ("L", "V")):
+        got = {k: meta.get(k) for k in ("L", "V")} if isinstance(meta, dict) else type(meta).__name__
+        fail(f"DLC set {path}: meta.json must be a JSON object with positive integers L and V (got {got}); "
+             f"re-run the command that wrote it")
     if codes.ndim != 2 or len(codes) == 0:
         fail(f"DLC set {path} is empty or not [N, L] (shape {codes.shape})")
     if codes.shape[1] != meta["L"]:
@@ -340,6 +547,7 @@ def load_dlc_set(path, L=None, V=None):
         fail(f"DLC set {path} has L={meta['L']} but the model expects L={L}; use a matching set or model")
     if V is not None and meta["V"] != V:
         fail(f"DLC set {path} has V={meta['V']} but the model expects V={V}; use a matching set or model")
+    check_tokens(codes, meta["V"], path)
     out = {"codes": codes, "meta": meta}
     if os.path.isfile(os.path.join(path, "labels.npy")):
         out["labels"] = np.load(os.path.join(path, "labels.npy"))

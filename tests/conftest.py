@@ -25,5 +25,14 @@ def torchrun(args, nproc=2, cwd=None, timeout=600, check=True):
                       cwd=cwd, timeout=timeout, check=check)
 
 
+def assert_same_optimizer_state(a, b):
+    """Two optimizer state dicts bit-equal: every moment tensor, step count and hyper-parameter."""
+    import torch
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for i in a["state"]:
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]) if torch.is_tensor(v) else v == b["state"][i][k], (i, k)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (run through the device tool)")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, assert_same_optimizer_state, run_script, torchrun
 import dit
 import utils
 
@@ -240,6 +240,7 @@ def test_train_resume_sample_compose(tmp_path, monkeypatch):
     b = torch.load("runs/dit-half/checkpoints/ckpt_0000004.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+    assert_same_optimizer_state(a["opt"], b["opt"])
     log = open("runs/dit-full/log.txt").read()
     assert log.count("| loss ") == 4 and "ms/step" in log and os.path.isfile("runs/dit-full/samples_0000004.png")
     # the CFG flags reach the network in both sample and compose

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import sedd
-from conftest import ROOT, torchrun
+from conftest import ROOT, assert_same_optimizer_state, torchrun
 
 EPS = 1e-3
 
@@ -244,6 +244,7 @@ def test_resume_equality(toy, monkeypatch):
     for key in ("model", "ema"):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert_same_optimizer_state(a["opt"], b["opt"])
     assert "held-out loss" in open("runs/sedd-part/log.txt").read()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, assert_same_optimizer_state, run_script, torchrun
 import sem
 import utils
 
@@ -189,6 +189,10 @@ def test_resume_equals_uninterrupted_and_encode(tmp_path):
     for key in ("model", "ema"):
         for k in a[key]:
             torch.testing.assert_close(a[key][k], b[key][k], msg=k)
+            assert torch.equal(a[key][k], b[key][k]), (key, k)              # bit-exact on CPU
+    for k in a["centers"]:
+        assert torch.equal(a["centers"][k], b["centers"][k]), k
+    assert_same_optimizer_state(a["opt"], b["opt"])
     log = open(tmp_path / "runs/sem-full/log.txt").read()
     assert "step       4 | loss" in log and "ms/step" in log
     # encode: one process vs a 2-process torchrun shard + merge
