@@ -43,6 +43,8 @@ class Config:
     seed: int = 0                 # base seed (per rank and per step)
     device: str = "auto"          # auto | cpu | cuda | mps
     steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
+    schedule: int = 0             # length of the cosine schedules (lr, wd, momentum; 0: --steps); --resume keeps
+                                  # the checkpoint's, so a larger --steps goes on at their final values
     batch_size: int = 32          # images per process (paper: 64 per GPU)
     compile: bool = False         # torch.compile the student backbone
     grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
@@ -586,7 +588,7 @@ def train(cfg):
         utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
-    out, log = run_dir(cfg), utils.Logger(run_dir(cfg), d)
+    out = run_dir(cfg)
     utils.seed_all(cfg.seed, d)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     images = Images(cfg)
@@ -602,13 +604,19 @@ def train(cfg):
                             fused=d.device.type == "cuda")
     start = 0
     ck_path = utils.latest_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else None
-    if ck_path:
-        ck = utils.load_checkpoint(ck_path)
-        student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+    ck = utils.checkpoint_of(ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config")) if ck_path else None
+    if ck:
+        utils.load_weights(student, ck["model"], ck_path); utils.load_weights(teacher, ck["ema"], ck_path)
+        utils.load_weights(opt, ck["opt"], ck_path)
         for k in centers:
             centers[k].copy_(ck["centers"][k])
         start = ck["step"]
-        log(f"resumed from {ck_path} at step {start}")
+    # the schedules keep the length they started with: a resumed run replays its past exactly
+    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or (ck and ck["config"].get("schedule", ck["config"]["steps"]))
+                              or cfg.steps)
+    log = utils.Logger(out, d)  # the run folder appears only once every input has been read
+    if ck:
+        log(f"resumed from {ck_path} at step {start} (schedules over {cfg.schedule} steps)")
     if d.main:
         utils.save_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
     model = student
@@ -624,8 +632,8 @@ def train(cfg):
     bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
     t0 = time.perf_counter()
     for step, batch in zip(range(start, cfg.steps), bar):
-        lr = cosine(lr_base, cfg.min_lr, step, cfg.steps, cfg.warmup)
-        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.steps)
+        lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)
+        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)
         for grp in opt.param_groups:
             frozen = grp["last_layer"] and step < cfg.freeze_last  # last layer frozen at first
             grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
@@ -634,7 +642,7 @@ def train(cfg):
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
         opt.step()
-        m = cosine(cfg.momentum, 1.0, step, cfg.steps)  # teacher momentum 0.992 -> 1
+        m = cosine(cfg.momentum, 1.0, step, cfg.schedule)  # teacher momentum 0.992 -> 1
         utils.ema_update(teacher, student, m)
         if (step + 1) % cfg.log_every == 0:
             ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
@@ -649,7 +657,8 @@ def train(cfg):
             if d.main:
                 utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
                                        "opt": opt.state_dict(), "step": step + 1, "centers": centers,
-                                       "config": dataclasses.asdict(cfg), "versions": {"torch": torch.__version__}},
+                                       "config": dataclasses.asdict(cfg), "script": "sem",
+                                       "versions": {"torch": torch.__version__}},
                                       os.path.join(out, "checkpoints", f"ckpt_{step + 1:07d}.pt"))
             if d.world > 1:
                 dist.barrier()
