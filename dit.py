@@ -872,7 +872,10 @@ def extract(cfg):
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size),
                              transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
-    ds = datasets.ImageFolder(cfg.data_path, tf)
+    try:
+        ds = datasets.ImageFolder(cfg.data_path, tf)
+    except (FileNotFoundError, RuntimeError) as e:                          # no class folders / no images
+        utils.fail(f"--data_path {cfg.data_path}: {e}")
     h = cfg.image_size // 8
     job = {"data_path": os.path.abspath(cfg.data_path), "image_size": cfg.image_size,
            "vae": os.path.abspath(cfg.vae), "n": len(ds)}

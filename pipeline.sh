@@ -14,18 +14,18 @@ PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM="--steps=1000 --n_eval=5000"         # the full sweep (python toy_gmm.py) is 2500 steps
   NDATA=4000; SEM="--steps 100"; SEDD="--steps 800"; DIT="--steps 2000"; T2D="--steps 400"
-  NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE="--judge_steps 400"
+  NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM="--modes=4 --steps=20 --batch_size=128 --width=16 --n_eval=300 --sample_steps=5"
   NDATA=200; SEM="--steps 2 --batch_size 8 --local_crops 1 --prototypes 32 --head_hidden 32 --head_bottleneck 16
        --warmup 1 --freeze_last 1 --teacher_temp_steps 2"
   SEDD="--steps 4 --batch_size 16 --eval_every 4 --ckpt_every 4"; DIT="--steps 4 --batch_size 16 --ckpt_every 4 --sample_every 4"
-  T2D="--steps 4 --batch_size 8 --d_model 32 --n_layers 1"; NS=40; STEPS=4; NPAIRS=2; K=4; NP=4; JUDGE="--judge_steps 30 --allow_low_rank"
+  T2D="--steps 4 --batch_size 8 --d_model 32 --n_layers 1"; NS=40; STEPS=4; NPAIRS=2; K=4; NP=4; JUDGE=(--judge_steps 30 --allow_low_rank)
 else
   echo "error: SCALE must be full or tiny, got '$SCALE'" >&2; exit 2
 fi
 mkdir -p "$OUT/s" "$OUT/eval"
-JUDGE="$JUDGE --judge $OUT/judge.pt --data shapes"
+JUDGE+=(--judge "$OUT/judge.pt" --data shapes)   # an array: OUT may hold spaces
 t0=$SECONDS
 stage() { echo; echo "### [$((SECONDS - t0)) s] $*"; }
 
@@ -73,10 +73,10 @@ d = utils.load_embedded("shapes", n=n)
 np.savez(f"{out}/s/real-16px.npz", arr_0=dit.to_image(dit.resize(d["images"], 16)), attrs=d["attrs"].numpy())
 EOF
 for s in real-16px dlc-encoded embedding-encoded; do
-  $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --target_attrs "$OUT/dlc/attrs.npy" --out "$OUT/eval/$s" $JUDGE
+  $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --target_attrs "$OUT/dlc/attrs.npy" --out "$OUT/eval/$s" "${JUDGE[@]}"
 done
 for s in dlc-sedd label embedding-generated unconditional; do
-  $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --out "$OUT/eval/$s" $JUDGE
+  $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --out "$OUT/eval/$s" "${JUDGE[@]}"
 done
 
 stage "6. Composition (Sec. 5.2): DLC token mixing vs averaging the continuous embeddings"
@@ -93,8 +93,8 @@ EOF
 )
 $PY "$D/dit.py" compose --ckpt runs/dit-pipeline-dlc --emb_ckpt runs/dit-pipeline-embedding --dlc "$OUT/dlc" \
   --pairs "$PAIRS" --n_per_pair $K --sample_steps $STEPS --out "$OUT/s/compose.npz"
-$PY "$D/evaluate.py" judge --samples "$OUT/s/compose.npz" --out "$OUT/eval/compose-dlc" $JUDGE
-$PY "$D/evaluate.py" judge --samples "$OUT/s/compose_embavg.npz" --out "$OUT/eval/compose-embedding" $JUDGE
+$PY "$D/evaluate.py" judge --samples "$OUT/s/compose.npz" --out "$OUT/eval/compose-dlc" "${JUDGE[@]}"
+$PY "$D/evaluate.py" judge --samples "$OUT/s/compose_embavg.npz" --out "$OUT/eval/compose-embedding" "${JUDGE[@]}"
 
 stage "7. Text -> DLC -> image (Sec. 6): seen vs held-out attribute combinations"
 $PY "$D/text2dlc.py" --dlc "$OUT/dlc" --run pipeline $T2D
@@ -114,7 +114,7 @@ for split in seen heldout; do
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/t2d-$split" --n $((6 * NP)) \
     --sample_steps $STEPS --out "$OUT/s/text-$split.npz"
   $PY "$D/evaluate.py" judge --samples "$OUT/s/text-$split.npz" --target_attrs "$OUT/t2d-$split/attrs.npy" \
-    --out "$OUT/eval/text-$split" $JUDGE
+    --out "$OUT/eval/text-$split" "${JUDGE[@]}"
 done
 
 stage "8. Results tables"

@@ -274,6 +274,8 @@ def load_official(model, path):
         utils.fail(f"--init file {path} does not exist; download e.g. dinov2_vitl14_reg4_pretrain.pth")
     sd = utils.load_checkpoint(path)
     sd = sd.get("teacher", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        utils.fail(f"{path} holds a {type(sd).__name__}, not a DINOv2 state dict or a sem.py checkpoint")
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
     ours = {k: v for k, v in model.state_dict().items() if not is_sem_key(k)}
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
@@ -679,7 +681,10 @@ def load_encoder(cfg, argv=()):
     path = utils.resolve_ckpt(cfg.ckpt)
     ck = utils.load_checkpoint(path)
     given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if not isinstance(ck, dict) or "script" in ck:  # a bare tensor, or a checkpoint of ours from another script
+        utils.check_checkpoint(ck, path, "sem", ("ema", "config"))
     if isinstance(ck, dict) and "ema" in ck and "config" in ck:
+        utils.check_checkpoint(ck, path, "sem", [f"config.{k}" for k in ARCH_KEYS])
         for k in ARCH_KEYS:
             if k in given and getattr(cfg, k) != ck["config"][k]:
                 utils.fail(f"--{k} {getattr(cfg, k)} does not match the checkpoint ({ck['config'][k]}); "
@@ -687,9 +692,11 @@ def load_encoder(cfg, argv=()):
         cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_KEYS})
         enc = SEMViT(cfg)
         sd = {k.removeprefix("backbone."): v for k, v in ck["ema"].items() if k.startswith("backbone.")}
+        if "sem_embed.weight" not in sd:
+            utils.fail(f"{path} has no SEM head weights; pass a checkpoint written by sem.py train")
         if sd["sem_embed.weight"].shape[0] != cfg.L * cfg.V:
             utils.fail(f"checkpoint SEM head has L*V={sd['sem_embed.weight'].shape[0]}, config says {cfg.L}x{cfg.V}")
-        enc.load_state_dict(sd)
+        utils.load_weights(enc, sd, path)
         return enc, cfg, path, "trained"
     torch.manual_seed(cfg.seed)
     enc = SEMViT(cfg)

@@ -560,10 +560,10 @@ def run_sweep(cfg):
     d = utils.setup_dist(cfg.device)
     utils.seed_all(cfg.seed, d)
     run_dir = os.path.join("runs", f"toy_gmm-{cfg.run}")
+    sweep = Sweep(cfg, d.device)                     # checks --modes / --variants before anything is written
     os.makedirs(run_dir, exist_ok=True)
     utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
     log = utils.Logger(run_dir, d)
-    sweep = Sweep(cfg, d.device)
     log(f"{len(sweep.members)} models ({', '.join(cfg.variants)}) x N = {cfg.modes}, width {cfg.width}, "
         f"{cfg.steps} steps of {cfg.batch_size} on {d.device}")
     t0 = time.time()

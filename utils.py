@@ -239,7 +239,11 @@ def checkpoint_of(path, script, keys=()):
     "script" entry names it (checkpoints written before that entry existed pass on their keys)
     and which holds `keys` ("config.L" looks inside "config"). Anything else is one line."""
     path = resolve_ckpt(path)
-    ck = load_checkpoint(path)
+    return check_checkpoint(load_checkpoint(path), path, script, keys)
+
+
+def check_checkpoint(ck, path, script, keys=()):
+    """checkpoint_of for a checkpoint already read from `path`."""
     if not isinstance(ck, dict):
         fail(f"{path} holds a {type(ck).__name__}, not a {script}.py checkpoint; pass a file written by {script}.py train")
     if ck.get("script", script) != script:
