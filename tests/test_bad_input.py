@@ -16,6 +16,7 @@ from test_sem import TINY as SEM_TINY
 from test_text2dlc import synthetic_dlc_set
 
 T2D_TINY = ["--batch_size", "4", "--d_model", "16", "--n_layers", "1"]
+FID = "fid --samples {f}/imgs.npz --ref {f}/imgs.npz --allow_low_rank --out o --inception {f}/"
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +101,9 @@ CASES = [
     ("dit-official-other-size", "dit.py", "train --cond label --data shapes --data_n 64 " + " ".join(DIT_TINY)
      + " --steps 1 --init_from {f}/official_other_size.pt", "does not fit", None),
     # FID Inception weights that are not the weights
-    ("fid-inception-truncated", "evaluate.py", "fid --samples {f}/imgs.npz --ref {f}/imgs.npz --allow_low_rank "
-     "--inception {f}/truncated.pt --out o", "corrupt", None),
-    ("fid-inception-text", "evaluate.py", "fid --samples {f}/imgs.npz --ref {f}/imgs.npz --allow_low_rank "
-     "--inception {f}/notes.txt --out o", "could not read", None),
-    ("fid-inception-foo", "evaluate.py", "fid --samples {f}/imgs.npz --ref {f}/imgs.npz --allow_low_rank "
-     "--inception {f}/foo.pt --out o", "not a state dict", None),
+    ("fid-inception-truncated", "evaluate.py", FID + "truncated.pt", "corrupt", None),
+    ("fid-inception-text", "evaluate.py", FID + "notes.txt", "could not read", None),
+    ("fid-inception-foo", "evaluate.py", FID + "foo.pt", "not a state dict", None),
     # judge inputs
     ("judge-empty-npz", "evaluate.py", "judge --samples {f}/empty.npz --out o", "no images", None),
     ("judge-no-target-attrs", "evaluate.py", "judge --samples {f}/imgs.npz --target_attrs {f}/nope.npy --out o",
