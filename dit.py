@@ -355,14 +355,17 @@ class DiT(nn.Module):
         return torch.cat([guided, cond[:, k:]], dim=1)
 
 
-def load_official(model, state_dict):
+def load_official(model, state_dict, path="the official checkpoint"):
     """Load an official DiT checkpoint: strict for the label model; for the others everything
-    but the conditioning embedder, and the skipped / missing keys are printed, not hidden."""
+    but the conditioning embedder, and the skipped / missing keys are printed, not hidden.
+    A file of another DiT size or with missing keys stops with one line."""
+    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
+        utils.fail(f"{path} is not a DiT state dict (name -> tensor); pass e.g. DiT-XL-2-256x256.pt")
     if model.cond == "label":
-        model.load_state_dict(state_dict, strict=True)
+        utils.load_weights(model, state_dict, path)
         return [], []
     sd = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = utils.load_weights(model, sd, path, strict=False)
     bad = [k for k in missing if not k.startswith(("sem_embedder.", "cont_embedder."))] + list(unexpected)
     if bad:
         utils.fail(f"checkpoint does not match the DiT architecture: {bad[:4]}; check --model")
@@ -562,6 +565,10 @@ def load_training_data(cfg):
     (paper; index 1 = the flipped image); y: codes / labels / embeddings / None, same rows."""
     y, info = load_conditions(cfg)
     if cfg.latents:
+        if not os.path.isfile(os.path.join(cfg.latents, "meta.json")) or \
+                os.path.isfile(os.path.join(cfg.latents, "progress.json")):
+            utils.fail(f"--latents {cfg.latents} is not a finished extraction (no meta.json, or progress.json "
+                       "left by an interrupted one); run dit.py extract with the same flags to finish it")
         x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")
         labels = torch.from_numpy(np.load(os.path.join(cfg.latents, "labels.npy")))
     else:
@@ -630,7 +637,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)                      # same init on every rank; step noise is seeded per rank below
     model = DiT(**margs, grad_ckpt=cfg.grad_ckpt).to(d.device)
     if cfg.init_from:
-        load_official(model, utils.load_checkpoint(cfg.init_from))
+        load_official(model, utils.load_checkpoint(cfg.init_from), cfg.init_from)
     ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
@@ -639,8 +646,9 @@ def train(cfg):
     if cfg.resume and ck is None:
         log(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch")
     if ck:
-        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"]); step = state["step"]
+        state = utils.check_checkpoint(state, ck, "dit", ("model", "ema", "opt", "step"))
+        utils.load_weights(model, state["model"], ck); utils.load_weights(ema, state["ema"], ck)
+        utils.load_weights(opt, state["opt"], ck); step = state["step"]
         log(f"resumed from {ck} at step {step}")
     if d.main:
         if cfg.overwrite:
@@ -693,7 +701,7 @@ def train(cfg):
             finite.check(model.parameters())                                # never save a NaN model
         if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
             utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "step": step, "config": dataclasses.asdict(cfg), "model_args": margs,
+                                   "step": step, "config": dataclasses.asdict(cfg), "model_args": margs, "script": "dit",
                                    "versions": {"torch": torch.__version__}},
                                   os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
         if d.main and not latent and (step % cfg.sample_every == 0 or step == cfg.steps):
@@ -743,11 +751,10 @@ def trained_diffusion(state):
 
 
 def load_for_sampling(ckpt_path, device):
-    path = utils.resolve_ckpt(ckpt_path)
-    state = utils.load_checkpoint(path)
+    state = utils.checkpoint_of(ckpt_path, "dit", ("model_args.model", "model_args.input_size", "ema"))
     model = DiT(**state["model_args"]).to(device).eval()
-    model.load_state_dict(state["ema"])                                    # samplers use EMA weights
-    utils.check_sampling_weights(model.state_dict(), path)
+    utils.load_weights(model, state["ema"], ckpt_path)                     # samplers use EMA weights
+    utils.check_sampling_weights(model.state_dict(), ckpt_path)
     return model, state
 
 
@@ -833,10 +840,14 @@ def compose_codes(a, b, n, p, gen):
 
 
 def parse_pairs(text):
+    """"0:1,2:3" -> [(0, 1), (2, 3)]: each pair is two non-negative row numbers."""
     try:
-        return [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p]
+        pairs = [tuple(int(v) for v in p.split(":")) for p in text.split(",") if p]
     except ValueError:
-        utils.fail(f"--pairs {text!r} must look like 0:1,2:3")
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 0 for p in pairs):
+        utils.fail(f"--pairs {text!r} must be pairs of row numbers like 0:1,2:3")
+    return pairs
 
 
 def pick_pairs(attrs, how, n, seed=0):
@@ -936,29 +947,73 @@ def extract(cfg):
         utils.fail(f"--data_path {cfg.data_path!r} is not an ImageFolder root")
     if not cfg.latents:
         utils.fail("--latents OUT_DIR is required (where latents.npy goes)")
-    d = utils.setup_dist(cfg.device)
-    vae, _ = vae_decoder(cfg, d.device)                                    # fails before writing anything
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size),
                              transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
-    ds = datasets.ImageFolder(cfg.data_path, tf)
+    try:
+        ds = datasets.ImageFolder(cfg.data_path, tf)
+    except (FileNotFoundError, RuntimeError) as e:                          # no class folders / no images
+        utils.fail(f"--data_path {cfg.data_path}: {e}")
     h = cfg.image_size // 8
-    with utils.atomic_path(cfg.latents) as tmp:
-        os.makedirs(tmp)
-        mm = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (len(ds), 2, 4, h, h))
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, num_workers=min(4, os.cpu_count() or 1))
-        from tqdm import tqdm
-        i = 0
-        for xb, _ in tqdm(loader, desc="extract"):
-            xb = xb.to(d.device)
-            with torch.no_grad():
-                for f, im in enumerate((xb, xb.flip(-1))):
-                    mm[i:i + len(xb), f] = (vae.encode(im).latent_dist.sample() * 0.18215).cpu().numpy()
-            i += len(xb)
-        mm.flush()
-        np.save(os.path.join(tmp, "labels.npy"), np.array(ds.targets, dtype=np.int64))
-        utils.save_json({"data_path": cfg.data_path, "image_size": cfg.image_size, "vae": cfg.vae,
-                         "scale": 0.18215, "flip": "index 1 = horizontal flip"}, os.path.join(tmp, "meta.json"))
+    job = {"data_path": os.path.abspath(cfg.data_path), "image_size": cfg.image_size,
+           "vae": os.path.abspath(cfg.vae), "n": len(ds)}
+    done = extraction_progress(cfg.latents, job)                           # before any work
+    d = utils.setup_dist(cfg.device)
+    vae, _ = vae_decoder(cfg, d.device)                                    # fails before writing anything
+    path, progress = os.path.join(cfg.latents, "latents.npy"), os.path.join(cfg.latents, "progress.json")
+    if done is None:                                                       # a new extraction
+        os.makedirs(cfg.latents, exist_ok=True)
+        mm = np.lib.format.open_memmap(path, "w+", np.float16, (len(ds), 2, 4, h, h))
+        utils.save_json({**job, "done": 0}, progress)
+        done = 0
+    else:                                                                  # resume: finished batches stay
+        mm = np.load(path, mmap_mode="r+")
+        utils.print0(f"resuming the extraction into {cfg.latents}: {done} of {len(ds)} images already done")
+    rest = torch.utils.data.Subset(ds, range(done, len(ds)))
+    workers = min(4, os.cpu_count() or 1) if len(rest) > 8 * cfg.batch_size else 0   # worker start-up pays off only for many batches
+    loader = torch.utils.data.DataLoader(rest, batch_size=cfg.batch_size, num_workers=workers)
+    from tqdm import tqdm
+    i = done
+    for xb, _ in tqdm(loader, desc="extract", initial=done // cfg.batch_size):
+        xb = xb.to(d.device)
+        with torch.no_grad():
+            for f, im in enumerate((xb, xb.flip(-1))):
+                mm[i:i + len(xb), f] = (vae.encode(im).latent_dist.sample() * 0.18215).cpu().numpy()
+        i += len(xb)
+        mm.flush()                                                         # on disk before it counts as done
+        utils.save_json({**job, "done": i}, progress)
+    with utils.atomic_path(os.path.join(cfg.latents, "labels.npy")) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, np.array(ds.targets, dtype=np.int64))
+    utils.save_json({"data_path": cfg.data_path, "image_size": cfg.image_size, "vae": cfg.vae,
+                     "scale": 0.18215, "flip": "index 1 = horizontal flip"}, os.path.join(cfg.latents, "meta.json"))
+    os.remove(progress)                                                    # meta.json without progress.json: finished
+    utils.print0(f"wrote {len(ds)} latents to {cfg.latents}")
+
+
+def extraction_progress(out, job):
+    """None for a new extraction (no folder, or an empty one), else the number of images an
+    interrupted `extract` of the same job finished. Anything else in `out` is refused."""
+    if not os.path.exists(out) or (os.path.isdir(out) and not os.listdir(out)):
+        return None
+    prog = os.path.join(out, "progress.json")
+    if not os.path.isdir(out):
+        utils.fail(f"--latents {out} is a file; give a new or empty folder")
+    if not os.path.isfile(prog):
+        what = "finished latents" if os.path.isfile(os.path.join(out, "meta.json")) else "files that extract did not write"
+        utils.fail(f"--latents {out} already holds {what}; give a new or empty folder (nothing was changed)")
+    try:
+        old = json.load(open(prog))
+        done = int(old["done"])
+    except (ValueError, KeyError, TypeError) as e:
+        utils.fail(f"{prog} is unreadable ({type(e).__name__}); move {out} aside and extract again")
+    diff = [k for k in job if old.get(k) != job[k]]
+    if diff:
+        utils.fail(f"--latents {out} holds an unfinished extraction of another job ({diff[0]}: {old.get(diff[0])!r}, "
+                   f"now {job[diff[0]]!r}); re-run it with its settings or give a new folder")
+    if not os.path.isfile(os.path.join(out, "latents.npy")):
+        utils.fail(f"{out} has progress.json but no latents.npy; move {out} aside and extract again")
+    return done
 
 
 def embgen(cfg):

@@ -246,8 +246,10 @@ class FIDInception(nn.Module):
         if not os.path.isfile(path):
             utils.fail(f"FID-Inception weights {path} not found; download {INCEPTION_FILE} from "
                        f"{INCEPTION_URL} and put it there (or pass --inception PATH)")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        self.net.load_state_dict(sd, strict=True)  # BatchNorm fills the absent num_batches_tracked
+        sd = utils.load_checkpoint(path)                                   # unreadable / truncated: one line
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+            utils.fail(f"{path} is not a state dict of the FID Inception; download {INCEPTION_FILE} from {INCEPTION_URL}")
+        utils.load_weights(self.net, sd, path)  # strict; BatchNorm fills the absent num_batches_tracked
         return self
 
     def forward(self, images):
@@ -305,7 +307,22 @@ def load_images(path, max_samples=0):
         utils.fail(f"could not read arr_0 from {path} ({type(e).__name__}); expected an ADM .npz of uint8 [N,H,W,C] images")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3):
         utils.fail(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N,H,W,C] with C = 1 or 3")
+    if len(arr) == 0:
+        utils.fail(f"{path}: arr_0 holds no images (shape {arr.shape})")
     return arr[:max_samples or None]
+
+
+def load_attrs(path, flag):
+    """An integer .npy of attributes ([N] or [N, k]) given as --target_attrs / --ref_attrs."""
+    if not os.path.isfile(path):
+        utils.fail(f"{flag} {path} does not exist; pass an .npy of integer attributes (e.g. attrs.npy of a DLC set)")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception as e:
+        utils.fail(f"{flag} {path} is not a readable .npy ({type(e).__name__})")
+    if a.dtype.kind not in "iu" or a.ndim not in (1, 2) or len(a) == 0:
+        utils.fail(f"{flag} {path} is {a.dtype} {a.shape}; expected non-empty integers [N] or [N, k]")
+    return a
 
 
 def check_same_size(a, b, na, nb):
@@ -510,6 +527,8 @@ def recombination(pred, sources):
 
 def cmd_judge(cfg, device):
     smp = load_images(cfg.samples, cfg.max_samples)
+    given = load_attrs(cfg.target_attrs, "--target_attrs") if cfg.target_attrs else None   # before any work
+    ref = load_attrs(cfg.ref_attrs, "--ref_attrs") if cfg.ref_attrs else None
     model, acc = load_or_train_judge(cfg)
     f_s, pred, conf = judge_outputs(model, smp, cfg.data, with_confidence=True)
     real = utils.load_embedded(cfg.data) if cfg.data == "digits" else utils.load_embedded("shapes")
@@ -523,7 +542,7 @@ def cmd_judge(cfg, device):
          "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(low),
          "judge_heldout_acc": float(min(acc)), "resolution": int(smp.shape[1]), "samples": cfg.samples}
     npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
-    target = np.load(cfg.target_attrs) if cfg.target_attrs else next(
+    target = given if given is not None else next(
         (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)
     if target is not None:
         target = np.asarray(target).reshape(len(target), -1)[:len(pred)]
@@ -534,7 +553,7 @@ def cmd_judge(cfg, device):
         m.update({f"acc_{n}": float(hit[:, j].mean()) for j, n in enumerate(names[:target.shape[1]])})
         m["acc_all"] = float(hit.all(1).mean())
     if cfg.data == "shapes":
-        seen = {tuple(a) for a in np.load(cfg.ref_attrs).tolist()} if cfg.ref_attrs else train_combinations()
+        seen = {tuple(a) for a in ref.reshape(len(ref), -1).tolist()} if ref is not None else train_combinations()
         valid = pred[:, 1] != pred[:, 2]                    # colour == background is no image at all
         m["novel_combination_rate"] = novel_rate(pred[valid], seen) if valid.any() else 0.0
         m["invalid_rate"] = float(1 - valid.mean())

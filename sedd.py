@@ -388,6 +388,8 @@ def train(cfg):
     codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
     L, V = int(meta["L"]), int(meta["V"])
     ck_path, ck = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
+    if ck is not None:
+        ck = utils.check_checkpoint(ck, ck_path, "sedd", ("model", "ema", "opt", "step", "config.L", "config.V"))
     if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (L, V):
         utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
                    f"but {cfg.dlc} has L={L} V={V}; use a matching DLC set or a new --run")
@@ -403,7 +405,8 @@ def train(cfg):
                             fused=d.device.type == "cuda")
     start = 0
     if ck is not None:
-        model.load_state_dict(ck["model"]); ema.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+        for part, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+            utils.load_weights(part, ck[key], ck_path)
         start = ck["step"]
     log = utils.Logger(run_dir, d)
     if d.main:
@@ -425,7 +428,7 @@ def train(cfg):
         finite.check(model.parameters())                                   # never save a NaN model
         if d.main:
             utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta,
+                                   "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta, "script": "sedd",
                                    "versions": {"torch": torch.__version__}},
                                   os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
         if d.world > 1:
@@ -476,11 +479,11 @@ def sample_main(sc):
         utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
     utils.check_dlc_out(sc.out, sc.overwrite)                              # before any work
     path = utils.resolve_ckpt(sc.ckpt)
-    ck = utils.load_checkpoint(path)
+    ck = utils.checkpoint_of(path, "sedd", ("ema", *(f"config.{k}" for k in ("L", "V", "size", "cond_dim", "dropout"))))
     cfg = ck["config"]
     d = utils.setup_dist(sc.device)
     model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
-    model.load_state_dict(ck["ema"])  # samplers use the EMA weights
+    utils.load_weights(model, ck["ema"], path)  # samplers use the EMA weights
     utils.check_sampling_weights(model.state_dict(), path)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     def raw_fn(x, sigma):

@@ -44,6 +44,8 @@ class Config:
     seed: int = 0                 # base seed (per rank and per step)
     device: str = "auto"          # auto | cpu | cuda | mps
     steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
+    schedule: int = 0             # length of the cosine schedules (lr, wd, momentum; 0: --steps); --resume keeps
+                                  # the checkpoint's, so a larger --steps goes on at their final values
     batch_size: int = 32          # images per process (paper: 64 per GPU)
     compile: bool = False         # torch.compile the student backbone
     grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
@@ -275,6 +277,8 @@ def load_official(model, path):
         utils.fail(f"--init file {path} does not exist; download e.g. dinov2_vitl14_reg4_pretrain.pth")
     sd = utils.load_checkpoint(path)
     sd = sd.get("teacher", sd.get("model", sd)) if isinstance(sd, dict) else sd
+    if not isinstance(sd, dict):
+        utils.fail(f"{path} holds a {type(sd).__name__}, not a DINOv2 state dict or a sem.py checkpoint")
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
     ours = {k: v for k, v in model.state_dict().items() if not is_sem_key(k)}
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
@@ -590,7 +594,7 @@ def train(cfg):
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
     utils.check_run_dir(run_dir(cfg), cfg.resume, cfg.overwrite)
-    out, log = run_dir(cfg), utils.Logger(run_dir(cfg), d)
+    out = run_dir(cfg)
     utils.seed_all(cfg.seed, d)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     images = Images(cfg)
@@ -606,12 +610,19 @@ def train(cfg):
                             fused=d.device.type == "cuda")
     start = 0
     ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
-    if ck_path:
-        student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"]); opt.load_state_dict(ck["opt"])
+    if ck:
+        ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
+        utils.load_weights(student, ck["model"], ck_path); utils.load_weights(teacher, ck["ema"], ck_path)
+        utils.load_weights(opt, ck["opt"], ck_path)
         for k in centers:
             centers[k].copy_(ck["centers"][k])
         start = ck["step"]
-        log(f"resumed from {ck_path} at step {start}")
+    # the schedules keep the length they started with: a resumed run replays its past exactly
+    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or (ck and ck["config"].get("schedule", ck["config"]["steps"]))
+                              or cfg.steps)
+    log = utils.Logger(out, d)  # the run folder appears only once every input has been read
+    if ck:
+        log(f"resumed from {ck_path} at step {start} (schedules over {cfg.schedule} steps)")
     if d.main:
         if cfg.overwrite:
             utils.clear_run_dir(out)
@@ -629,8 +640,8 @@ def train(cfg):
     bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
     t0, finite = time.perf_counter(), utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
     for step, batch in zip(range(start, cfg.steps), bar):
-        lr = cosine(lr_base, cfg.min_lr, step, cfg.steps, cfg.warmup)
-        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.steps)
+        lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)
+        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)
         for grp in opt.param_groups:
             frozen = grp["last_layer"] and step < cfg.freeze_last  # last layer frozen at first
             grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
@@ -639,7 +650,7 @@ def train(cfg):
         loss.backward()
         gnorm = nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
         opt.step()
-        m = cosine(cfg.momentum, 1.0, step, cfg.steps)  # teacher momentum 0.992 -> 1
+        m = cosine(cfg.momentum, 1.0, step, cfg.schedule)  # teacher momentum 0.992 -> 1
         utils.ema_update(teacher, student, m)
         finite.step(loss, step + 1)
         if (step + 1) % cfg.log_every == 0:
@@ -657,7 +668,8 @@ def train(cfg):
             if d.main:
                 utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
                                        "opt": opt.state_dict(), "step": step + 1, "centers": centers,
-                                       "config": dataclasses.asdict(cfg), "versions": {"torch": torch.__version__}},
+                                       "config": dataclasses.asdict(cfg), "script": "sem",
+                                       "versions": {"torch": torch.__version__}},
                                       os.path.join(out, "checkpoints", f"ckpt_{step + 1:07d}.pt"))
             if d.world > 1:
                 dist.barrier()
@@ -678,7 +690,10 @@ def load_encoder(cfg, argv=()):
     path = utils.resolve_ckpt(cfg.ckpt)
     ck = utils.load_checkpoint(path)
     given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if not isinstance(ck, dict) or "script" in ck:  # a bare tensor, or a checkpoint of ours from another script
+        utils.check_checkpoint(ck, path, "sem", ("ema", "config"))
     if isinstance(ck, dict) and "ema" in ck and "config" in ck:
+        utils.check_checkpoint(ck, path, "sem", [f"config.{k}" for k in ARCH_KEYS])
         for k in ARCH_KEYS:
             if k in given and getattr(cfg, k) != ck["config"][k]:
                 utils.fail(f"--{k} {getattr(cfg, k)} does not match the checkpoint ({ck['config'][k]}); "
@@ -686,9 +701,11 @@ def load_encoder(cfg, argv=()):
         cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_KEYS})
         enc = SEMViT(cfg)
         sd = {k.removeprefix("backbone."): v for k, v in ck["ema"].items() if k.startswith("backbone.")}
+        if "sem_embed.weight" not in sd:
+            utils.fail(f"{path} has no SEM head weights; pass a checkpoint written by sem.py train")
         if sd["sem_embed.weight"].shape[0] != cfg.L * cfg.V:
             utils.fail(f"checkpoint SEM head has L*V={sd['sem_embed.weight'].shape[0]}, config says {cfg.L}x{cfg.V}")
-        enc.load_state_dict(sd)
+        utils.load_weights(enc, sd, path)
         utils.check_sampling_weights(enc.state_dict(), path)
         return enc, cfg, path, "trained"
     torch.manual_seed(cfg.seed)

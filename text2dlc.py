@@ -358,10 +358,10 @@ def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps,
 #                          Data, backends, checkpoints                          #
 #################################################################################
 
-def load_captioned(path, V=None):
+def load_captioned(path, L=None, V=None):
     if not path:
         utils.fail("--dlc is required: a DLC set with captions.jsonl (python sem.py encode --data shapes --out DIR)")
-    s = utils.load_dlc_set(path, V=V)
+    s = utils.load_dlc_set(path, L=L, V=V)
     if "captions" not in s:
         utils.fail(f"DLC set {path} has no captions.jsonl; text2dlc trains on (DLC, caption) pairs: "
                    "encode a captioned dataset (sem.py encode --data shapes)")
@@ -430,6 +430,8 @@ def train(cfg):
     codes, caps, meta = load_captioned(cfg.dlc)
     L, V = int(meta["L"]), int(meta["V"])
     resume, state = utils.resume_checkpoint(ck_dir) if cfg.resume else (None, None)
+    if state:
+        state = utils.check_checkpoint(state, resume, "text2dlc", CKPT_KEYS + ("opt", "step"))
     if state and (state["L"], state["V"]) != (L, V):
         utils.fail(f"checkpoint {resume} has L={state['L']}, V={state['V']} but --dlc has L={L}, V={V}")
     d = utils.setup_dist(cfg.device)
@@ -439,7 +441,7 @@ def train(cfg):
     be = build_backend(c, L, V, caps, vocab=state["vocab"] if state else None)
     model = be.model
     if state:
-        model.load_state_dict(state["model"])
+        utils.load_weights(model, state["model"], resume)
     fsdp = cfg.model == "llada" and d.world > 1 or cfg.model == "llada" and d.device.type == "cuda"
     if cfg.act_ckpt:
         enable_act_ckpt(model) if cfg.model == "llada" else setattr(model, "act_ckpt", True)
@@ -449,7 +451,7 @@ def train(cfg):
         import copy
         ema = copy.deepcopy(model).eval().requires_grad_(False)           # EMA: a copy, always eval
         if state and state.get("ema"):
-            ema.load_state_dict(state["ema"])
+            utils.load_weights(ema, state["ema"], resume)
     if fsdp:
         model = shard_fsdp(model, d)
     elif d.world > 1:
@@ -458,7 +460,7 @@ def train(cfg):
         model = torch.compile(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if state and state.get("opt") and not fsdp:
-        opt.load_state_dict(state["opt"])
+        utils.load_weights(opt, state["opt"], resume)
     elif state and state.get("opt"):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
@@ -469,7 +471,6 @@ def train(cfg):
     # per-rank shard of the pairs; each rank draws its batches from its own shard
     shard = torch.arange(d.rank, len(codes), d.world)
     cap_ids = be.encode(caps)                                             # (N, C)
-    g = torch.Generator().manual_seed(cfg.seed * d.world + d.rank)
     T = L + 1 + cap_ids.shape[1]
     maskable = torch.ones(T, dtype=torch.bool)
     if cfg.mask_mode == "sft":
@@ -491,11 +492,13 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         tot = 0.0
+        # every draw of a step (batches, t, masks) comes from (seed, step, rank): resuming replays exactly
+        torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
         for _ in range(accum):
-            idx = shard[torch.randint(len(shard), (cfg.batch_size,), generator=g)]
+            idx = shard[torch.randint(len(shard), (cfg.batch_size,))]
             x0 = make_sequences(codes[idx], cap_ids[idx], be.dlc_offset, be.start_id).to(d.device)  # (B, T)
             xt, masked, p = forward_process(x0, be.mask_id, cfg.eps, maskable.expand_as(x0),
-                                            t=torch.rand(len(idx), generator=g).to(d.device))
+                                            t=torch.rand(len(idx)).to(d.device))
             with amp:
                 loss = masked_diffusion_loss(model_logits(model, xt), x0, masked, p, n_tok) / accum
             loss.backward()
@@ -529,7 +532,8 @@ def train(cfg):
                 utils.save_checkpoint({"model": sd, "ema": ema.state_dict() if ema is not None else None,
                                        "opt": osd, "step": step, "config": c, "L": L, "V": V,
                                        "vocab": be.extra.get("vocab"), "dlc": os.path.abspath(cfg.dlc),
-                                       "data": meta.get("data"), "versions": {"torch": torch.__version__}},
+                                       "data": meta.get("data"), "script": "text2dlc",
+                                       "versions": {"torch": torch.__version__}},
                                       os.path.join(ck_dir, f"ckpt_{step:07d}.pt"))
             if d.world > 1:
                 torch.distributed.barrier()
@@ -541,13 +545,15 @@ def train(cfg):
 #                         Sampling command and attribute probe                  #
 #################################################################################
 
+CKPT_KEYS = ("model", "ema", "L", "V", "config.model", "config.max_caption")   # what sample / resume read
+
+
 def load_for_sampling(ckpt_path, device, model_path=""):
-    path = utils.resolve_ckpt(ckpt_path)
-    state = utils.load_checkpoint(path)
+    state = utils.checkpoint_of(ckpt_path, "text2dlc", CKPT_KEYS)
     c = state["config"]
     be = build_backend(c, state["L"], state["V"], vocab=state.get("vocab"), model_path=model_path or None)
-    be.model.load_state_dict(state["ema"] or state["model"])             # samplers use EMA weights
-    utils.check_sampling_weights(be.model.state_dict(), path)
+    utils.load_weights(be.model, state["ema"] or state["model"], ckpt_path)  # samplers use EMA weights
+    utils.check_sampling_weights(be.model.state_dict(), ckpt_path)
     return be, state
 
 
@@ -559,8 +565,12 @@ def sample_cmd(argv):
     if not s.ckpt or not s.out or not prompts:
         utils.fail("sample needs --ckpt PATH --prompt TEXT (or --prompts_file FILE) --out DIR")
     utils.check_dlc_out(s.out, s.overwrite)                               # before any work
+    if s.n < 1 or s.batch_size < 1:
+        utils.fail(f"need --n >= 1 and --batch_size >= 1, got --n {s.n} --batch_size {s.batch_size}")
     d = utils.setup_dist(s.device)
     be, state = load_for_sampling(s.ckpt, d.device, s.model_path)
+    if "vocab" in be.extra:
+        check_prompt_words(prompts, be.extra["vocab"])
     L, V = state["L"], state["V"]
     steps = s.steps or L
     if not 1 <= steps <= L:
@@ -592,6 +602,21 @@ def sample_cmd(argv):
     print(f"wrote {len(codes)} DLCs for {len(prompts)} prompt(s) to {s.out}")
 
 
+def check_prompt_words(prompts, vocab):
+    """Tiny backend: words outside the training captions' vocabulary become <unk>, which the
+    model cannot read; warn with them, and refuse a prompt that has no known word at all."""
+    known = set(vocab) - set(SPECIALS)
+    for text in prompts:
+        words = text.lower().split()
+        unknown = sorted({w for w in words if w not in known})
+        if len(unknown) == len(set(words)):
+            utils.fail(f"prompt {text!r}: none of its words occur in the training captions "
+                       f"(e.g. {', '.join(sorted(known)[:8])}); rephrase it with those words")
+        if unknown:
+            print(f"warning: prompt {text!r}: words unknown to the model (read as <unk>): {', '.join(unknown)}",
+                  file=sys.stderr, flush=True)
+
+
 def parse_attrs(text):
     """(shape, colour, background) from a shapes caption 'a red square on a green background'."""
     m = re.match(r"a (\w+) (\w+) on a (\w+) background", text.strip().lower())
@@ -611,7 +636,7 @@ def probe_cmd(argv):
     attributes of its k Hamming-nearest reference codes; report the fraction matching the prompt."""
     p = utils.parse_config(ProbeConfig, argv)
     gen = utils.load_dlc_set(p.dlc)
-    ref_codes, ref_caps, _ = load_captioned(p.ref, V=gen["meta"]["V"])
+    ref_codes, ref_caps, _ = load_captioned(p.ref, L=gen["meta"]["L"], V=gen["meta"]["V"])
     wants = [parse_attrs(c) for c in gen.get("captions") or [gen["meta"].get("prompt", "")] * len(gen["codes"])]
     ref_attrs = [parse_attrs(c) for c in ref_caps]                        # (colour, shape, background)
     if None in wants or None in ref_attrs:

@@ -562,13 +562,13 @@ def run_sweep(cfg):
     d = utils.setup_dist(cfg.device)
     utils.seed_all(cfg.seed, d)
     run_dir = os.path.join("runs", f"toy_gmm-{cfg.run}")
+    sweep = Sweep(cfg, d.device)                     # checks --modes / --variants before anything is written
     utils.check_run_dir(run_dir, False, cfg.overwrite, results=("results.json",))
     if cfg.overwrite and d.main:
         utils.clear_run_dir(run_dir, ("results.json", "samples.png", "kl_vs_modes.png", "vector_field.png"))
     os.makedirs(run_dir, exist_ok=True)
     utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
     log = utils.Logger(run_dir, d)
-    sweep = Sweep(cfg, d.device)
     log(f"{len(sweep.members)} models ({', '.join(cfg.variants)}) x N = {cfg.modes}, width {cfg.width}, "
         f"{cfg.steps} steps of {cfg.batch_size} on {d.device}")
     t0 = time.time()

@@ -12,7 +12,11 @@ import torch.distributed as dist
 
 
 def fail(msg):
-    """Stop with one clear line on stderr (exit code 1). Used for every kind of bad input."""
+    """Stop with one clear line on stderr (exit code 1). Used for every kind of bad input.
+    Under torchrun every rank sees the same bad input: rank 0 alone prints the line, the
+    others exit 1 silently (torchrun then stops the job)."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        raise SystemExit(1)
     raise SystemExit(f"error: {msg}")
 
 
@@ -113,7 +117,17 @@ class Dist:
 
 def pick_device(name="auto"):
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            fail(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            fail(f"--device {name}: no CUDA GPU is visible to torch on this machine; use --device cpu or auto")
+        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            fail(f"--device {name}: MPS is not available here; use --device cpu or auto")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -295,6 +309,42 @@ def load_checkpoint(path):
     if err:
         fail(f"could not read checkpoint {path} ({err}); is it corrupt?")
     return ck
+
+
+def checkpoint_of(path, script, keys=()):
+    """Read `path` (a .pt or a run folder) and check that `script`.py wrote it: a dict whose
+    "script" entry names it (checkpoints written before that entry existed pass on their keys)
+    and which holds `keys` ("config.L" looks inside "config"). Anything else is one line."""
+    path = resolve_ckpt(path)
+    return check_checkpoint(load_checkpoint(path), path, script, keys)
+
+
+def check_checkpoint(ck, path, script, keys=()):
+    """checkpoint_of for a checkpoint already read from `path`."""
+    if not isinstance(ck, dict):
+        fail(f"{path} holds a {type(ck).__name__}, not a {script}.py checkpoint; pass a file written by {script}.py train")
+    if ck.get("script", script) != script:
+        fail(f"{path} is a {ck['script']}.py checkpoint, not a {script}.py one; pass a file written by {script}.py train")
+    for key in keys:
+        obj = ck
+        for part in key.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                fail(f"{path} is not a {script}.py checkpoint (it has no {key!r}); pass a file written by {script}.py train")
+            obj = obj[part]
+    return ck
+
+
+def load_weights(module, state, path, strict=True):
+    """module.load_state_dict(state) (a model or an optimizer); a checkpoint of another
+    architecture (missing keys, other shapes) is one line naming the first difference."""
+    try:
+        return module.load_state_dict(state, strict=strict) if isinstance(module, torch.nn.Module) \
+            else module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        first = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        fail(f"{path} does not fit this {type(module).__name__} ({first[:160]}); "
+             "use the settings it was trained with, or a new --run")
 
 
 def resolve_ckpt(path):

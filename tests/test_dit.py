@@ -1,7 +1,7 @@
 """Tests for dit.py: official DiT names and shapes, zero init, classifier-free guidance, the
 diffusion formulas against closed forms, composition, resume, torchrun, sharded sampling and
 bad input. CPU, tiny models."""
-import math, os
+import json, math, os
 
 import numpy as np
 import pytest
@@ -374,3 +374,64 @@ def test_ema_warms_up(tmp_path, monkeypatch):
         assert torch.allclose(two["ema"][k], d * one["ema"][k] + (1 - d) * two["model"][k], atol=1e-6), k
     moved = [k for k in one["model"] if not torch.equal(one["model"][k], init[k])]
     assert moved                                                            # the check is not vacuous
+
+
+def test_extract_refuses_a_used_folder_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    """extract checks --latents before any work; an interrupted extraction keeps its finished
+    batches and the next run does only the rest, giving the same latents as one run."""
+    diffusers = pytest.importorskip("diffusers")
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32).eval()
+    with torch.no_grad():  # posterior std ~ e^-15: latents are the (deterministic) mean
+        vae.quant_conv.weight[4:] = 0
+        vae.quant_conv.bias[4:] = -30.0
+    vae.save_pretrained("vae")
+    rng = np.random.RandomState(0)
+    for i in range(5):
+        os.makedirs(f"imgs/c{i % 2}", exist_ok=True)
+        Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)).save(f"imgs/c{i % 2}/{i}.png")
+    calls, real = [], dit.vae_decoder
+    def counting(cfg, device, fail_after=None):
+        v, dec = real(cfg, device)
+        enc = v.encode
+        def encode(x):
+            calls.append(len(x))
+            if fail_after is not None and len(calls) > fail_after:
+                raise KeyboardInterrupt                                    # the user's Ctrl-C mid-run
+            return enc(x)
+        v.encode = encode
+        return v, dec
+    args = ["extract", "--data_path", "imgs", "--vae", "vae", "--image_size", "32", "--batch_size", "2"]
+    # a folder that holds something else: refused before the VAE encodes anything, left as it was
+    os.makedirs("mine")
+    open("mine/notes.txt", "w").write("keep me")
+    monkeypatch.setattr(dit, "vae_decoder", counting)
+    with pytest.raises(SystemExit, match="did not write"):
+        dit.main([*args, "--latents", "mine"])
+    assert calls == [] and os.listdir("mine") == ["notes.txt"] and open("mine/notes.txt").read() == "keep me"
+    dit.main([*args, "--latents", "whole"])
+    # interrupted after 2 batches (4 images x 2 flips): those are kept, the re-run encodes only the last one
+    calls.clear()
+    monkeypatch.setattr(dit, "vae_decoder", lambda cfg, dev: counting(cfg, dev, fail_after=4))
+    with pytest.raises(KeyboardInterrupt):
+        dit.main([*args, "--latents", "lat"])
+    assert json.load(open("lat/progress.json"))["done"] == 4
+    with pytest.raises(SystemExit, match="not a finished extraction"):
+        dit.main(["train", "--latents", "lat", "--cond", "label", "--model", "DiT-toy/2", "--steps", "1"])
+    calls.clear()
+    monkeypatch.setattr(dit, "vae_decoder", counting)
+    dit.main([*args, "--latents", "lat"])
+    assert calls == [1, 1] and not os.path.exists("lat/progress.json")
+    np.testing.assert_allclose(np.load("lat/latents.npy").astype(np.float32),
+                               np.load("whole/latents.npy").astype(np.float32), atol=1e-3)
+    assert np.load("lat/labels.npy").tolist() == np.load("whole/labels.npy").tolist() == [0, 0, 0, 1, 1]
+    # a finished folder is never overwritten
+    before = os.path.getmtime("lat/latents.npy")
+    calls.clear()
+    with pytest.raises(SystemExit, match="finished latents"):
+        dit.main([*args, "--latents", "lat"])
+    assert calls == [] and os.path.getmtime("lat/latents.npy") == before

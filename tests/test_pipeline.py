@@ -67,3 +67,23 @@ def test_pipeline_tiny_end_to_end(tmp_path):
                                                 for sh, c, b in utils.HELD_OUT}
     m = json.load(open(out / "eval/text-heldout/metrics.json"))
     assert m["resolution"] == 16 and 0 <= m["acc_all"] <= 1
+
+
+def test_pipeline_passes_an_out_folder_with_a_space_intact(tmp_path):
+    """Every command line of pipeline.sh, recorded by a stand-in for python (no work done):
+    an OUT holding a space reaches every script as one argument."""
+    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
+    fake.write_text('#!/usr/bin/env bash\n{ for a in "$@"; do printf \'%s\\037\' "$a"; done; printf \'\\n\'; } >> "$FAKE_LOG"\n')
+    fake.chmod(0o755)
+    out = str(tmp_path / "my runs" / "p")
+    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log), "OUT": out}
+    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    calls = [l.split("\x1f")[:-1] for l in open(log).read().splitlines()]
+    judges = [c for c in calls if "judge" in c]
+    assert len(calls) > 20 and len(judges) >= 5
+    for c in judges:
+        assert c[c.index("--judge") + 1] == out + "/judge.pt" and c[-2:] == ["--data", "shapes"], c
+    for c in calls:                                          # no argument split at the space
+        assert not any(a.endswith(str(tmp_path / "my")) for a in c), c

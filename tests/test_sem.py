@@ -195,6 +195,18 @@ def test_resume_equals_uninterrupted_and_encode(tmp_path):
     assert_same_optimizer_state(a["opt"], b["opt"])
     log = open(tmp_path / "runs/sem-full/log.txt").read()
     assert "step       4 | loss" in log and "ms/step" in log
+    # the cosine schedules keep the length stored in the checkpoint: 2 steps of a 4-step schedule,
+    # then --resume --steps 4 (no --schedule) == 4 in one go; a later --steps 5 keeps 4 as well
+    run_script([SEM, *TINY, "--run", "sch", "--steps", "2", "--schedule", "4"], cwd=tmp_path)
+    p = run_script([SEM, *TINY, "--run", "sch", "--resume"], cwd=tmp_path)
+    assert "schedules over 4 steps" in p.stdout
+    c = utils.load_checkpoint(str(tmp_path / "runs/sem-sch/checkpoints/ckpt_0000004.pt"))
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], c[key][k]), k
+    p = run_script([SEM, *TINY, "--run", "sch", "--resume", "--steps", "5"], cwd=tmp_path)
+    assert "schedules over 4 steps" in p.stdout
+    assert json.load(open(tmp_path / "runs/sem-sch/config.json"))["schedule"] == 4
     # encode: one process vs a 2-process torchrun shard + merge
     out1, out2 = str(tmp_path / "dlc1"), str(tmp_path / "dlc2")
     enc = [SEM, "encode", "--ckpt", "runs/sem-full", "--n", "64", "--encode_batch", "16"]

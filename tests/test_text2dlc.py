@@ -200,3 +200,39 @@ def test_bad_input_one_line_nothing_written(tmp_path, monkeypatch):
                 "--out", tmp_path / "o", "--steps", "99"], tmp_path, monkeypatch, "--steps")
     assert not os.path.exists(tmp_path / "o")
     fails_with(["probe", "--dlc", a, "--ref", b], tmp_path, monkeypatch, "V=")
+
+
+def test_resume_is_bit_exact(tmp_path, monkeypatch):
+    # 3 steps then --resume to 6 == 6 in one go: every draw (batch, t, masks) is a function of
+    # (seed, step, rank); warm-up (50 steps) covers all 6, so the lr does not depend on --steps
+    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    tiny = ["--dlc", dlc, "--batch_size", "8", "--d_model", "16", "--n_layers", "1", "--log_every", "1"]
+    run_main([*tiny, "--run", "full", "--steps", "6"], tmp_path, monkeypatch)
+    run_main([*tiny, "--run", "half", "--steps", "3"], tmp_path, monkeypatch)
+    run_main([*tiny, "--run", "half", "--steps", "6", "--resume"], tmp_path, monkeypatch)
+    a = utils.load_checkpoint(str(tmp_path / "runs/text2dlc-full/checkpoints/ckpt_0000006.pt"))
+    b = utils.load_checkpoint(str(tmp_path / "runs/text2dlc-half/checkpoints/ckpt_0000006.pt"))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
+    for i, st in a["opt"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, b["opt"]["state"][i][k]), (i, k)
+    loss = lambda run: [l.split("loss ")[1][:6] for l in open(tmp_path / f"runs/text2dlc-{run}/log.txt") if "loss" in l]
+    assert loss("half") == loss("full")
+
+
+def test_prompt_words_unknown_warn_or_refuse(tmp_path, monkeypatch, capsys):
+    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    run_main(["--dlc", dlc, "--run", "w", "--steps", "1", "--batch_size", "4", "--d_model", "16",
+              "--n_layers", "1"], tmp_path, monkeypatch)
+    capsys.readouterr()
+    base = ["sample", "--ckpt", tmp_path / "runs/text2dlc-w", "--n", "2", "--steps", "2"]
+    run_main([*base, "--prompt", "a scarlet square on a green backdrop", "--out", tmp_path / "g"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "backdrop, scarlet" in err
+    assert utils.load_dlc_set(str(tmp_path / "g"))["codes"].shape == (2, 8)
+    fails_with([*base, "--prompt", "zebra crossing", "--out", tmp_path / "z"], tmp_path, monkeypatch, "none of its words")
+    assert not os.path.exists(tmp_path / "z")
