@@ -14,7 +14,7 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; SEM=(); SEDD=(--steps 800); DIT=(--steps 2000); T2D=(--steps 400)
+  NDATA=4000; SEM=(); SEDD=(--steps 800); DIT=(--steps 2000); T2D=(--steps 1000)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)

@@ -15,7 +15,7 @@ sarvghotra/DiscreteLatentCode, commit 64d4c8d, dinov2/dinov2/models/vision_trans
 DinoVisionTransformerWithSEM); the code here is written from those facts.
 
 Commands:
-  python sem.py                                    # toy: shapes data, CPU, ~1-2 min
+  python sem.py                                    # toy: shapes data, CPU, a few minutes
   python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
   python sem.py probe --ckpt runs/sem-toy          # linear probe: trained vs random encoder
   python sem.py bench                              # img/s, peak memory, MFU
@@ -43,7 +43,7 @@ class Config:
     overwrite: bool = False       # train: replace an earlier run in the same folder; encode: an existing --out set
     seed: int = 0                 # base seed (per rank and per step)
     device: str = "auto"          # auto | cpu | cuda | mps
-    steps: int = 100              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
+    steps: int = 500              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
     schedule: int = 0             # length of the cosine schedules (lr, wd, momentum; 0: --steps); --resume keeps
                                   # the checkpoint's, so a larger --steps goes on at their final values
     batch_size: int = 32          # images per process (paper: 64 per GPU)
@@ -61,16 +61,16 @@ class Config:
     drop_path: float = 0.0        # stochastic depth (DINOv2 ViT-L: 0.4)
     ls_init: float = 0.1          # LayerScale init (DINOv2: 1e-5; the toy trains from scratch in minutes)
     init: str = ""                # official DINOv2 backbone .pth to start from (strict load)
-    L: int = 16                   # SEM groups = code length (paper: 512)
-    V: int = 32                   # SEM vocabulary per group (paper: 256)
+    L: int = 32                   # SEM groups = code length (paper: 512; the toy: 32 x 16 probed best of 16 x 32, 16 x 8)
+    V: int = 16                   # SEM vocabulary per group (paper: 256)
     tau: float = 1.0              # SEM softmax temperature while training (paper: 1.0)
     head_hidden: int = 256        # DINO head MLP width (paper: 2048)
     head_bottleneck: int = 64     # DINO head bottleneck (paper: 256)
     prototypes: int = 256         # DINO / iBOT prototypes (paper: 65536)
     local_crops: int = 2          # local crops per image (paper: 8)
     local_size: int = 16          # local crop resolution (paper: 98)
-    global_scale: float = 0.4     # global crop min scale (paper: 0.32); local up to this
-    local_scale: float = 0.15     # local crop min scale (paper: 0.05: too small for 32 px shapes)
+    global_scale: float = 0.8     # global crop min scale (paper: 0.32; the toy keeps the whole shape); local up to this
+    local_scale: float = 0.4      # local crop min scale (paper: 0.05: too small for 32 px shapes)
     jitter: float = 0.4           # brightness / contrast jitter (paper: 0.4), saturation half
     hue: float = 0.0              # hue jitter (paper: 0.1; 0 for shapes, see augmentations)
     grayscale_p: float = 0.0      # grayscale probability (paper: 0.2; 0 for shapes)
@@ -83,11 +83,11 @@ class Config:
     center_momentum: float = 0.9  # centering EMA
     dino_weight: float = 1.0      # DINO CLS loss weight
     ibot_weight: float = 1.0      # iBOT masked-patch loss weight
-    koleo_weight: float = 0.1     # KoLeo weight
+    koleo_weight: float = 1.0     # KoLeo weight (paper: 0.1)
     mask_prob: float = 0.5        # fraction of global crops that get masked
     mask_ratio: str = "0.1,0.5"   # masked-patch ratio range, spread over the masked crops
     mask_mode: str = "random"     # "block" (DINOv2 / BEiT rectangles; imagenet preset) or "random" patches
-    lr: float = 5e-3              # base lr, scaled by sqrt(global batch / 1024) (paper: 1e-4)
+    lr: float = 1e-2              # base lr, scaled by sqrt(global batch / 1024) (paper: 1e-4)
     min_lr: float = 1e-6          # cosine end
     warmup: int = 30              # lr warm-up steps (paper: 10 epochs = 12.5k)
     wd: float = 0.04              # weight decay start
@@ -111,7 +111,7 @@ PRESETS = {
     "imagenet": dict(run="imagenet", steps=125_000, batch_size=64, size=224, workers=10,
                      arch="vit_l", patch=14, pos_grid=37, registers=4, drop_path=0.4, ls_init=1e-5,
                      L=512, V=256, head_hidden=2048, head_bottleneck=256, prototypes=65536,
-                     local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05,
+                     local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05, koleo_weight=0.1,
                      hue=0.1, grayscale_p=0.2, solarize_p=0.2, blur_p=0.5,
                      teacher_temp_steps=37_500, lr=1e-4, warmup=12_500, freeze_last=1250,
                      ckpt_every=5000, log_every=10, encode_batch=128, compile=True, grad_ckpt=True,
