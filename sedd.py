@@ -46,7 +46,7 @@ class Config:
     steps: int = 1200            # optimiser steps (paper: ~200 epochs of ImageNet = ~500k at 512)
     batch_size: int = 64         # per process (paper: 512 in total)
     compile: bool = False        # torch.compile the model
-    size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's)
+    size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's) | DxdepthxH
     cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
     dropout: float = 0.1         # residual dropout (SEDD: 0.1)
     eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
@@ -63,6 +63,18 @@ class Config:
 
 
 SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
+
+
+def model_dims(size):
+    """(D, depth, heads) of a named size, or of "DxdepthxH" (e.g. "32x2x4": what `convert` writes
+    for an authors' model whose shape has no name here)."""
+    if size in SIZES:
+        return SIZES[size]
+    dims = size.split("x")
+    if len(dims) != 3 or not all(p.isdigit() and int(p) > 0 for p in dims) or int(dims[0]) % (2 * int(dims[2])):
+        utils.fail(f"unknown size {size!r}; use {', '.join(SIZES)} or DxdepthxH (D / H even, for rotary)")
+    return tuple(int(p) for p in dims)
+
 _PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
               eval_every=5000, ckpt_every=10000)
 PRESETS = {"toy": {},
@@ -150,14 +162,16 @@ def sedd_loss(model, x0, V, eps, generator=None):
 #################################################################################
 
 def rotary(x, base=10000.0):
-    """Rotate pairs (x[2k], x[2k+1]) of each head by angle pos * base^(-2k/d) (RoFormer).
-    A rotation: norms are unchanged, q.k depends on relative position only. x: (B, H, L, d)."""
+    """Rotate the pairs (x[k], x[k + d/2]) of each head by the angle pos * base^(-2k/d) (the
+    rotate-half pairing of GPT-NeoX, used by SEDD's model/rotary.py; RoFormer pairs neighbours,
+    the same rotation after permuting q and k). Norms are unchanged and q.k depends on the
+    relative position only. x: (B, H, L, d)."""
     L, d = x.shape[-2], x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
-    ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv         # (L, d/2)
+    inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv             # (L, d/2)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]                                               # (B, H, L, d/2)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)     # (B, H, L, d)
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]                                             # (B, H, L, d/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)                       # (B, H, L, d)
 
 
 def timestep_embedding(sigma, dim=256, max_period=10000):
@@ -173,14 +187,15 @@ def modulate(x, shift, scale):
 
 class DDiTBlock(nn.Module):
     """x + gate * Attn(modulate(LN(x))), then x + gate * MLP(modulate(LN(x))); the six
-    modulation vectors come from the sigma embedding and start at zero (adaLN-Zero)."""
+    modulation vectors come from the sigma embedding and start at zero (adaLN-Zero). The
+    LayerNorms carry a weight and no bias, as in SEDD; qkv packs (three, heads, head_dim)."""
     def __init__(self, D, heads, cond_dim, dropout):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm1 = nn.LayerNorm(D, bias=False)
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.proj = nn.Linear(D, D, bias=False)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(D, bias=False)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
         self.ada = nn.Linear(cond_dim, 6 * D)
         nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)
@@ -203,13 +218,15 @@ class DDiT(nn.Module):
     (B, L, V+1) float32; raw(x, sigma) -> the unscaled output z (what the sampler caches)."""
     def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1):
         super().__init__()
-        D, depth, heads = SIZES[size]
+        D, depth, heads = model_dims(size)
         self.L, self.V = L, V
         self.embed = nn.Embedding(V + 1, D)                                 # untied from the output
-        self.pos = nn.Parameter(torch.randn(L, D) * 0.02)                   # DLC positions carry meaning
+        self.pos = nn.Parameter(torch.empty(L, D))                          # DLC positions carry meaning
+        for w in (self.embed.weight, self.pos):  # SEDD's init: U(+-1/sqrt(D)), std 0.018 at D = 1024
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.sigma_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.blocks = nn.ModuleList(DDiTBlock(D, heads, cond_dim, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm = nn.LayerNorm(D, bias=False)
         self.ada = nn.Linear(cond_dim, 2 * D)
         self.out = nn.Linear(D, V + 1)
         for m in (self.ada, self.out):  # zero output at init: uniform p(x0 | x_t)
@@ -379,8 +396,7 @@ def batch_indices(step, rank, world, B, N, seed):
 
 
 def train(cfg):
-    if cfg.size not in SIZES:
-        utils.fail(f"unknown size {cfg.size!r}; use {', '.join(SIZES)}")
+    model_dims(cfg.size)  # a bad --size fails here, before anything is written
     d = utils.setup_dist(cfg.device)
     codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
     L, V = int(meta["L"]), int(meta["V"])
@@ -531,7 +547,7 @@ def bench(cfg):
     for _ in range(cfg.bench_iters):
         it()
     utils.sync(d.device); secs = (time.perf_counter() - t) / cfg.bench_iters
-    D, depth, _ = SIZES[cfg.size]
+    D, depth, _ = model_dims(cfg.size)
     n_mat = sum(p.numel() for n, p in model.named_parameters()  # per-token matmuls only
                 if p.dim() == 2 and not any(k in n for k in ("embed", "pos", "ada", "sigma_mlp")))
     flops_tok = 6 * n_mat + 12 * depth * L * D        # fwd+bwd matmuls + attention scores / values
