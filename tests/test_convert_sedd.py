@@ -247,7 +247,7 @@ def test_bad_input_one_line_nothing_written(tmp_path):
     model = AuthorsSEDD(0)
     # a checkpoint of another layout: DiT-like tensor names in an HF folder; our own checkpoint in a run folder
     dit = {"x_embedder.proj.weight": torch.zeros(4, 4), "blocks.0.attn.qkv.weight": torch.zeros(12, 4)}
-    fails(conv(write_hf(tmp_path / "dit", dit)), "not in the SEDD layout", "unexpected keys x_embedder.proj.weight",
+    fails(conv(write_hf(tmp_path / "dit", dit)), "not in the SEDD layout", "unexpected keys", "x_embedder.proj.weight",
           "missing keys pos_embed")
     run = write_run(tmp_path / "ours", model, model)
     torch.save({"model": {}, "ema": {"embed.weight": torch.zeros(2)}, "step": 1}, run / "checkpoints-meta" / "checkpoint.pth")
