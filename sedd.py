@@ -87,6 +87,7 @@ def model_dims(size):
         utils.fail(f"unknown size {size!r}; use {', '.join(SIZES)} or DxdepthxH (D / H even, for rotary)")
     return tuple(int(p) for p in dims)
 
+
 _PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
               eval_every=5000, ckpt_every=10000)
 PRESETS = {"toy": {},
