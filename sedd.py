@@ -19,9 +19,21 @@ Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a sta
   python sedd.py bench                                                      # tokens/s, memory, MFU
   python sedd.py --preset imagenet512 --dlc DLC512 --run in512              # one GPU, paper model
   torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
-  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --count 50000 --out DLC512-gen
+  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet-4096-remask --ckpt runs/sedd-in512 --count 50000 --out DLC512-gen
+  python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
+  python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-synth --keep 0-3,8 --n 100 --out runs/dlc-infill
+
+Sampling presets (`sample --preset NAME`; any flag after it overrides):
+  imagenet-1024          1024 analytic steps, no remasking: the authors' gen_50k_sedd-1024_cfg-1.7.sh
+                         (the Table 1 row with CFG 1.7 in dit.py)
+  imagenet-4096-remask   4096 steps, remasking eta 0.01 in t in (0.3, 0.55): their gen_50k_sedd-4096-remask.sh
+                         (the unguided row); `imagenet` is the same. The paper's table says eta 1e-4: add --eta 1e-4
+convert --authors takes their SEDD run folder (.hydra/config.yaml + checkpoints-meta/checkpoint.pth, the
+EMA weights are converted) or a local Hugging Face folder (config.json + model.safetensors / pytorch_model.bin).
+Infilling (--given DLCSET --keep POSITIONS): sample i keeps the tokens of row i % N of the given set at the
+kept positions and draws the others from p(x_rest | x_kept).
 """
-import dataclasses, math, os, sys, time
+import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +59,7 @@ class Config:
     steps: int = 1200            # optimiser steps (paper: ~200 epochs of ImageNet = ~500k at 512)
     batch_size: int = 64         # per process (paper: 512 in total)
     compile: bool = False        # torch.compile the model
-    size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's)
+    size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's) | DxdepthxH
     cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
     dropout: float = 0.1         # residual dropout (SEDD: 0.1)
     eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
@@ -65,6 +77,19 @@ class Config:
 
 
 SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
+
+
+def model_dims(size):
+    """(D, depth, heads) of a named size, or of "DxdepthxH" (e.g. "32x2x4": what `convert` writes
+    for an authors' model whose shape has no name here)."""
+    if size in SIZES:
+        return SIZES[size]
+    dims = size.split("x")
+    if len(dims) != 3 or not all(p.isdigit() and int(p) > 0 for p in dims) or int(dims[0]) % (2 * int(dims[2])):
+        utils.fail(f"unknown size {size!r}; use {', '.join(SIZES)} or DxdepthxH (D / H even, for rotary)")
+    return tuple(int(p) for p in dims)
+
+
 _PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
               eval_every=5000, ckpt_every=10000)
 PRESETS = {"toy": {},
@@ -91,10 +116,20 @@ class SampleConfig:
     batch_size: int = 500        # DLCs per forward
     seed: int = 0                # per-rank seed
     device: str = "auto"         # auto | cpu | cuda | mps
+    given: str = ""              # infilling: DLC set whose row i % N gives sample i its kept tokens
+    keep: str = ""               # infilling: positions kept from --given, e.g. "0-3,8"; the others are sampled
     POSITIVE = ("n", "steps", "batch_size")
 
 
-SAMPLE_PRESETS = {"toy": {}, "imagenet": {"steps": 4096, "eta": 0.01, "batch_size": 256}}
+# The authors' two Table 1 scripts (github.com/lavoiems/DiscreteLatentCode scripts/): 1024 analytic
+# steps without remasking (gen_50k_sedd-1024_cfg-1.7.sh, the CFG 1.7 row) and 4096 steps with
+# remasking eta 0.01 in (0.3, 0.55) (gen_50k_sedd-4096-remask.sh, the unguided row), batch 256.
+# The paper's table states eta 1e-4: `--preset imagenet-4096-remask --eta 1e-4`.
+SAMPLE_PRESETS = {"toy": {},
+                  "imagenet-1024": {"sampler": "analytic", "steps": 1024, "eta": 0.0, "batch_size": 256},
+                  "imagenet-4096-remask": {"sampler": "analytic", "steps": 4096, "eta": 0.01, "t0": 0.3, "t1": 0.55,
+                                           "batch_size": 256}}
+SAMPLE_PRESETS["imagenet"] = SAMPLE_PRESETS["imagenet-4096-remask"]   # the earlier name
 
 
 #################################################################################
@@ -154,14 +189,16 @@ def sedd_loss(model, x0, V, eps, generator=None):
 #################################################################################
 
 def rotary(x, base=10000.0):
-    """Rotate pairs (x[2k], x[2k+1]) of each head by angle pos * base^(-2k/d) (RoFormer).
-    A rotation: norms are unchanged, q.k depends on relative position only. x: (B, H, L, d)."""
+    """Rotate the pairs (x[k], x[k + d/2]) of each head by the angle pos * base^(-2k/d) (the
+    rotate-half pairing of GPT-NeoX, used by SEDD's model/rotary.py; RoFormer pairs neighbours,
+    the same rotation after permuting q and k). Norms are unchanged and q.k depends on the
+    relative position only. x: (B, H, L, d)."""
     L, d = x.shape[-2], x.shape[-1]
-    inv = base ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
-    ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv         # (L, d/2)
+    inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
+    ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv             # (L, d/2)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]                                               # (B, H, L, d/2)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)     # (B, H, L, d)
+    x1, x2 = x[..., :d // 2], x[..., d // 2:]                                             # (B, H, L, d/2)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)                       # (B, H, L, d)
 
 
 def timestep_embedding(sigma, dim=256, max_period=10000):
@@ -177,14 +214,15 @@ def modulate(x, shift, scale):
 
 class DDiTBlock(nn.Module):
     """x + gate * Attn(modulate(LN(x))), then x + gate * MLP(modulate(LN(x))); the six
-    modulation vectors come from the sigma embedding and start at zero (adaLN-Zero)."""
+    modulation vectors come from the sigma embedding and start at zero (adaLN-Zero). The
+    LayerNorms carry a weight and no bias, as in SEDD; qkv packs (three, heads, head_dim)."""
     def __init__(self, D, heads, cond_dim, dropout):
         super().__init__()
         self.heads, self.dropout = heads, dropout
-        self.norm1 = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm1 = nn.LayerNorm(D, bias=False)
         self.qkv = nn.Linear(D, 3 * D, bias=False)
         self.proj = nn.Linear(D, D, bias=False)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(D, bias=False)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
         self.ada = nn.Linear(cond_dim, 6 * D)
         nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)
@@ -207,13 +245,15 @@ class DDiT(nn.Module):
     (B, L, V+1) float32; raw(x, sigma) -> the unscaled output z (what the sampler caches)."""
     def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1):
         super().__init__()
-        D, depth, heads = SIZES[size]
+        D, depth, heads = model_dims(size)
         self.L, self.V = L, V
         self.embed = nn.Embedding(V + 1, D)                                 # untied from the output
-        self.pos = nn.Parameter(torch.randn(L, D) * 0.02)                   # DLC positions carry meaning
+        self.pos = nn.Parameter(torch.empty(L, D))                          # DLC positions carry meaning
+        for w in (self.embed.weight, self.pos):  # SEDD's init: U(+-1/sqrt(D)), std 0.018 at D = 1024
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
         self.sigma_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
         self.blocks = nn.ModuleList(DDiTBlock(D, heads, cond_dim, dropout) for _ in range(depth))
-        self.norm = nn.LayerNorm(D, elementwise_affine=False)
+        self.norm = nn.LayerNorm(D, bias=False)
         self.ada = nn.Linear(cond_dim, 2 * D)
         self.out = nn.Linear(D, V + 1)
         for m in (self.ada, self.out):  # zero output at init: uniform p(x0 | x_t)
@@ -244,7 +284,7 @@ def sample_categorical(probs, generator=None):
 
 @torch.no_grad()
 def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0.55, eps=1e-3,
-           t_end=1e-5, cache=True, generator=None, device="cpu", trace=None):
+           t_end=1e-5, cache=True, generator=None, device="cpu", trace=None, given=None, keep=None):
     """Reverse the absorbing process from all-mask at t = 1 down to t_end on a uniform grid,
     then denoise the masks left. raw_fn(x, sigma) -> z with log s = absorb_log_score(z, ...).
       analytic (Tweedie tau-leaping), d = sigma(t) - sigma(s):
@@ -253,8 +293,16 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
       remasking (paper Eq. 4) when t0 < t < t1: each token unmasked at t is masked again with
           probability eta, and masked tokens step to s' = s - eta (1 - t) instead of s, which keeps
           the expected masked fraction on (1 - eps) t (ReMDM's posterior with a_t = 1 - t).
+      infilling, given (n, L) tokens and keep (L,) bool: the kept positions start at the given
+          tokens, so the reverse process never moves them, and remasking skips them: they equal the
+          given tokens after every step (SEDD's projection, by construction) while the network sees
+          them, and the free positions are drawn from p(x_free | x_kept).
     trace(step, t_next, x) is called after every step (tests check q_t). Returns (codes, stats)."""
     x = torch.full((n, L), V, dtype=torch.long, device=device)
+    free = torch.ones(L, dtype=torch.bool, device=device)             # positions the sampler draws
+    if keep is not None:
+        free = ~keep.to(device)
+        x = torch.where(free, x, given.to(device))
     grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
     z = torch.zeros(n, L, V + 1, device=device)
     stale = torch.ones(n, dtype=torch.bool, device=device)            # rows whose x changed
@@ -293,7 +341,7 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
             x_new = torch.where(masked, new, x)
         if remask:  # decisions from x_t: tokens unmasked in this very step are kept
             u = torch.rand(x.shape, dtype=torch.float64, generator=generator, device=device)
-            x_new = torch.where(~masked & (u < eta), torch.full_like(x, V), x_new)
+            x_new = torch.where(~masked & free & (u < eta), torch.full_like(x, V), x_new)
         stale |= (x_new != x).any(-1)
         x = x_new
         if trace is not None:
@@ -380,8 +428,7 @@ def batch_indices(step, rank, world, B, N, seed):
 
 
 def train(cfg):
-    if cfg.size not in SIZES:
-        utils.fail(f"unknown size {cfg.size!r}; use {', '.join(SIZES)}")
+    model_dims(cfg.size)  # a bad --size fails here, before anything is written
     d = utils.setup_dist(cfg.device)
     run_dir = os.path.join("runs", f"sedd-{cfg.run}")
     utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
@@ -471,6 +518,23 @@ def train(cfg):
 #                  Sample command: a DLC set of generated codes                 #
 #################################################################################
 
+def parse_positions(spec, L):
+    """ "0-3,8" -> a (L,) bool mask of the positions named (ranges inclusive)."""
+    keep = torch.zeros(L, dtype=torch.bool)
+    try:
+        for part in spec.split(","):
+            a, _, b = part.strip().partition("-")
+            a, b = int(a), int(b or a)
+            if not 0 <= a <= b < L:
+                raise ValueError
+            keep[a:b + 1] = True
+    except ValueError:
+        utils.fail(f"--keep {spec!r} is not a list of positions in [0, {L}) such as 0-3,8")
+    if keep.all():
+        utils.fail(f"--keep {spec!r} keeps all {L} positions; nothing is left to sample")
+    return keep
+
+
 def sample_main(sc):
     if not sc.ckpt or not sc.out or sc.sampler not in ("analytic", "euler"):
         utils.fail("sample needs --ckpt (a .pt or run folder), --out DIR and --sampler analytic|euler")
@@ -478,9 +542,18 @@ def sample_main(sc):
     if sc.n < 1 or sc.steps < 1 or not 0 <= sc.eta < 1 or not 0 <= sc.t0 < sc.t1 <= 1:
         utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
     utils.check_dlc_out(sc.out, sc.overwrite)                              # before any work
+    if bool(sc.given) != bool(sc.keep):
+        utils.fail("infilling needs both --given DLCSET and --keep POSITIONS (e.g. --keep 0-3,8)")
     path = utils.resolve_ckpt(sc.ckpt)
     ck = utils.checkpoint_of(path, "sedd", ("ema", *(f"config.{k}" for k in ("L", "V", "size", "cond_dim", "dropout"))))
     cfg = ck["config"]
+    keep = given = None
+    if sc.given:  # check before sampling: same L and V as the model, a valid position list
+        gset = utils.load_dlc_set(sc.given, L=cfg["L"], V=cfg["V"])
+        given = np.asarray(gset["codes"], dtype=np.int64)
+        if given.max() >= cfg["V"]:
+            utils.fail(f"DLC set {sc.given} holds token {given.max()} >= V={cfg['V']}")
+        keep = parse_positions(sc.keep, cfg["L"])
     d = utils.setup_dist(sc.device)
     model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
     utils.load_weights(model, ck["ema"], path)  # samplers use the EMA weights
@@ -490,29 +563,37 @@ def sample_main(sc):
         with amp:
             return model.raw(x, sigma)
     g = torch.Generator(device=d.device).manual_seed(sc.seed * d.world + d.rank)
-    mine = len(range(d.rank, sc.n, d.world))                               # this rank's share
+    ids = np.arange(d.rank, sc.n, d.world)                                 # this rank's share of the rows
     out, fw, saved, t0 = [], 0, 0, time.perf_counter()
-    for b in tqdm(range(0, mine, sc.batch_size), disable=not d.main, desc="sampling"):
-        nb = min(sc.batch_size, mine - b)
-        x, st = sample(raw_fn, nb, cfg["L"], cfg["V"], sc.steps, sc.sampler, sc.eta, sc.t0, sc.t1, cfg["eps"],
-                       sc.t_end, sc.cache, g, d.device)
+    for b in tqdm(range(0, len(ids), sc.batch_size), disable=not d.main, desc="sampling"):
+        rows = ids[b:b + sc.batch_size]
+        kept = dict(given=torch.as_tensor(given[rows % len(given)]), keep=keep) if sc.given else {}
+        x, st = sample(raw_fn, len(rows), cfg["L"], cfg["V"], sc.steps, sc.sampler, sc.eta, sc.t0, sc.t1, cfg["eps"],
+                       sc.t_end, sc.cache, g, d.device, **kept)
         out.append(x.cpu().numpy()); fw += st["forwards"]; saved += st["saved"]
     codes = np.concatenate(out) if out else np.zeros((0, cfg["L"]), np.int64)
-    if d.world > 1:  # gather the shards on rank 0 (small: N x L uint16)
+    if d.world > 1:  # gather the shards on rank 0 (small: N x L uint16), rows back in order
         parts = [None] * d.world
-        dist.all_gather_object(parts, (codes.astype(np.uint16), fw, saved))
-        codes = np.concatenate([p[0] for p in parts]); fw = sum(p[1] for p in parts); saved = sum(p[2] for p in parts)
+        dist.all_gather_object(parts, (codes.astype(np.uint16), ids, fw, saved))
+        order = np.argsort(np.concatenate([p[1] for p in parts]), kind="stable")
+        codes = np.concatenate([p[0] for p in parts])[order]
+        fw = sum(p[2] for p in parts); saved = sum(p[3] for p in parts)
     secs = time.perf_counter() - t0
     if d.main:
         stats = {"forwards_per_dlc": fw / sc.n, "forwards_saved_per_dlc": saved / sc.n, "dlcs_per_s": sc.n / secs}
         meta = {"L": cfg["L"], "V": cfg["V"], "command": " ".join(["sedd.py"] + sys.argv[1:]), "checkpoint": path,
                 "source": cfg["dlc"], "data": ck.get("dlc_meta", {}).get("data"),
                 "sampler": dataclasses.asdict(sc), "stats": stats}
-        if os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
+        labels = None
+        if sc.given:  # row j keeps the tokens of row j % N of the given set (and takes its label)
+            meta["infill"] = {"given": sc.given, "keep": sc.keep, "kept_positions": keep.nonzero().squeeze(1).tolist(),
+                              "rows": "row j of codes.npy keeps the tokens of row j % N of the given set"}
+            labels = gset["labels"][np.arange(sc.n) % len(given)] if "labels" in gset else None
+        if cfg["dlc"] and os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
             ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
             meta["tv"] = {"marginal": tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
                           "pairs": tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
-        utils.save_dlc_set(sc.out, codes, meta, overwrite=sc.overwrite)
+        utils.save_dlc_set(sc.out, codes, meta, labels=labels, overwrite=sc.overwrite)
         print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
               f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f})"
               + (f" | TV marginal {meta['tv']['marginal']:.4f} pairs {meta['tv']['pairs']:.4f}" if "tv" in meta else ""),
@@ -520,6 +601,183 @@ def sample_main(sc):
     if d.world > 1:
         dist.barrier()
     utils.cleanup_dist()
+
+
+#################################################################################
+#          convert: the authors' SEDD run folder or HF folder -> our checkpoint  #
+#################################################################################
+
+@dataclass
+class ConvertConfig:
+    authors: str = ""            # their SEDD run folder (.hydra/config.yaml + checkpoints-meta/) or a local HF folder
+    out: str = ""                # our checkpoint .pt to write (refused if it exists)
+    checkpoint: str = "checkpoints-meta/checkpoint.pth"  # inside a run folder (their --checkpoint_name)
+    heads: int = 0               # attention heads, when neither the files nor the config say (medium: 16)
+    L: int = 0                   # expected code length (checked against the files); 0 = any
+    V: int = 0                   # expected vocabulary (checked against the files); 0 = any
+
+
+# Their module names (https://github.com/lavoiems/DiscreteLatentCode sedd/model/transformer.py)
+# -> ours. `rotary_emb.inv_freq` is a buffer of theirs (its length is head_dim / 2); we recompute it.
+_TOP = {"vocab_embed.embedding": "embed.weight", "pos_embed": "pos", "sigma_map.mlp.": "sigma_mlp.",
+        "output_layer.norm_final.": "norm.", "output_layer.linear.": "out.", "output_layer.adaLN_modulation.": "ada."}
+_BLOCK = {"norm1.": "norm1.", "attn_qkv.": "qkv.", "attn_out.": "proj.", "norm2.": "norm2.", "mlp.": "mlp.",
+          "adaLN_modulation.": "ada."}
+_INV_FREQ = "rotary_emb.inv_freq"
+_PREFIXES = ("module.", "_orig_mod.", "model.", "score_model.", "sedd.")   # DDP, compile, HF wrappers
+
+
+def authors_names(depth):
+    """Their parameter names in their parameters() order (the order of the EMA's shadow_params):
+    the root's own pos_embed first, then the sub-modules in the order SEDD.__init__ builds them."""
+    block = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight", "mlp.0.bias",
+             "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
+    return (["pos_embed", "vocab_embed.embedding"] + [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
+            + [f"blocks.{b}.{n}" for b in range(depth) for n in block]
+            + [f"output_layer.{n}" for n in ("norm_final.weight", "linear.weight", "linear.bias",
+                                             "adaLN_modulation.weight", "adaLN_modulation.bias")])
+
+
+def our_name(name):
+    """blocks.3.attn_qkv.weight -> blocks.3.qkv.weight, output_layer.linear.bias -> out.bias, ..."""
+    if name.startswith("blocks."):
+        b, rest = name[len("blocks."):].split(".", 1)
+        old = next(k for k in _BLOCK if rest.startswith(k))
+        return f"blocks.{b}.{_BLOCK[old]}{rest[len(old):]}"
+    old = next(k for k in _TOP if name.startswith(k))
+    return _TOP[old] + name[len(old):]
+
+
+def find_key(tree, names):
+    """First value under any of `names` in a nested dict (their YAML / config.json), or None."""
+    if not isinstance(tree, dict):
+        return None
+    for k in names:
+        if k in tree:
+            return tree[k]
+    return next((v for v in map(lambda t: find_key(t, names), tree.values()) if v is not None), None)
+
+
+def read_authors(path, checkpoint):
+    """(state dict, config dict, what it is). The run folder: their `{model, ema: {decay, num_updates,
+    shadow_params}, optimizer, step}` with the EMA (what they sample with) copied over `model`;
+    an HF folder: config.json + model.safetensors (or shards, or pytorch_model.bin)."""
+    if os.path.isdir(os.path.join(path, ".hydra")) or os.path.isdir(os.path.join(path, "checkpoints-meta")):
+        cfg_path, ck_path = os.path.join(path, ".hydra", "config.yaml"), os.path.join(path, checkpoint)
+        for f in (cfg_path, ck_path):
+            if not os.path.isfile(f):
+                utils.fail(f"SEDD run folder {path} has no {os.path.relpath(f, path)}; "
+                           "it needs .hydra/config.yaml and checkpoints-meta/checkpoint.pth (or pass --checkpoint)")
+        import yaml  # lazily: only convert reads YAML
+        config = yaml.safe_load(open(cfg_path)) or {}
+        ck = utils.load_checkpoint(ck_path)
+        if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("ema"), dict)
+                and isinstance(ck["ema"].get("shadow_params"), (list, tuple))):
+            utils.fail(f"{ck_path} is not a SEDD training checkpoint ({{model, ema: {{shadow_params}}, optimizer, "
+                       f"step}}); found keys {sorted(ck)[:6] if isinstance(ck, dict) else type(ck).__name__}")
+        sd = strip_prefixes(ck["model"])
+        names, shadow = authors_names(count_blocks(sd)), ck["ema"]["shadow_params"]
+        check_layout(sd, names, ck_path)
+        if len(shadow) != len(names) or any(tuple(t.shape) != tuple(sd[n].shape) for n, t in zip(names, shadow)):
+            utils.fail(f"{ck_path}: ema.shadow_params ({len(shadow)} tensors) do not line up with the model's "
+                       f"{len(names)} parameters in SEDD's parameters() order")
+        sd = {**sd, **dict(zip(names, shadow))}
+        return sd, config, f"SEDD run folder, step {ck.get('step')}, EMA weights"
+    cfg_path = os.path.join(path, "config.json")
+    files = [os.path.join(path, f) for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")]
+    found = [f for f in files if os.path.isfile(f)]
+    if not os.path.isfile(cfg_path) or not found:
+        utils.fail(f"{path} is neither a SEDD run folder (.hydra/config.yaml + checkpoints-meta/checkpoint.pth) "
+                   "nor a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)")
+    config = json.load(open(cfg_path))
+    if found[0].endswith(".bin"):
+        sd = utils.load_checkpoint(found[0])
+    else:
+        from safetensors.torch import load_file  # lazily: only convert reads safetensors
+        shards = [found[0]] if found[0].endswith(".safetensors") else \
+            sorted({os.path.join(path, f) for f in json.load(open(found[0]))["weight_map"].values()})
+        sd = {k: v for f in shards for k, v in load_file(f).items()}
+    sd = strip_prefixes(sd)
+    check_layout(sd, authors_names(count_blocks(sd)), found[0])
+    return sd, config, f"Hugging Face folder ({os.path.basename(found[0])})"
+
+
+def strip_prefixes(sd):
+    """Drop a wrapper prefix that every key shares (DDP's module., torch.compile's _orig_mod., ...)."""
+    sd = dict(sd)
+    while sd and (p := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def count_blocks(sd):
+    return len({k.split(".")[1] for k in sd if k.startswith("blocks.") and k.count(".") > 1})
+
+
+def check_layout(sd, names, where):
+    """Strict: exactly their forward's weights (plus the rotary buffer), or one line naming the rest."""
+    unexpected = sorted(set(sd) - set(names) - {_INV_FREQ})
+    missing = [n for n in names if n not in sd]
+    if unexpected or missing:
+        short = lambda ks: ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "") or "none"
+        utils.fail(f"{where} is not in the SEDD layout: unexpected keys {short(unexpected)}; missing keys {short(missing)}")
+    if sd["vocab_embed.embedding"].dim() != 2:
+        utils.fail(f"{where} has a per-position token embedding {tuple(sd['vocab_embed.embedding'].shape)} "
+                   "(model.shared_embedding: False); only the shared one (the released models') is supported")
+
+
+def convert_main(c):
+    if not c.authors or not c.out:
+        utils.fail("convert needs --authors PATH (their SEDD run folder or a local HF folder) and --out CKPT")
+    if os.path.exists(c.out):
+        utils.fail(f"{c.out} exists; choose another --out (convert never overwrites)")
+    sd, config, what = read_authors(c.authors, c.checkpoint)
+    V1, D = sd["vocab_embed.embedding"].shape                     # V + 1 rows: the mask token is V
+    L, depth, cond_dim = sd["pos_embed"].shape[0], count_blocks(sd), sd["sigma_map.mlp.0.weight"].shape[0]
+    heads = D // (2 * len(sd[_INV_FREQ])) if _INV_FREQ in sd else None   # inv_freq has head_dim / 2 entries
+    sizes = {"L": L, "V": V1 - 1, "hidden_size": D, "n_blocks": depth, "cond_dim": cond_dim, "n_heads": heads}
+    aliases = {"L": ("length",), "V": ("tokens",), "n_heads": ("n_heads", "num_heads", "num_attention_heads")}
+    for k in sizes:  # the files decide; the config and the flags must agree with them
+        for source, val in (("the config", find_key(config, aliases.get(k, (k,)))),
+                            ("--heads" if k == "n_heads" else f"--{k}", {"L": c.L, "V": c.V, "n_heads": c.heads}.get(k))):
+            if val in (None, 0):
+                continue
+            if sizes[k] is None:
+                sizes[k] = int(val)
+            elif int(val) != sizes[k]:
+                utils.fail(f"{c.authors}: the weights give {k}={sizes[k]} but {source} says {val}")
+    if sizes["n_heads"] is None:
+        utils.fail(f"{c.authors}: the number of attention heads is in neither the weights nor the config; pass --heads")
+    graph, noise = find_key(config, ("graph",)) or {}, find_key(config, ("noise",)) or {}
+    for key, got, want in (("graph.type", graph.get("type"), "absorb"), ("noise.type", noise.get("type"), "loglinear"),
+                           ("scale_by_sigma", find_key(config, ("scale_by_sigma",)), True),
+                           ("shared_embedding", find_key(config, ("shared_embedding",)), True)):
+        if got is not None and got != want:
+            utils.fail(f"{c.authors}: config has {key}={got}; only SEDD-absorb with log-linear noise, scale_by_sigma "
+                       "and a shared embedding (the released models') converts")
+    H = sizes["n_heads"]
+    if D % (2 * H):
+        utils.fail(f"{c.authors}: hidden size {D} is not a multiple of 2 x heads={H}")
+    d = D // H  # their rotary frequencies must be the ones we recompute (base 10000)
+    if _INV_FREQ in sd and not torch.allclose(sd[_INV_FREQ].float(), 1.0 / 10000 ** (torch.arange(0, d, 2) / d)):
+        utils.fail(f"{c.authors}: {_INV_FREQ} is not 10000^(-2k/d); a rotary base other than SEDD's does not convert")
+    size = next((n for n, dims in SIZES.items() if dims == (D, depth, H)), f"{D}x{depth}x{H}")
+    dropout = float(find_key(config, ("dropout",)) or 0.1)
+    model = DDiT(L, V1 - 1, size, cond_dim, dropout)
+    ours, want = {our_name(n): sd[n] for n in authors_names(depth)}, model.state_dict()
+    bad = [f"{k} {tuple(t.shape)} vs ours {tuple(want[k].shape)}" for k, t in ours.items() if t.shape != want[k].shape]
+    if bad:
+        utils.fail(f"{c.authors}: shapes differ from a DDiT of L={L} V={V1 - 1} D={D} depth={depth} heads={H}: "
+                   + "; ".join(bad[:3]))
+    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)   # every weight of ours is set
+    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V1 - 1, size=size, cond_dim=cond_dim, dropout=dropout)
+    state = model.state_dict()  # model and ema: the same tensors, which torch.save stores once
+    utils.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(cfg),
+                           "dlc_meta": {}, "converted_from": {"path": os.path.abspath(c.authors), "what": what},
+                           "versions": {"torch": torch.__version__}}, c.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"converted {what} {c.authors} -> {c.out}: L={L} V={V1 - 1} size={size} cond_dim={cond_dim} "
+          f"params={n:,}", flush=True)
 
 
 #################################################################################
@@ -544,7 +802,7 @@ def bench(cfg):
     for _ in range(cfg.bench_iters):
         it()
     utils.sync(d.device); secs = (time.perf_counter() - t) / cfg.bench_iters
-    D, depth, _ = SIZES[cfg.size]
+    D, depth, _ = model_dims(cfg.size)
     n_mat = sum(p.numel() for n, p in model.named_parameters()  # per-token matmuls only
                 if p.dim() == 2 and not any(k in n for k in ("embed", "pos", "ada", "sigma_mlp")))
     flops_tok = 6 * n_mat + 12 * depth * L * D        # fwd+bwd matmuls + attention scores / values
@@ -604,6 +862,8 @@ def synth(c):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        return print(__doc__)
     cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
     if cmd == "train":
         return train(utils.parse_config(Config, argv, PRESETS))
@@ -613,7 +873,9 @@ def main(argv=None):
         return bench(utils.parse_config(Config, argv, PRESETS))
     if cmd == "synth":
         return synth(utils.parse_config(SynthConfig, argv))
-    utils.fail(f"unknown command {cmd!r}; use train, sample, bench or synth")
+    if cmd == "convert":
+        return convert_main(utils.parse_config(ConvertConfig, argv))
+    utils.fail(f"unknown command {cmd!r}; use train, sample, convert, bench or synth")
 
 
 if __name__ == "__main__":

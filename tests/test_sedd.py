@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 import sedd
+import utils
 from conftest import ROOT, assert_same_optimizer_state, torchrun
 
 EPS = 1e-3
@@ -184,6 +185,58 @@ def test_float64_categorical():
     assert chi2_ok(np.bincount(x.numpy(), minlength=4), (p / p.sum()).numpy())
 
 
+def chain_joint(V=3):
+    """p(a, b, c) proportional to (1 + 8 [a = b]) (1 + 8 [b = c]) (1 + a + 2 c): neighbours agree,
+    so the conditional of a position given the others is far from its marginal."""
+    a, b, c = torch.meshgrid(*[torch.arange(V, dtype=torch.float64)] * 3, indexing="ij")
+    joint = (1 + 8 * (a == b)) * (1 + 8 * (b == c)) * (1 + a + 2 * c)
+    return joint / joint.sum()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.05])
+def test_infilling_draws_the_exact_conditional(eta):
+    """Keep positions 0 and 2 of a 3-token joint: position 1 must follow p(x1 | x0, x2), exactly at
+    any step count (one free position, exact scores), and not its marginal (what a leak of the kept
+    tokens, i.e. a network that never saw them, would give). Kept tokens never change, not even with
+    remasking on, at any step."""
+    V, per = 3, 1500
+    joint = chain_joint(V)
+    pairs = torch.cartesian_prod(torch.arange(V), torch.arange(V))                  # (9, 2): (x0, x2)
+    given = torch.stack([pairs[:, 0], torch.zeros(9, dtype=torch.long), pairs[:, 1]], 1).repeat(per, 1)
+    keep = torch.tensor([True, False, True])
+    def trace(i, s, x):
+        assert torch.equal(x[:, keep], given[:, keep]), i                           # never masked or moved
+    x, _ = sedd.sample(sedd.oracle_raw_fn(joint, V), len(given), 3, V, 12, "analytic", eta, 0.3, 0.55, EPS,
+                       generator=torch.Generator().manual_seed(2), trace=trace, given=given, keep=keep)
+    assert torch.equal(x[:, keep], given[:, keep])
+    marginal = joint.sum((0, 2)).numpy()
+    for a, c in pairs.tolist():
+        rows = (given[:, 0] == a) & (given[:, 2] == c)
+        counts = np.bincount(x[rows, 1].numpy(), minlength=V)
+        cond = (joint[a, :, c] / joint[a, :, c].sum()).numpy()
+        assert chi2_ok(counts, cond), (a, c, counts, cond)
+        if np.abs(cond - marginal).sum() > 0.4:                                     # where a leak would show
+            assert not chi2_ok(counts, marginal)
+
+
+def test_infilling_two_free_positions_converges_to_conditional():
+    """Keep position 0 only: (x1, x2) ~ p(x1, x2 | x0) as the steps grow (two correlated free
+    positions unmasked in one step are drawn independently: that is the step error)."""
+    V, per = 3, 2000
+    joint = chain_joint(V)
+    given = torch.arange(V).repeat(per)[:, None].expand(-1, 3).contiguous()
+    keep = torch.tensor([True, False, False])
+    x, _ = sedd.sample(sedd.oracle_raw_fn(joint, V), len(given), 3, V, 128, "analytic", 0.02, 0.3, 0.55, EPS,
+                       generator=torch.Generator().manual_seed(3), given=given, keep=keep)
+    assert torch.equal(x[:, 0], given[:, 0])
+    marginal = joint.sum(0).reshape(-1).numpy()
+    for a in range(V):
+        h = np.bincount(x[given[:, 0] == a, 1].numpy() * V + x[given[:, 0] == a, 2].numpy(), minlength=V * V) / per
+        cond = (joint[a] / joint[a].sum()).reshape(-1).numpy()
+        assert 0.5 * np.abs(h - cond).sum() < 0.05, (a, h, cond)
+        assert 0.5 * np.abs(cond - marginal).sum() > 0.2                           # a leak would fail above
+
+
 # ----------------------------------------------------------------------------- network
 def test_sdpa_equals_explicit_attention(monkeypatch):
     torch.manual_seed(0)
@@ -257,6 +310,39 @@ def test_sample_writes_dlc_set(toy, monkeypatch):
     assert codes.shape == (37, 8) and codes.dtype == np.uint16 and codes.max() < 16
     assert meta["sampler"]["eta"] == 0.01 and meta["data"]["name"] == "shapes" and meta["N"] == 37
     assert 0 < meta["tv"]["marginal"] <= 1 and meta["stats"]["forwards_per_dlc"] <= 17
+
+
+def test_sample_infill_command_keeps_given_tokens(toy, monkeypatch):
+    """--given / --keep: rows cycle through the given set, kept positions come back unchanged,
+    labels follow their rows; a bad position list or a missing half is one line."""
+    monkeypatch.chdir(toy)
+    sedd.main(["sample", "--ckpt", "runs/sedd-full", "--given", "dlc", "--keep", "0-2,5", "--n", "7",
+               "--out", "infill", "--steps", "8", "--batch_size", "3", "--eta", "0.05"])
+    codes, given = np.load("infill/codes.npy"), np.load("dlc/codes.npy")
+    keep = [0, 1, 2, 5]
+    assert codes.shape == (7, 8) and np.array_equal(codes[:, keep], given[:7, keep])
+    assert np.array_equal(np.load("infill/labels.npy"), np.load("dlc/labels.npy")[:7])
+    meta = json.load(open("infill/meta.json"))
+    assert meta["infill"]["kept_positions"] == keep and meta["sampler"]["given"] == "dlc"
+    for extra, word in ((["--keep", "3-9"], "--keep"), (["--keep", "0-7"], "nothing is left"), ([], "both")):
+        with pytest.raises(SystemExit) as e:
+            sedd.main(["sample", "--ckpt", "runs/sedd-full", "--given", "dlc", "--n", "2", "--out", "bad"] + extra)
+        assert word in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists("bad")
+
+
+def test_imagenet_sampling_presets_are_the_authors_scripts(capsys):
+    """scripts/gen_50k_sedd-1024_cfg-1.7.sh: --steps 1024 with the default analytic sampler;
+    scripts/gen_50k_sedd-4096-remask.sh: --steps 4096 --sample_name corrector --eta=0.01 (t0 0.3, t1 0.55)."""
+    a = utils.parse_config(sedd.SampleConfig, ["--preset", "imagenet-1024"], sedd.SAMPLE_PRESETS)
+    b = utils.parse_config(sedd.SampleConfig, ["--preset", "imagenet-4096-remask"], sedd.SAMPLE_PRESETS)
+    assert (a.sampler, a.steps, a.eta, a.t_end, a.batch_size) == ("analytic", 1024, 0.0, 1e-5, 256)
+    assert (b.sampler, b.steps, b.eta, b.t0, b.t1, b.t_end) == ("analytic", 4096, 0.01, 0.3, 0.55, 1e-5)
+    p = utils.parse_config(sedd.SampleConfig, ["--preset", "imagenet-4096-remask", "--eta", "1e-4"], sedd.SAMPLE_PRESETS)
+    assert p.eta == 1e-4                                               # the paper's table value stays a flag
+    sedd.main(["sample", "--help"])
+    out = capsys.readouterr().out
+    assert "imagenet-1024" in out and "gen_50k_sedd-4096-remask.sh" in out and "--keep" in out
 
 
 def test_bench_runs(capsys):
