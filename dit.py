@@ -35,6 +35,13 @@ Commands
     torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
     torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet --ckpt runs/dit-imagenet \
         --dlc sedd_samples --n 50000 --vae /models/sd-vae-ft-ema --out dlc_50k.npz
+  the authors' released DiT (their accelerate checkpoint folder, or a local Hugging Face folder):
+    python dit.py convert --authors <run>/checkpoints/checkpoints/checkpoint_1106 --out dit_authors.pt
+    torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet-cfg1.7 --ckpt dit_authors.pt \
+        --dlc sedd_1024 --n 50000 --vae /models/sd-vae-ft-ema --out dlc_cfg1.7.npz   # Table 1 (CFG 1.7)
+  composition of image files (encoded by `sem.py encode` with --sem_ckpt), N-way:
+    python dit.py compose --ckpt dit_authors.pt --sem_ckpt sem_authors.pt --images a.jpg b.jpg c.jpg \
+        --temp 0.001 --cfg_scale 3.5 --vae /models/sd-vae-ft-ema --out comp.npz
 """
 import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass, field
@@ -1101,8 +1108,9 @@ def authors_model_args(sd, hints, path):
     (L, V+1, D) DLC table; heads from the size name the shapes match (DiT's sizes)."""
     need = ["x_embedder.proj.weight", "pos_embed", "sem_embedder.embedding_table", "blocks.0.attn.qkv.weight"]
     if any(k not in sd for k in need):
-        utils.fail(f"{path} is not a DLC-conditioned DiT (DiTSEM): missing {[k for k in need if k not in sd]} "
-                   f"(keys look like {sorted(sd)[:3]})")
+        known = ("pos_embed", "x_embedder.", "t_embedder.", "blocks.", "final_layer.", "sem_embedder.")
+        utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
+                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
     D, C, patch, _ = sd["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]

@@ -22,6 +22,9 @@ Commands:
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py --preset imagenet --run_name imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
+  python sem.py convert --authors <run>/eval/training_124999/teacher_checkpoint.pth --out sem_authors.pt  # their teacher
+  python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # a local HF folder
+  python sem.py encode --ckpt sem_authors.pt --data /imagenet/val --out dlc_val [--soft_tau 0.001]
 """
 import dataclasses, json, math, os, re, sys, time
 from dataclasses import dataclass
@@ -916,8 +919,9 @@ def authors_arch(sd, hints, cfg, given, path):
     L*V), L and V separately from the authors' config or --L / --V; a conflict is one line."""
     need = ["cls_token", "pos_embed", "patch_embed.proj.weight", "sem_embed.weight", "blocks.0.norm1.weight"]
     if any(k not in sd for k in need):
-        utils.fail(f"{path} is not a DINOv2 SEM encoder: missing {[k for k in need if k not in sd]} "
-                   f"(keys look like {sorted(sd)[:3]})")
+        known = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.", "blocks.", "norm.", "sem_")
+        utils.fail(f"{path} is not in the layout of the authors' DINOv2 SEM encoder: unexpected keys "
+                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
     D, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
     archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]

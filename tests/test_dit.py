@@ -479,7 +479,7 @@ def test_convert_bad_input(tmp_path):
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"L": 6, "V": 10}))
     save_file({k.replace("blocks.", "transformer_blocks."): v.contiguous() for k, v in sd.items()}, str(other / "model.safetensors"))
-    cases = [(empty, "no custom_checkpoint_0.pkl"), (label, "not a DLC-conditioned DiT"),
+    cases = [(empty, "no custom_checkpoint_0.pkl"), (label, "missing keys ['sem_embedder.embedding_table']"),
              (wrongL, "config says L=512"), (other, "unexpected keys"), (tmp_path / "nothing", "is not a folder")]
     for i, (path, msg) in enumerate(cases):
         out = tmp_path / f"o{i}.pt"

@@ -440,7 +440,7 @@ def test_convert_bad_input(tmp_path):
              (["--authors", str(tmp_path / "t.pth"), "--L", "3"], "pass --L and --V"),      # 3 does not divide 32
              (["--authors", str(tmp_path / "nofile")], "model.safetensors"),
              (["--authors", str(other), "--L", "4"], "unexpected keys"),
-             (["--authors", str(tmp_path / "dit.pt"), "--L", "4"], "not a DINOv2 SEM encoder"),
+             (["--authors", str(tmp_path / "dit.pt"), "--L", "4"], "missing keys ['cls_token'"),
              (["--authors", str(tmp_path / "t.pth"), "--L", "4", "--patch", "14"], "--patch 14 does not match")]
     for i, (args, msg) in enumerate(cases):
         out = tmp_path / f"o{i}.pt"
