@@ -417,11 +417,17 @@ def test_convert_then_resume_training(tmp_path):
     (tmp_path / "runs/sem-a/checkpoints").mkdir(parents=True)
     out = tmp_path / "runs/sem-a/checkpoints/ckpt_0000000.pt"
     sem.main(["convert", "--authors", str(tmp_path / "t.pth"), "--out", str(out), "--L", "4", "--V", "8"])
-    tiny = [a for a in TINY if a not in ()]
+    tiny = list(TINY)
     tiny[tiny.index("--prototypes") + 1] = "24"
-    p = run_script([SEM, *tiny, "--steps", "1", "--run", "a", "--resume", "--arch", "toy", "--patch", "8",
-                    "--pos_grid", "5", "--size", "40", "--local_size", "24"], cwd=tmp_path)
-    assert "resumed from" in p.stdout and os.path.isfile(tmp_path / "runs/sem-a/checkpoints/ckpt_0000001.pt")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        sem.main([*tiny, "--steps", "1", "--run", "a", "--resume", "--arch", "toy", "--patch", "8",
+                  "--pos_grid", "5", "--size", "40", "--local_size", "24", "--threads", "1"])
+    finally:
+        os.chdir(cwd)
+    assert "resumed from" in open(tmp_path / "runs/sem-a/log.txt").read()
+    assert os.path.isfile(tmp_path / "runs/sem-a/checkpoints/ckpt_0000001.pt")
 
 
 def test_convert_bad_input(tmp_path):
