@@ -35,6 +35,13 @@ Commands
     torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
     torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet --ckpt runs/dit-imagenet \
         --dlc sedd_samples --n 50000 --vae /models/sd-vae-ft-ema --out dlc_50k.npz
+  the authors' released DiT (their accelerate checkpoint folder, or a local Hugging Face folder):
+    python dit.py convert --authors <run>/checkpoints/checkpoints/checkpoint_1106 --out dit_authors.pt
+    torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet-cfg1.7 --ckpt dit_authors.pt \
+        --dlc sedd_1024 --n 50000 --vae /models/sd-vae-ft-ema --out dlc_cfg1.7.npz   # Table 1 (CFG 1.7)
+  composition of image files (encoded by `sem.py encode` with --sem_ckpt), N-way:
+    python dit.py compose --ckpt dit_authors.pt --sem_ckpt sem_authors.pt --images a.jpg b.jpg c.jpg \
+        --temp 0.001 --cfg_scale 3.5 --vae /models/sd-vae-ft-ema --out comp.npz
 """
 import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass, field
@@ -87,7 +94,7 @@ class Config:
     sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)
     ddim: bool = False              # DDIM (eta = 0) instead of DDPM on the respaced steps
     cfg_scale: float = 1.0          # classifier-free guidance scale (paper: 1.4 / 1.7 for Table 1)
-    cfg_channels: int = 3           # guide the first k output channels (paper / DiT: 3; authors' code: all = 4)
+    cfg_channels: int = 3           # guide the first k output channels (paper / DiT: 3; authors' code and imagenet presets: 4)
     cfg_interval: list[float] = field(default_factory=list)  # [lo, hi] fraction of T where CFG applies; empty = all
     ckpt: str = ""                  # checkpoint file or run folder to sample from
     out: str = "samples.npz"        # samples file (arr_0 uint8 [N, H, W, C]) + a PNG grid next to it
@@ -105,6 +112,11 @@ class Config:
     n_per_pair: int = 8             # compositions per pair
     mix_p: float = 0.5              # probability that a position takes source A's token
     emb_ckpt: str = ""              # `embedding` model: the same pairs by averaging continuous embeddings
+    images: list[str] = field(default_factory=list)  # compose: image files to encode and mix (instead of --pairs)
+    sem_ckpt: str = ""              # compose --images: the SEM checkpoint that encodes them (sem.py)
+    temp: float = 0.0               # compose --images: SEM temperature; 0 = a uniformly chosen source per position
+    # convert
+    authors: str = ""               # the authors' accelerate checkpoint_<i>/ folder or a Hugging Face folder
     POSITIVE = ("steps", "batch_size", "data_n", "image_size", "log_every", "ckpt_every", "sample_every",
                 "diffusion_steps", "sample_steps", "n", "n_per_pair", "gmm_components")
 
@@ -113,8 +125,15 @@ PRESETS = {
     "toy": {},
     "imagenet": dict(model="DiT-XL/2", image_size=256, batch_size=32, steps=4_000_000, lr=1e-4,
                      ema=0.9999, num_classes=1000, ckpt_every=50_000, sample_every=50_000,
-                     log_every=100, cfg_channels=3, schedule="linear"),
+                     log_every=100, cfg_channels=4, schedule="linear"),
 }
+# Table 1 as the authors sampled it (scripts/gen_50k_sedd-1024_cfg-1.7.sh and
+# scripts/gen_50k_sedd-4096-remask.sh -> dit/sample_ddp_parallelized_dlc_hf.py -> pipeline_dlc_dit.py):
+# 256 respaced DDPM steps, CFG on all 4 latent channels at every step, fp32 / TF32. The SEDD codes
+# come from 1024 analytic steps (CFG 1.7: FID 1.59) or 4096 steps with remasking eta 0.01 (no CFG:
+# FID 2.00). The paper's wording, 3 guided channels, is --cfg_channels 3.
+PRESETS["imagenet-cfg1.7"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_scale": 1.7, "bf16": False}
+PRESETS["imagenet-remask"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_scale": 1.0, "bf16": False}
 
 # name -> (depth, hidden, heads); the paper's names with the patch size after the slash
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "toy": (4, 128, 4)}
@@ -156,13 +175,21 @@ class LabelEmbedder(nn.Module):
 
 class DLCEmbedder(nn.Module):
     """Sec. 4: one embedding table per position, (L, V+1, D); index V is the drop token.
-    The L embedded tokens are averaged. Init N(0, 1/D) as in the authors' SEMEmbedder."""
+    The L embedded tokens are averaged. Init N(0, 1/D) as in the authors' SEMEmbedder, whose
+    drop-token rows start as one shared vector repeated at every position.
+    "Soft SEM": a (B, L, V) tensor of probabilities (each row sums to 1) embeds as the
+    probability-weighted average of the rows, sum_v p[l, v] E[l, v]; a one-hot p is the code."""
     def __init__(self, L, V, hidden):
         super().__init__()
         self.L, self.V = L, V
-        self.embedding_table = nn.Parameter(torch.randn(L, V + 1, hidden) * hidden ** -0.5)
+        table = torch.randn(L, V, hidden) * hidden ** -0.5
+        drop = (torch.randn(1, 1, hidden) * hidden ** -0.5).expand(L, 1, hidden)
+        self.embedding_table = nn.Parameter(torch.cat([table, drop], 1))   # (L, V+1, D)
 
-    def forward(self, codes, drop):                  # codes (B, L) int64, drop (B,) bool
+    def forward(self, codes, drop):                  # codes (B, L) int64 or (B, L, V) float, drop (B,) bool
+        if codes.is_floating_point():                # soft SEM: weights over the V tokens of each position
+            rows = torch.einsum("blv,lvd->bld", codes.to(self.embedding_table.dtype), self.embedding_table[:, :self.V])
+            return torch.where(drop[:, None], self.embedding_table[:, self.V].mean(0), rows.mean(1))
         codes = torch.where(drop[:, None], self.V, codes)          # drop the WHOLE code
         pos = torch.arange(self.L, device=codes.device)[None]      # (1, L)
         return self.embedding_table[pos, codes].mean(1)            # (B, L, D) -> (B, D)
@@ -880,6 +907,8 @@ def compose(cfg):
     model, state = load_for_sampling(cfg.ckpt, d.device)
     if model.cond != "dlc":
         utils.fail(f"--ckpt is a {model.cond!r} model; compose needs a DLC-conditioned one")
+    if cfg.images:
+        return compose_images(cfg, model, state, d.device)
     pairs, targets = parse_pairs(cfg.pairs), None
     attrs_path = os.path.join(cfg.dlc, "attrs.npy")
     attrs = np.load(attrs_path) if os.path.isfile(attrs_path) else None    # (N, 3) for the shapes data
@@ -931,6 +960,72 @@ def compose(cfg):
                 np.savez(f, arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs), **extra)
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
+                 f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
+    utils.cleanup_dist()
+
+
+def mixing_distribution(codes, V, probs=None):
+    """(L, V): the mean over the N sources of their one-hot codes (so each position takes the
+    token of a source chosen uniformly at random), or of their soft SEMs softmax(z / temp) as the
+    authors' sample_comp_imgs.py does (temp -> 0 gives the one-hot mean again).
+    codes (N, L) int64; probs (N, L, V) or None."""
+    p = F.one_hot(codes, V).double() if probs is None else probs.double()   # (N, L, V)
+    return p.mean(0)
+
+
+def sample_mixed_codes(mix, n, gen):
+    """n codes, each position drawn independently from its row of mix (L, V). (n, L)"""
+    return torch.multinomial(mix, n, replacement=True, generator=gen).T
+
+
+def encode_image_files(cfg, L, V):
+    """DLCs (and soft SEMs at --temp) of --images with the SEM checkpoint --sem_ckpt, by running
+    `sem.py encode` on a temporary folder: the SEM encoder lives in sem.py, and scripts talk to
+    each other through files and command lines only."""
+    import shutil, subprocess, tempfile
+    if not cfg.sem_ckpt:
+        utils.fail("compose --images needs --sem_ckpt (a sem.py checkpoint, e.g. from `sem.py convert`)")
+    for f in cfg.images:
+        if not os.path.isfile(f):
+            utils.fail(f"--images: {f} does not exist")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "images"))
+        for i, f in enumerate(cfg.images):                                 # numbered: sem.py sorts by name
+            shutil.copy(f, os.path.join(tmp, "images", f"{i:04d}{os.path.splitext(f)[1].lower()}"))
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "sem.py"), "encode",
+               "--ckpt", cfg.sem_ckpt, "--data", os.path.join(tmp, "images"), "--out", os.path.join(tmp, "dlc"),
+               "--device", cfg.device, "--encode_batch", str(len(cfg.images))]
+        if cfg.temp > 0:
+            cmd += ["--soft_tau", str(cfg.temp)]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            utils.fail(f"sem.py encode of --images failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        s = utils.load_dlc_set(os.path.join(tmp, "dlc"), L=L, V=V)
+        codes = torch.from_numpy(np.asarray(s["codes"], dtype=np.int64))  # (N, L)
+        probs = torch.from_numpy(np.load(os.path.join(tmp, "dlc", "probs.npy"))) if cfg.temp > 0 else None
+    return codes, probs
+
+
+def compose_images(cfg, model, state, device):
+    """N-way composition of image files: encode, mix position by position, decode. Rows of the
+    grid: each source decoded from its own DLC, then the compositions."""
+    L, V, k = model.sem_embedder.L, model.sem_embedder.V, cfg.n_per_pair
+    codes, probs = encode_image_files(cfg, L, V)
+    mixed = sample_mixed_codes(mixing_distribution(codes, V, probs), k, torch.Generator().manual_seed(cfg.seed))
+    size = state["model_args"]["input_size"]
+    shape = (model.in_channels, size, size)
+    decode = vae_decoder(cfg, device)[1] if model.in_channels == 4 else None
+    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
+    seeds = [cfg.seed * 10_000_019 + i for i in range(k)]
+    run = lambda y: generate(model, diffusion, y.to(device), k, shape, cfg, seeds, device, decode=decode)
+    rows = [run(c[None].repeat(k, 1)) for c in codes] + [run(mixed)]
+    with utils.atomic_path(cfg.out) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=rows[-1], codes=mixed.numpy().astype(np.uint16), sources=codes.numpy().astype(np.uint16),
+                     images=np.array(cfg.images))
+    save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
+    utils.print0(f"rows: {len(codes)} sources decoded from their DLCs, then {k} compositions "
+                 f"({'soft SEMs at temperature ' + str(cfg.temp) if cfg.temp > 0 else 'uniform choice of a source per position'}); "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
     utils.cleanup_dist()
 
@@ -1097,13 +1192,129 @@ def bench(cfg):
                  f"({cfg.sample_steps} steps, CFG)")
 
 
+#################################################################################
+#        convert: the authors' released DiT -> one of our checkpoints           #
+#################################################################################
+# Their train_diffusion.py trains a torch.compile'd DiTSEM (dit/models.py) under accelerate:
+# save_state writes <run>/checkpoints/checkpoints/checkpoint_<i>/ with custom_checkpoint_0.pkl
+# (torch.save of the EMA's state dict, keys _orig_mod.<name>: the EMA they sample with),
+# model.safetensors (the raw weights, module._orig_mod.<name> under DDP) and optimizer.bin;
+# metadata.json {"current_epoch", "args"} sits in <run>/checkpoints/. Their key names are ours.
+
+WRAPPERS = ("module.", "_orig_mod.", "model.", "transformer.", "dit.")   # DDP, compile, HF wrappers
+HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+              "diffusion_pytorch_model.bin")
+
+
+def strip_wrappers(sd):
+    """Remove each wrapper prefix that every key carries, as often as it appears."""
+    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_weights(path):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    return utils.load_checkpoint(path)
+
+
+def read_authors_dit(path):
+    """(EMA state dict, raw state dict or None, hints {L, V, model, ...}) of their accelerate
+    save_state folder or of a local Hugging Face folder (config.json + weights, or a diffusers
+    pipeline folder whose transformer/ holds them)."""
+    if not os.path.isdir(path):
+        utils.fail(f"--authors {path} is not a folder (their save_state checkpoint_<i>/ or a Hugging Face folder)")
+    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+        path = os.path.join(path, "transformer")
+    files = set(os.listdir(path))
+    if "config.json" in files:                                              # Hugging Face folder
+        name = next((n for n in HF_WEIGHTS if n in files), None)
+        if name is None:
+            utils.fail(f"{path} has config.json but none of {', '.join(HF_WEIGHTS)}; download the whole folder")
+        return strip_wrappers(read_weights(os.path.join(path, name))), None, json.load(open(os.path.join(path, "config.json")))
+    if "custom_checkpoint_0.pkl" not in files:
+        utils.fail(f"{path} has no custom_checkpoint_0.pkl (the EMA that accelerate's save_state writes) "
+                   "and no config.json; pass their checkpoint_<i>/ folder or a Hugging Face folder")
+    ema = strip_wrappers(read_weights(os.path.join(path, "custom_checkpoint_0.pkl")))
+    raw = strip_wrappers(read_weights(os.path.join(path, "model.safetensors"))) if "model.safetensors" in files else None
+    hints = {}
+    for up in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):   # metadata.json of the run
+        if os.path.isfile(os.path.join(up, "metadata.json")):
+            hints = json.load(open(os.path.join(up, "metadata.json"))).get("args", {})
+            break
+    return ema, raw, hints
+
+
+def authors_model_args(sd, hints, path):
+    """Our DiT(**model_args) from the shapes: depth, width, patch, channels, grid, and the
+    (L, V+1, D) DLC table; heads from the size name the shapes match (DiT's sizes)."""
+    need = ["x_embedder.proj.weight", "pos_embed", "sem_embedder.embedding_table", "blocks.0.attn.qkv.weight"]
+    if any(k not in sd for k in need):
+        known = ("pos_embed", "x_embedder.", "t_embedder.", "blocks.", "final_layer.", "sem_embedder.")
+        utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
+                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
+    D, C, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]
+    if not sizes:
+        utils.fail(f"{path}: depth {depth} x width {D} is none of the DiT sizes {', '.join(SIZES)}")
+    L, V1, _ = sd["sem_embedder.embedding_table"].shape
+    L_, V = (hints.get(k, hints.get(f"dlc_{k.lower()}")) for k in ("L", "V"))
+    if (L_ is not None and L_ != L) or (V is not None and V != V1 - 1):
+        utils.fail(f"{path}: the DLC table is (L={L}, V+1={V1}, D) but the config says L={L_}, V={V}"
+                   + ("; a table without drop-token rows (trained without CFG dropout) is not supported" if V == V1 else ""))
+    model = f"DiT-{sizes[0]}/{patch}"
+    if hints.get("model") and hints["model"].split("-", 1)[-1] != model.split("-", 1)[-1]:
+        utils.fail(f"{path}: its metadata says --model {hints['model']} but the shapes are {model}")
+    grid = math.isqrt(sd["pos_embed"].shape[1])
+    return dict(model=model, input_size=grid * patch, in_channels=C, cond="dlc", num_classes=0, L=L, V=V1 - 1, emb_dim=0)
+
+
+def convert(cfg):
+    """python dit.py convert --authors PATH --out CKPT: their EMA (what they sample with) as our
+    `ema`, their raw weights (when the folder has them) as `model`."""
+    if not cfg.authors or not cfg.out.endswith(".pt"):
+        utils.fail("convert needs --authors FOLDER and --out CKPT.pt")
+    if os.path.exists(cfg.out):
+        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
+    ema, raw, hints = read_authors_dit(cfg.authors)
+    margs = authors_model_args(ema, hints, cfg.authors)
+    with torch.device("meta"):                                              # shapes only
+        want = DiT(**margs).state_dict()
+    for name, sd in (("EMA", ema), ("model", raw)):
+        if sd is None:
+            continue
+        utils.check_layout(want, sd, f"{cfg.authors} ({name}) is not in the layout of the authors' DiTSEM")
+    ema = {k: ema[k].float().contiguous() for k in want}
+    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema
+    config = dataclasses.asdict(dataclasses.replace(cfg, model=margs["model"], image_size=margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)))
+    utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
+                           "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}}, cfg.out)
+    print(f"wrote {cfg.out}: {margs['model']} on {margs['in_channels']}x{margs['input_size']}x{margs['input_size']}, "
+          f"DLC L={margs['L']} V={margs['V']}, {sum(v.numel() for v in ema.values()):,} weights (EMA"
+          f"{' + raw model' if raw is not ema else ' only'})", flush=True)
+    return cfg.out
+
+
+def join_values(argv, flag):
+    """`--images a.jpg b.jpg` -> `--images=a.jpg,b.jpg` (the config parser takes one value per flag)."""
+    if flag not in argv:
+        return list(argv)
+    i = argv.index(flag)
+    j = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("--")), len(argv))
+    return [*argv[:i], f"{flag}={','.join(argv[i + 1:j])}", *argv[j:]]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cmd = "train"
     if argv and not argv[0].startswith("--"):
         cmd, argv = argv[0], argv[1:]
+    argv = join_values(argv, "--images")
     commands = {"train": train, "sample": sample, "compose": compose, "embgen": embgen, "extract": extract,
-                "real": real, "bench": bench}
+                "real": real, "bench": bench, "convert": convert}
     if cmd not in commands:
         utils.fail(f"unknown command {cmd!r}; use {', '.join(commands)}")
     cfg = utils.parse_config(Config, argv, PRESETS)

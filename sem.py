@@ -22,8 +22,11 @@ Commands:
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py --preset imagenet --run_name imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
+  python sem.py convert --authors <run>/eval/training_124999/teacher_checkpoint.pth --out sem_authors.pt  # their teacher
+  python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # a local HF folder
+  python sem.py encode --ckpt sem_authors.pt --data /imagenet/val --out dlc_val [--soft_tau 0.001]
 """
-import dataclasses, math, os, sys, time
+import dataclasses, json, math, os, re, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,6 +105,8 @@ class Config:
     ckpt: str = ""                # encode / probe: checkpoint file or run folder
     continuous: bool = False      # encode: also write embeddings.npy (normalised CLS)
     encode_batch: int = 256       # encode: images per batch
+    soft_tau: float = 0.0         # encode: also write probs.npy, the soft SEM softmax(z / soft_tau) (N, L, V); 0 = off
+    authors: str = ""             # convert: the authors' teacher .pth or a local Hugging Face folder
     POSITIVE = ("steps", "batch_size", "n", "size", "patch", "L", "V", "prototypes", "local_size", "log_every",
                 "ckpt_every", "encode_batch")
 
@@ -227,7 +232,8 @@ class SEMViT(nn.Module):
         if cfg.registers:  # reg4 checkpoints only; the no-register ones have no such key
             self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, D))
-        dpr = torch.linspace(0, cfg.drop_path, depth).tolist()
+        # on the CPU even under `with torch.device("meta")` (.tolist() needs real values)
+        dpr = torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(D, heads, ffn, p, cfg.ls_init) for p in dpr)
         self.norm = nn.LayerNorm(D, eps=1e-6)
         LV = cfg.L * cfg.V
@@ -611,11 +617,14 @@ def train(cfg):
     start = 0
     ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
     if ck:
-        ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
-        utils.load_weights(student, ck["model"], ck_path); utils.load_weights(teacher, ck["ema"], ck_path)
-        utils.load_weights(opt, ck["opt"], ck_path)
-        for k in centers:
-            centers[k].copy_(ck["centers"][k])
+        if "opt" not in ck:  # written by `convert`: weights only
+            resume_converted(ck, ck_path, student, teacher)
+        else:
+            ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
+            utils.load_weights(student, ck["model"], ck_path); utils.load_weights(teacher, ck["ema"], ck_path)
+            utils.load_weights(opt, ck["opt"], ck_path)
+            for k in centers:
+                centers[k].copy_(ck["centers"][k])
         start = ck["step"]
     # the schedules keep the length they started with: a resumed run replays its past exactly
     cfg = dataclasses.replace(cfg, schedule=cfg.schedule or (ck and ck["config"].get("schedule", ck["config"]["steps"]))
@@ -698,7 +707,8 @@ def load_encoder(cfg, argv=()):
             if k in given and getattr(cfg, k) != ck["config"][k]:
                 utils.fail(f"--{k} {getattr(cfg, k)} does not match the checkpoint ({ck['config'][k]}); "
                            f"L*V of {path} is {ck['config']['L']}x{ck['config']['V']}; drop the flag")
-        cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in ARCH_KEYS})
+        keep = ARCH_KEYS if "size" in given else (*ARCH_KEYS, "size")  # encode at the checkpoint's resolution
+        cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in keep if k in ck["config"]})
         enc = SEMViT(cfg)
         sd = {k.removeprefix("backbone."): v for k, v in ck["ema"].items() if k.startswith("backbone.")}
         if "sem_embed.weight" not in sd:
@@ -716,8 +726,9 @@ def load_encoder(cfg, argv=()):
 
 
 @torch.no_grad()
-def encode_images(enc, images, cfg, d, idx, continuous=False):
-    """Codes (n, L) int64 (and normalised CLS (n, D)) of images[idx], ADM centre crop, no flip."""
+def encode_images(enc, images, cfg, d, idx, continuous=False, soft_tau=0.0):
+    """Codes (n, L) int64 (and normalised CLS (n, D)) of images[idx], ADM centre crop, no flip.
+    soft_tau > 0: the embeddings are the soft SEM softmax(z / soft_tau) (n, L, V) instead."""
     from torchvision.transforms import v2
     from tqdm import tqdm
     norm = v2.Normalize(MEAN, STD)
@@ -729,7 +740,9 @@ def encode_images(enc, images, cfg, d, idx, continuous=False):
         with amp:
             out = enc(x.to(d.device), tau=1.0)
         codes.append(out["probs"].argmax(-1).cpu())            # (b, L): argmax = the tau -> 0 limit
-        if continuous:
+        if soft_tau:  # softmax(log p / tau') = softmax(z / tau'): the logsumexp shift cancels
+            embs.append(torch.softmax(out["probs"].float().log() / soft_tau, dim=-1).cpu())
+        elif continuous:
             embs.append(out["backbone_cls"].float().cpu())
     L = enc.cfg.L
     c = torch.cat(codes) if codes else torch.zeros(0, L, dtype=torch.long)
@@ -751,10 +764,12 @@ def encode(cfg, argv=()):
     chunk = math.ceil(len(images) / d.world / cfg.encode_batch) * cfg.encode_batch
     idx = np.arange(d.rank * chunk, min(len(images), (d.rank + 1) * chunk))
     codes, embs = encode_images(enc, images, cfg, d, idx, cfg.continuous)
+    probs = encode_images(enc, images, cfg, d, idx, soft_tau=cfg.soft_tau)[1] if cfg.soft_tau else None
     if d.world > 1:  # gather in rank order = dataset order (gloo / NCCL object gather)
         parts = [None] * d.world
-        dist.all_gather_object(parts, (codes, embs))
+        dist.all_gather_object(parts, (codes, embs, probs))
         codes, embs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        probs = np.concatenate([p[2] for p in parts]) if cfg.soft_tau else None
     if d.main:
         meta = {"L": cfg.L, "V": cfg.V, "tau": 1e-5, "checkpoint": os.path.abspath(path), "sem_head": head,
                 "command": "python sem.py " + " ".join(sys.argv[1:]), "data": images.data_meta,
@@ -764,6 +779,8 @@ def encode(cfg, argv=()):
             extra["attrs.npy"] = images.attrs.astype(np.int64)
         if cfg.continuous:
             extra["embeddings.npy"] = embs.astype(np.float16)
+        if cfg.soft_tau:  # the soft SEM (N, L, V) at temperature soft_tau (dit.py compose --temp)
+            extra["probs.npy"], meta["soft_tau"] = probs.astype(np.float32), cfg.soft_tau
         utils.save_dlc_set(cfg.out, codes, meta, labels=images.labels, captions=images.captions,
                            index=images.index, extra=extra, overwrite=cfg.overwrite)
         print(f"wrote {len(codes)} codes [N, L={cfg.L}] V={cfg.V} to {cfg.out}", flush=True)
@@ -852,6 +869,163 @@ def bench(cfg):
           f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
 
 
+#################################################################################
+#      convert: the authors' released SEM encoder -> one of our checkpoints     #
+#################################################################################
+# Their teacher checkpoint (dinov2/dinov2/train/train.py, do_test) is {"teacher": state dict of
+# ModuleDict(backbone=DinoVisionTransformerWithSEM, dino_head=DINOHead)}. The backbone keys are
+# DINOv2's, which ours copy, plus sem_embed / sem_norm / sem_out and sem_cls_norm, a LayerNorm that
+# their forward never calls (it re-uses the backbone's `norm`), so it is dropped here.
+
+WRAPPERS = ("module.", "_orig_mod.", "model.", "teacher.", "sem.", "encoder.")  # DDP, compile, HF wrappers
+
+
+def strip_wrappers(sd):
+    """Remove each wrapper prefix that every key carries, as often as it appears."""
+    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_hf_folder(path):
+    """(config.json as a dict, state dict) of a local Hugging Face model folder."""
+    files = {n: os.path.join(path, n) for n in os.listdir(path)}
+    if "config.json" not in files:
+        utils.fail(f"{path} has no config.json; pass the downloaded Hugging Face folder or a teacher .pth")
+    hf_cfg = json.load(open(files["config.json"]))
+    if "model.safetensors.index.json" in files:  # sharded: the index names the files
+        shards = sorted(set(json.load(open(files["model.safetensors.index.json"]))["weight_map"].values()))
+    else:
+        shards = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files][:1]
+    if not shards or any(n not in files for n in shards):
+        utils.fail(f"{path} has no model.safetensors / pytorch_model.bin (or a shard is missing); download the whole folder")
+    sd = {}
+    for n in shards:
+        if n.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd.update(load_file(files[n]))
+        else:
+            sd.update(utils.load_checkpoint(files[n]))
+    return hf_cfg, sd
+
+
+def find_authors_yaml(path):
+    """student: {arch, L, V, ...} of the DINOv2 config.yaml in the run folder of a teacher .pth
+    (<run>/eval/training_N/teacher_checkpoint.pth), or {} when there is none."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for up in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+        f = os.path.join(up, "config.yaml")
+        if os.path.isfile(f):
+            import yaml
+            return (yaml.safe_load(open(f)) or {}).get("student", {})
+    return {}
+
+
+def read_authors_sem(path):
+    """(backbone state dict, DINO head state dict or None, hints {L, V, ...}) of the authors' SEM."""
+    if os.path.isdir(path):
+        hints, sd = read_hf_folder(path)
+    elif os.path.isfile(path):
+        sd, hints = utils.load_checkpoint(path), find_authors_yaml(path)
+        sd = sd.get("teacher", sd) if isinstance(sd, dict) else sd
+    else:
+        utils.fail(f"--authors {path} does not exist (a teacher_checkpoint.pth or a Hugging Face folder)")
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        utils.fail(f"{path} is not a state dict of tensors (expected {{'teacher': {{backbone.*, dino_head.*}}}})")
+    sd = strip_wrappers(sd)
+    head = {k[len("dino_head."):]: v for k, v in sd.items() if k.startswith("dino_head.")} or None
+    sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith(("dino_head.", "ibot_head."))}
+    # block_chunks > 0 saves blocks.<chunk>.<i>.*; i is already the global block index
+    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k) if re.match(r"^blocks\.\d+\.\d+\.", k) else k: v
+          for k, v in sd.items() if not k.startswith("sem_cls_norm.")}
+    return sd, head, hints
+
+
+def authors_arch(sd, hints, cfg, given, path):
+    """Our architecture fields from the shapes (width, depth, FFN, patch, registers, pos grid,
+    L*V), L and V separately from the authors' config or --L / --V; a conflict is one line."""
+    need = ["cls_token", "pos_embed", "patch_embed.proj.weight", "sem_embed.weight", "blocks.0.norm1.weight"]
+    if any(k not in sd for k in need):
+        known = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.", "blocks.", "norm.", "sem_")
+        utils.fail(f"{path} is not in the layout of the authors' DINOv2 SEM encoder: unexpected keys "
+                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
+    D, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
+    archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]
+    if not archs:
+        utils.fail(f"{path}: width {D}, depth {depth}, {ffn} FFN is none of our --arch sizes ({', '.join(ARCHS)})")
+    LV = sd["sem_embed.weight"].shape[0]
+    L, V = (int(given.get(k) or hints.get(k) or 0) for k in ("L", "V"))
+    L, V = (L or (LV // V if V else 0)), (V or (LV // L if L else 0))
+    if not L or L * V != LV:
+        utils.fail(f"{path}: the SEM head has L*V = {LV} but L and V separately are not in the files "
+                   f"(or L={L} x V={V} disagrees); pass --L and --V (the paper: --L 512 --V 256)")
+    found = dict(arch=archs[0], patch=sd["patch_embed.proj.weight"].shape[-1], L=L, V=V,
+                 registers=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
+                 pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1))
+    for k, v in found.items():
+        if k in given and k not in ("L", "V") and getattr(cfg, k) != v:
+            utils.fail(f"--{k} {getattr(cfg, k)} does not match {path} ({k} = {v} from its shapes); drop the flag")
+    # their encoding resolution: 224 for DINOv2's 518 px pos-embed grid (37), else the stored grid
+    size = cfg.size if "size" in given else 224 if found["pos_grid"] == 37 else found["pos_grid"] * found["patch"]
+    return dataclasses.replace(cfg, **found, size=size)
+
+
+def authors_head(head, path):
+    """Their DINO head -> ours, exactly, or None. Their last layer is weight_norm(Linear):
+    W_k = g_k v_k / ||v_k||; ours fixes g = 1, so it holds their head only when every g_k = 1."""
+    if head is None:
+        return None, "no dino_head in the file"
+    g = head.pop("last_layer.weight_g", head.pop("last_layer.parametrizations.weight.original0", None))
+    v = head.pop("last_layer.weight_v", head.pop("last_layer.parametrizations.weight.original1", None))
+    if g is None or v is None or sorted(head) != [f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight")]:
+        return None, f"dino_head has keys {sorted(head)[:6]}, not a 3-layer DINO head with a weight-normed last layer"
+    if not torch.allclose(g.float(), torch.ones_like(g.float()), rtol=0, atol=1e-6):
+        return None, f"its last-layer weight_g is not 1 (range {g.min():.4g}..{g.max():.4g}), which our head fixes"
+    return {**{f"head.{k}": t for k, t in head.items()}, "head.last_layer.weight": v}, ""
+
+
+def convert(cfg, argv=()):
+    """python sem.py convert --authors PATH --out CKPT: their SEM teacher as our checkpoint
+    (model = ema = their teacher), which encode / probe read as usual."""
+    if not cfg.authors or not cfg.out:
+        utils.fail("convert needs --authors PATH (teacher .pth or Hugging Face folder) and --out CKPT")
+    if os.path.exists(cfg.out):
+        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
+    flags = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    sd, head, hints = read_authors_sem(cfg.authors)
+    cfg = authors_arch(sd, hints, cfg, {k: getattr(cfg, k) for k in flags if hasattr(cfg, k)}, cfg.authors)
+    head_sd, why = authors_head(head, cfg.authors)
+    if head_sd:  # head sizes from its shapes
+        cfg = dataclasses.replace(cfg, head_hidden=head_sd["head.mlp.0.weight"].shape[0],
+                                  head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
+                                  prototypes=head_sd["head.last_layer.weight"].shape[0])
+    with torch.device("meta"):  # shapes only: every tensor comes from their file
+        ours = Student(cfg) if head_sd else SEMViT(cfg)
+    want = ours.state_dict()
+    got = {**({f"backbone.{k}": v for k, v in sd.items()} if head_sd else sd), **(head_sd or {})}
+    utils.check_layout(want, got, f"{cfg.authors} is not in the layout of the authors' training code")
+    weights = {k: got[k].float().contiguous() for k in want}
+    if not head_sd:  # encode / probe read backbone.* of the EMA
+        weights = {f"backbone.{k}": v for k, v in weights.items()}
+    utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(cfg),
+                           "converted_from": os.path.abspath(cfg.authors), "dino_head": not why,
+                           "versions": {"torch": torch.__version__}}, cfg.out)
+    print(f"wrote {cfg.out}: {cfg.arch}/{cfg.patch} reg{cfg.registers} SEM L={cfg.L} V={cfg.V}, "
+          f"{sum(v.numel() for v in weights.values()):,} weights"
+          + ("" if head_sd else f"; DINO head not converted ({why}): encode / probe only"), flush=True)
+    return cfg.out
+
+
+def resume_converted(ck, path, student, teacher):
+    """--resume from a `convert` checkpoint: their teacher as both student and teacher
+    (DINOv2 starts the student as the teacher); optimiser and centres start fresh."""
+    if not ck.get("dino_head"):
+        utils.fail(f"{path} was converted without the DINO head, so training cannot continue from it; "
+                   "it encodes and probes (sem.py encode / probe --ckpt)")
+    student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
@@ -863,7 +1037,9 @@ def main(argv=None):
         return probe(utils.parse_config(Config, argv, PRESETS), argv)
     if cmd == "bench":
         return bench(utils.parse_config(Config, argv, PRESETS))
-    utils.fail(f"unknown command {cmd!r}; use train, encode, probe or bench")
+    if cmd == "convert":
+        return convert(utils.parse_config(Config, argv, PRESETS), argv)
+    utils.fail(f"unknown command {cmd!r}; use train, encode, probe, bench or convert")
 
 
 if __name__ == "__main__":

@@ -347,6 +347,15 @@ def load_weights(module, state, path, strict=True):
              "use the settings it was trained with, or a new --run")
 
 
+def check_layout(want, got, what):
+    """Stop with one line unless the state dict `got` has exactly the keys and shapes of `want`
+    (a converter's check that every weight is consumed and none of ours is left at its init)."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = sorted(k for k in set(want) & set(got) if tuple(want[k].shape) != tuple(got[k].shape))
+    if missing or unexpected or bad:
+        fail(f"{what}: unexpected keys {unexpected[:6]}, missing keys {missing[:6]}, wrong shapes {bad[:4]}")
+
+
 def resolve_ckpt(path):
     """`--ckpt` takes a checkpoint file or a run folder (then its newest checkpoint)."""
     if os.path.isdir(path):

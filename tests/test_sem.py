@@ -1,10 +1,11 @@
 """Tests of sem.py: SEM head, official DINOv2 key layout, losses, EMA, resume, torchrun,
 sharded encoding and bad input. Tiny sizes so the file runs in about a minute on 2 cores."""
-import dataclasses, json, os, shutil
+import dataclasses, json, math, os, shutil
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, assert_same_optimizer_state, run_script, torchrun
 import sem
@@ -293,3 +294,187 @@ def test_block_masks_are_blocks_with_dinov2_ratios():
     assert abs(counts[counts > 0].mean() / N - 0.3) < 0.05                       # mean of U(0.1, 0.5)
     scattered = sem.ibot_masks(64, side, 0.5, "0.1,0.5", "random")             # the toy's mode
     assert 0 < int((scattered.sum(1) > 0).sum()) < 64 and scattered.sum(1).max() <= 0.5 * N
+
+
+#################################################################################
+#        convert: the authors' DINOv2-fork teacher / HF folder -> ours          #
+#################################################################################
+
+def authors_teacher(D=64, depth=4, patch=8, R=4, grid=5, L=4, V=8, hidden=32, bottleneck=16, K=24, g=None):
+    """A random state dict with the keys and shapes of the authors' teacher checkpoint:
+    ModuleDict(backbone=DinoVisionTransformerWithSEM, dino_head=DINOHead), block_chunks 0."""
+    torch.manual_seed(0)
+    s = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + grid * grid, D), "register_tokens": (1, R, D),
+         "mask_token": (1, D), "patch_embed.proj.weight": (D, 3, patch, patch), "patch_embed.proj.bias": (D,),
+         "norm.weight": (D,), "norm.bias": (D,), "sem_embed.weight": (L * V, D * (1 + R)),
+         "sem_norm.weight": (L * V,), "sem_norm.bias": (L * V,), "sem_out.weight": (D, L * V),
+         "sem_cls_norm.weight": (D,), "sem_cls_norm.bias": (D,)}
+    for i in range(depth):
+        for n, shp in [("norm1.weight", (D,)), ("norm1.bias", (D,)), ("attn.qkv.weight", (3 * D, D)),
+                       ("attn.qkv.bias", (3 * D,)), ("attn.proj.weight", (D, D)), ("attn.proj.bias", (D,)),
+                       ("ls1.gamma", (D,)), ("norm2.weight", (D,)), ("norm2.bias", (D,)),
+                       ("mlp.fc1.weight", (4 * D, D)), ("mlp.fc1.bias", (4 * D,)),
+                       ("mlp.fc2.weight", (D, 4 * D)), ("mlp.fc2.bias", (D,)), ("ls2.gamma", (D,))]:
+            s[f"blocks.{i}.{n}"] = shp
+    std = lambda k, v: 0.1 if len(v) == 1 else 1.0 if len(v) == 3 else math.prod(v[1:]) ** -0.5   # biases, tokens, fan-in
+    sd = {f"backbone.{k}": torch.randn(v) * std(k, v) for k, v in s.items()}
+    for k in sd:
+        if k.endswith(("norm1.weight", "norm2.weight", "norm.weight", "ls1.gamma", "ls2.gamma")):
+            sd[k] = 1 + 0.2 * torch.randn_like(sd[k])
+    head = {"mlp.0.weight": (hidden, D), "mlp.0.bias": (hidden,), "mlp.2.weight": (hidden, hidden),
+            "mlp.2.bias": (hidden,), "mlp.4.weight": (bottleneck, hidden), "mlp.4.bias": (bottleneck,),
+            "last_layer.weight_v": (K, bottleneck)}
+    sd.update({f"dino_head.{k}": torch.randn(v) * std(k, v) for k, v in head.items()})
+    sd["dino_head.last_layer.weight_g"] = torch.ones(K, 1) if g is None else g
+    return sd
+
+
+def reference_sem(sd, x, L, V, heads, temp):
+    """Their forward written out (DinoVisionTransformerWithSEM.forward_features with
+    interpolate_antialias=True, offset 0; NestedTensorBlock; DINOHead), explicit attention."""
+    w = lambda k: sd["backbone." + k]
+    B, _, H, W = x.shape
+    p, D = w("patch_embed.proj.weight").shape[-1], w("cls_token").shape[-1]
+    t = F.conv2d(x, w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=p).flatten(2).transpose(1, 2)
+    t = torch.cat([w("cls_token").expand(B, -1, -1), t], 1)
+    pos, M = w("pos_embed"), math.isqrt(w("pos_embed").shape[1] - 1)
+    grid = F.interpolate(pos[:, 1:].reshape(1, M, M, D).permute(0, 3, 1, 2), size=(H // p, W // p),
+                         mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, -1, D)
+    t = t + torch.cat([pos[:, :1], grid], 1)
+    R = w("register_tokens").shape[1]
+    t = torch.cat([t[:, :1], w("register_tokens").expand(B, -1, -1), t[:, 1:]], 1)
+    ln = lambda z, k, n: F.layer_norm(z, (n,), w(k + ".weight"), w(k + ".bias"), 1e-6)
+    i = 0
+    while f"backbone.blocks.{i}.norm1.weight" in sd:
+        b = f"blocks.{i}."
+        h = ln(t, b + "norm1", D)
+        q, k, v = F.linear(h, w(b + "attn.qkv.weight"), w(b + "attn.qkv.bias")).view(B, -1, 3, heads, D // heads).unbind(2)
+        a = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
+        o = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, -1, D)
+        t = t + w(b + "ls1.gamma") * F.linear(o, w(b + "attn.proj.weight"), w(b + "attn.proj.bias"))
+        h = F.gelu(F.linear(ln(t, b + "norm2", D), w(b + "mlp.fc1.weight"), w(b + "mlp.fc1.bias")))
+        t = t + w(b + "ls2.gamma") * F.linear(h, w(b + "mlp.fc2.weight"), w(b + "mlp.fc2.bias"))
+        i += 1
+    z = ln(F.linear(t[:, :1 + R].reshape(B, -1), w("sem_embed.weight")), "sem_norm", L * V)
+    probs = torch.softmax(z.view(B, L, V) / temp, -1)
+    cls = ln(F.linear(probs.reshape(B, -1), w("sem_out.weight")), "norm", D)       # x_norm_clstoken
+    hd = lambda k: sd["dino_head." + k]
+    e = F.gelu(F.linear(cls, hd("mlp.0.weight"), hd("mlp.0.bias")))
+    e = F.gelu(F.linear(e, hd("mlp.2.weight"), hd("mlp.2.bias")))
+    e = F.normalize(F.linear(e, hd("mlp.4.weight"), hd("mlp.4.bias")), dim=-1)
+    v_ = hd("last_layer.weight_v")
+    logits = F.linear(e, hd("last_layer.weight_g") * v_ / v_.norm(dim=1, keepdim=True))   # weight_norm, dim 0
+    return {"cls": cls, "probs": probs, "patch": ln(t, "norm", D)[:, 1 + R:], "logits": logits}
+
+
+def converted_student(ck):
+    cfg = sem.Config(**ck["config"])
+    st = sem.Student(cfg)
+    st.load_state_dict(ck["ema"])
+    return st.eval(), cfg
+
+
+def test_convert_authors_teacher_matches_their_forward(tmp_path):
+    sd = authors_teacher()
+    (tmp_path / "run/eval/training_99").mkdir(parents=True)
+    torch.save({"teacher": sd}, tmp_path / "run/eval/training_99/teacher_checkpoint.pth")
+    (tmp_path / "run/config.yaml").write_text("student:\n  arch: vit_large_sem\n  L: 4\n  V: 8\n")
+    out = str(tmp_path / "ck.pt")
+    sem.main(["convert", "--authors", str(tmp_path / "run/eval/training_99/teacher_checkpoint.pth"), "--out", out])
+    ck = utils.load_checkpoint(out)
+    st, cfg = converted_student(ck)
+    assert (cfg.arch, cfg.patch, cfg.registers, cfg.pos_grid, cfg.L, cfg.V, cfg.size) == ("toy", 8, 4, 5, 4, 8, 40)
+    assert cfg.prototypes == 24 and "backbone.sem_cls_norm.weight" not in ck["ema"]
+    x = torch.randn(3, 3, 32, 32)                       # 4 x 4 patches: the stored 5 x 5 grid is interpolated
+    for temp in (1.0, 0.05):
+        ref = reference_sem(sd, x, 4, 8, heads=4, temp=temp)
+        with torch.no_grad():
+            got = st.backbone(x, tau=temp)
+            logits = st.head(got["cls"])
+        for k in ("cls", "probs", "patch"):
+            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(logits, ref["logits"], atol=1e-5, rtol=1e-5)
+    # encode / probe read it as usual (and at its own resolution: --size comes from the checkpoint)
+    enc, ecfg, _, head = sem.load_encoder(sem.Config(ckpt=out))
+    assert ecfg.size == 40 and head == "trained"
+
+
+def test_convert_hf_folder_and_g_not_one(tmp_path):
+    from safetensors.torch import save_file
+    sd = authors_teacher(g=torch.rand(24, 1) + 0.5)      # a trained weight_g: our head cannot hold it
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    back = {"model." + k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    save_file(back, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
+    out = str(tmp_path / "hf.pt")
+    sem.main(["convert", "--authors", str(hf), "--out", out])
+    enc, cfg, _, _ = sem.load_encoder(sem.Config(ckpt=out))
+    x = torch.randn(2, 3, 40, 40)
+    ref = reference_sem(sd, x, 4, 8, heads=4, temp=1.0)
+    with torch.no_grad():
+        got = enc.eval()(x)
+    for k in ("cls", "probs", "patch"):
+        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
+    # their .pth with a g != 1: the backbone converts, the head does not, and resuming says why
+    torch.save({"teacher": sd}, tmp_path / "t.pth")
+    p = run_script([SEM, "convert", "--authors", str(tmp_path / "t.pth"), "--out", str(tmp_path / "g.pt"),
+                    "--L", "4", "--V", "8"], cwd=tmp_path)
+    assert "weight_g is not 1" in p.stdout
+    (tmp_path / "runs/sem-a/checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "g.pt", tmp_path / "runs/sem-a/checkpoints/ckpt_0000000.pt")
+    p = run_script([SEM, *TINY, "--run", "a", "--resume", "--arch", "toy", "--patch", "8", "--pos_grid", "5"],
+                   cwd=tmp_path, check=False)
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "without the DINO head" in p.stderr
+
+
+def test_convert_then_resume_training(tmp_path):
+    torch.save({"teacher": authors_teacher()}, tmp_path / "t.pth")
+    (tmp_path / "runs/sem-a/checkpoints").mkdir(parents=True)
+    out = tmp_path / "runs/sem-a/checkpoints/ckpt_0000000.pt"
+    sem.main(["convert", "--authors", str(tmp_path / "t.pth"), "--out", str(out), "--L", "4", "--V", "8"])
+    tiny = list(TINY)
+    tiny[tiny.index("--prototypes") + 1] = "24"
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        sem.main([*tiny, "--steps", "1", "--run", "a", "--resume", "--arch", "toy", "--patch", "8",
+                  "--pos_grid", "5", "--size", "40", "--local_size", "24", "--threads", "1"])
+    finally:
+        os.chdir(cwd)
+    assert "resumed from" in open(tmp_path / "runs/sem-a/log.txt").read()
+    assert os.path.isfile(tmp_path / "runs/sem-a/checkpoints/ckpt_0000001.pt")
+
+
+def test_convert_bad_input(tmp_path):
+    from safetensors.torch import save_file
+    sd = authors_teacher()
+    torch.save({"teacher": sd}, tmp_path / "t.pth")
+    (tmp_path / "nofile").mkdir()
+    (tmp_path / "nofile/config.json").write_text("{}")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
+    renamed = {k.replace("backbone.blocks.", "backbone.encoder.layer."): v for k, v in sd.items() if k.startswith("backbone.")}
+    save_file(renamed, str(other / "model.safetensors"))
+    torch.save({"pos_embed": torch.zeros(1, 4, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}, tmp_path / "dit.pt")
+    cases = [(["--authors", str(tmp_path / "t.pth")], "pass --L and --V"),                # no config.yaml, no flags
+             (["--authors", str(tmp_path / "t.pth"), "--L", "3"], "pass --L and --V"),      # 3 does not divide 32
+             (["--authors", str(tmp_path / "nofile")], "model.safetensors"),
+             (["--authors", str(other), "--L", "4"], "unexpected keys"),
+             (["--authors", str(tmp_path / "dit.pt"), "--L", "4"], "missing keys ['cls_token'"),
+             (["--authors", str(tmp_path / "t.pth"), "--L", "4", "--patch", "14"], "--patch 14 does not match")]
+    for i, (args, msg) in enumerate(cases):
+        out = tmp_path / f"o{i}.pt"
+        p = run_script([SEM, "convert", *args, "--out", str(out)], cwd=tmp_path, check=False)
+        assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and msg in p.stderr, p.stderr[-400:]
+        assert not out.exists()
+
+
+def test_released_sem_teacher_parameter_count_on_meta():
+    """Their DinoVisionTransformerWithSEM ViT-L/14 reg4 L512 V256: 1,109,943,296 parameters, of
+    which sem_cls_norm (2 x 1024, saved, never used) is dropped by convert."""
+    cfg = sem.Config(**sem.PRESETS["imagenet"])
+    with torch.device("meta"):
+        m = sem.SEMViT(cfg)
+    assert m.pos_embed.is_meta and sum(p.numel() for p in m.parameters()) + 2 * 1024 == 1_109_943_296
