@@ -597,7 +597,8 @@ def load_training_data(cfg):
             utils.fail(f"--latents {cfg.latents} is not a finished extraction (no meta.json, or progress.json "
                        "left by an interrupted one); run dit.py extract with the same flags to finish it")
         x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")
-        labels = torch.from_numpy(np.load(os.path.join(cfg.latents, "labels.npy")))
+        lpath = os.path.join(cfg.latents, "labels.npy")  # absent where the classes are unknown (sem.py import)
+        labels = torch.from_numpy(np.load(lpath)) if os.path.isfile(lpath) else None
     else:
         if info["data"] is None:
             utils.fail(f"DLC set {cfg.dlc} has no meta['data']: its images cannot be re-created; "
@@ -605,6 +606,8 @@ def load_training_data(cfg):
         d = utils.load_embedded(**info["data"])
         x, labels = resize(d["images"], cfg.image_size), d["labels"]
     if cfg.cond == "label":
+        if labels is None:
+            utils.fail(f"{cfg.latents} has no labels.npy: --cond label needs the class of every image")
         y = labels
         info["num_classes"] = cfg.num_classes or int(labels.max()) + 1
     if y is not None and len(y) != len(x):
@@ -616,7 +619,7 @@ def load_training_data(cfg):
 def get_batch(x, y, idx, gen, latent):
     """Rows idx; for latents pick the plain or flipped copy at random (DiT's random flip)."""
     if latent:
-        flip = torch.randint(0, 2, (len(idx),), generator=gen).numpy()
+        flip = torch.randint(0, x.shape[1], (len(idx),), generator=gen).numpy()  # 1 copy: sem.py import
         xb = torch.from_numpy(np.stack([x[i, f] for i, f in zip(idx.tolist(), flip)]).astype(np.float32))
     else:
         xb = x[idx]

@@ -9,6 +9,7 @@ Sub-commands (argv[0]; all options are --key=value fields of Config):
   probe    linear probe of a DLC set (one-hot codes) and of its continuous embeddings.
   novelty  distance of each sample to its nearest training image + a retrieval grid (App. D).
   table    merge metrics.json files into one Markdown table.
+  plot     one metric of several metrics.json files against x values (Fig. 8: FID vs eta) + its table.
   bench    feature-extraction throughput (Inception with random weights, and the judge).
 
 Commands:
@@ -43,13 +44,16 @@ INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 class Config:
     samples: str = ""          # samples: ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder
     ref: str = ""              # reference batch (.npz or folder) for `fid` / training images for `novelty`
-    inception: str = "weights/" + INCEPTION_FILE  # local path of the FID-Inception weights
+    inception: str = "weights/" + INCEPTION_FILE  # local path of the FID-Inception weights ("random": untrained, plumbing tests only)
     resize: str = "tf1"        # "tf1": the TF graph's bilinear (ADM, exact); "torch": pytorch-fid's
     data: str = "shapes"       # embedded data for the judge: digits | shapes
     target_attrs: str = ""     # .npy of target attributes ([N,3] shapes, [N] digits) for `judge`
     ref_attrs: str = ""        # .npy of attribute triples that count as "seen" (default: the train split)
     dlc: str = ""              # DLC set folder for `probe`
-    inputs: str = ""           # comma-separated metrics.json files for `table`
+    inputs: str = ""           # comma-separated metrics.json files for `table` / `plot`
+    x: str = ""                # plot: comma-separated x values, one per input (e.g. the remasking etas)
+    xlabel: str = "x"          # plot: x-axis name
+    y: str = "fid"             # plot: the metric on the y axis
     out: str = "runs/evaluate" # output folder (metrics.json, metrics.md, figures) or .md file for `table`
     judge: str = ""            # judge weights file; default runs/evaluate-judge-<data>/judge.pt
     judge_steps: int = 400     # optimiser steps to train a judge (cached afterwards)
@@ -62,6 +66,9 @@ class Config:
     pipeline: str = ""         # `report`: the pipeline's output folder (eval/*/metrics.json, s/*.npz, DLC sets)
     gmm: str = ""              # `report`: the toy_gmm run's results.json
     seconds: int = 0           # `report`: the pipeline's wall time, printed in the title
+    probe_dense_max: int = 2 ** 24  # probe: largest N*L*V one-hot built dense; above, a scipy CSR (L*V = 131072)
+    probe_solver: str = "sklearn"  # probe of the DLC: sklearn (lbfgs) | torch (minibatch Adam on --device: ImageNet)
+    probe_epochs: int = 20     # probe_solver torch: passes over the training split
     device: str = "auto"       # cpu | cuda | mps | auto
 
 
@@ -148,19 +155,77 @@ def vendi_score(feats):
     return float(np.exp(-(lam * np.log(lam)).sum()))
 
 
-def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0)):
+def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), tol=1e-4, max_iter=500):
     """Standardise, logistic regression; C chosen on a held-out validation split (60/20/20);
-    returns test accuracy of the chosen C (paper Table 3 probes the one-hot DLC)."""
+    returns test accuracy of the chosen C (paper Table 3 probes the one-hot DLC).
+    `feats` may be a scipy.sparse matrix (the one-hot at L*V = 131072): then each column is
+    only scaled by 1 / sd. The same minimiser: w.(x - mu)/sd + b = w.x/sd + (b - w.mu/sd), the
+    intercept is not penalised, so centring only moves b, and sparsity is kept."""
+    from scipy import sparse
     from sklearn.linear_model import LogisticRegression
-    x, y = np.asarray(feats, dtype=np.float64), np.asarray(labels)
-    idx = np.random.RandomState(seed).permutation(len(x))
-    tr, va, te = np.split(idx, [int(0.6 * len(x)), int(0.8 * len(x))])
-    mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8        # train statistics only
-    x = (x - mu) / sd
-    fit = lambda C: LogisticRegression(C=C, max_iter=500).fit(x[tr], y[tr])
+    y = np.asarray(labels)
+    n = feats.shape[0]
+    idx = np.random.RandomState(seed).permutation(n)
+    tr, va, te = np.split(idx, [int(0.6 * n), int(0.8 * n)])
+    if sparse.issparse(feats):
+        x = sparse.csr_matrix(feats, dtype=np.float64)
+        mu = np.asarray(x[tr].mean(0)).ravel()
+        var = np.asarray(x[tr].multiply(x[tr]).mean(0)).ravel() - mu ** 2
+        sd = np.sqrt(np.where(var > 1e-12, var, 0))    # why: E[x^2] - mu^2 of a constant column is ~1e-16, not 0
+        scale = np.where(sd > 0, 1 / (sd + 1e-8), 0.0)  # a column constant on train: weight 0 either way
+        x = sparse.csr_matrix(x @ sparse.diags(scale))
+    else:
+        x = np.asarray(feats, dtype=np.float64)
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8        # train statistics only
+        x = (x - mu) / sd
+    fit = lambda C: LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(x[tr], y[tr])
     val = {C: fit(C).score(x[va], y[va]) for C in Cs}
     best = max(val, key=val.get)
     return {"acc": float(fit(best).score(x[te], y[te])), "C": best, "val_acc": float(val[best])}
+
+
+def onehot_probe_torch(codes, V, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), device="cpu", epochs=20,
+                       batch_size=4096, lr=1e-2):
+    """linear_probe's objective on the one-hot DLC (mean cross-entropy + ||W||^2 / (2 C n_train),
+    columns scaled by 1 / sd, the same 60/20/20 split and choice of C), minimised by minibatch
+    Adam on `device`. W . onehot(c) = sum_l W[l V + c_l]: an EmbeddingBag lookup, so no one-hot
+    is built (ImageNet at 512 x 256: 1.28M rows, W is 131072 x 1000)."""
+    codes, y = torch.as_tensor(np.asarray(codes, dtype=np.int64)), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    N, L = codes.shape
+    K = int(y.max()) + 1
+    idx = np.random.RandomState(seed).permutation(N)
+    tr, va, te = (torch.from_numpy(a) for a in np.split(idx, [int(0.6 * N), int(0.8 * N)]))
+    cols = codes + torch.arange(L) * V                                       # (N, L) column of each one
+    freq = torch.bincount(cols[tr].flatten(), minlength=L * V).double() / len(tr)   # column means on train
+    sd = (freq * (1 - freq)).sqrt()                                          # one-hot column sd (ddof 0)
+    scale = torch.where(sd > 0, 1 / (sd + 1e-8), torch.zeros_like(sd)).float().to(device)
+    g = torch.Generator().manual_seed(seed)
+
+    def logits(bag, bias, rows):
+        x = cols[rows].to(device)
+        return bag(x, per_sample_weights=scale[x]) + bias                    # (B, K)
+
+    def accuracy(bag, bias, rows):
+        with torch.no_grad():
+            return sum(int((logits(bag, bias, rows[i:i + batch_size]).argmax(1).cpu() == y[rows[i:i + batch_size]]).sum())
+                       for i in range(0, len(rows), batch_size)) / max(1, len(rows))
+
+    def fit(C):
+        bag = nn.EmbeddingBag(L * V, K, mode="sum").to(device)
+        nn.init.zeros_(bag.weight)
+        bias = torch.zeros(K, device=device, requires_grad=True)
+        opt = torch.optim.Adam([bag.weight, bias], lr=lr)
+        for _ in range(epochs):
+            order = tr[torch.randperm(len(tr), generator=g)]
+            for i in range(0, len(order), batch_size):
+                rows = order[i:i + batch_size]
+                loss = F.cross_entropy(logits(bag, bias, rows), y[rows].to(device))
+                loss = loss + bag.weight.pow(2).sum() / (2 * C * len(tr))    # sklearn's L2, per sample
+                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        return bag, bias
+    val = {C: accuracy(*fit(C), va) for C in Cs}
+    best = max(val, key=val.get)
+    return {"acc": float(accuracy(*fit(best), te)), "C": best, "val_acc": float(val[best])}
 
 
 #################################################################################
@@ -243,6 +308,9 @@ class FIDInception(nn.Module):
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: setattr(self, "_spatial", o))
 
     def load(self, path):
+        if path == "random":  # why: lets the whole FID chain run in tests without the 92 MB file
+            utils.print0("warning: FID-Inception with random weights: the numbers mean nothing")
+            return self
         if not os.path.isfile(path):
             utils.fail(f"FID-Inception weights {path} not found; download {INCEPTION_FILE} from "
                        f"{INCEPTION_URL} and put it there (or pass --inception PATH)")
@@ -565,6 +633,20 @@ def cmd_judge(cfg, device):
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
 
 
+def one_hot(codes, V, sparse=False):
+    """Flattened one-hot (N, L*V) of codes (N, L): dense float32, or a scipy CSR matrix with
+    exactly L ones per row (ImageNet at 512 x 256: 1.28M x 131072, 655M non-zeros)."""
+    N, L = codes.shape
+    cols = (np.arange(L) * V + codes).ravel()                           # (N*L,) column of each one
+    if sparse:
+        from scipy import sparse as sp
+        return sp.csr_matrix((np.ones(N * L, dtype=np.float32), cols.astype(np.int32), np.arange(0, N * L + 1, L)),
+                             shape=(N, L * V))
+    x = np.zeros((N, L * V), dtype=np.float32)
+    x[np.repeat(np.arange(N), L), cols] = 1
+    return x
+
+
 def cmd_probe(cfg, device):
     s = utils.load_dlc_set(cfg.dlc)
     codes, meta = np.asarray(s["codes"]).astype(np.int64), s["meta"]
@@ -578,12 +660,17 @@ def cmd_probe(cfg, device):
         targets = {"label": np.asarray(s["labels"] if "labels" in s else d["labels"])}
     else:
         utils.fail(f"DLC set {cfg.dlc} has neither labels.npy nor a shapes 'data' entry in meta.json; nothing to probe")
-    onehot = np.zeros((len(codes), L * V), dtype=np.float32)            # (N, L*V) flattened one-hot
-    onehot[np.arange(len(codes))[:, None], np.arange(L) * V + codes] = 1
+    if cfg.probe_solver not in ("sklearn", "torch"):
+        utils.fail(f"--probe_solver must be sklearn or torch, got {cfg.probe_solver!r}")
+    onehot = None if cfg.probe_solver == "torch" else one_hot(codes, V, sparse=len(codes) * L * V > cfg.probe_dense_max)
     m = {"n": len(codes), "L": L, "V": V}
     emb_path = os.path.join(cfg.dlc, "embeddings.npy")
     for t, y in targets.items():
-        m[f"probe_dlc_{t}"] = linear_probe(onehot, y[:len(codes)], cfg.seed)["acc"]
+        if onehot is None:
+            m[f"probe_dlc_{t}"] = onehot_probe_torch(codes, V, y[:len(codes)], cfg.seed, device=device,
+                                                     epochs=cfg.probe_epochs)["acc"]
+        else:
+            m[f"probe_dlc_{t}"] = linear_probe(onehot, y[:len(codes)], cfg.seed)["acc"]
         if os.path.isfile(emb_path):
             m[f"probe_embedding_{t}"] = linear_probe(np.load(emb_path).astype(np.float32), y[:len(codes)], cfg.seed)["acc"]
     write_metrics(m, cfg.out, os.path.basename(os.path.normpath(cfg.dlc)))
@@ -632,6 +719,36 @@ def cmd_table(cfg, device):
         with open(tmp, "w") as f:
             f.write(markdown_table(rows))
     print(open(out).read())
+
+
+def cmd_plot(cfg, device):
+    """One metric of several metrics.json files against given x values (Fig. 8: FID vs eta):
+    a PNG at --out and the same numbers as a Markdown table next to it (.md)."""
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    files, xs = [p for p in cfg.inputs.split(",") if p], [v for v in cfg.x.split(",") if v]
+    if not files or len(files) != len(xs):
+        utils.fail(f"plot needs --inputs and --x with one value per input ({len(files)} inputs, {len(xs)} x values)")
+    for p in files:
+        if not os.path.isfile(p):
+            utils.fail(f"{p} does not exist; run the evaluate.py command that writes it first")
+    ys = [json.load(open(p)).get(cfg.y) for p in files]
+    if any(not isinstance(v, (int, float)) for v in ys):
+        utils.fail(f"some of {cfg.inputs} have no numeric {cfg.y!r}")
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([float(v) for v in xs], ys, "o-")
+    if all(float(v) > 0 for v in xs):
+        ax.set_xscale("log")
+    ax.set_xlabel(cfg.xlabel); ax.set_ylabel(cfg.y)
+    fig.tight_layout()
+    with utils.atomic_path(cfg.out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    rows = [f"| {cfg.xlabel} | {cfg.y} |", "|---|---|"] + [f"| {x} | {y:.4g} |" for x, y in zip(xs, ys)]
+    with utils.atomic_path(os.path.splitext(cfg.out)[0] + ".md") as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(rows) + "\n")
+    print("\n".join(rows))
 
 
 def cmd_bench(cfg, device):
@@ -836,7 +953,7 @@ def pipeline_figures(out, k=12):
 
 
 COMMANDS = {"fid": cmd_fid, "judge": cmd_judge, "probe": cmd_probe, "novelty": cmd_novelty,
-            "table": cmd_table, "report": cmd_report, "bench": cmd_bench}
+            "table": cmd_table, "report": cmd_report, "plot": cmd_plot, "bench": cmd_bench}
 
 
 def main(argv=None):

@@ -19,6 +19,7 @@ Commands:
   python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
   python sem.py probe --ckpt runs/sem-toy          # linear probe: trained vs random encoder
   python sem.py bench                              # img/s, peak memory, MFU
+  python sem.py import --authors DLC_512x256 --out runs/dlc512   # the authors' ImageNet DLCs (+ latents)
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py --preset imagenet --run_name imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
   torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
@@ -26,7 +27,7 @@ Commands:
   python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # a local HF folder
   python sem.py encode --ckpt sem_authors.pt --data /imagenet/val --out dlc_val [--soft_tau 0.001]
 """
-import dataclasses, json, math, os, re, sys, time
+import dataclasses, json, math, os, re, shutil, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -1026,6 +1027,214 @@ def resume_converted(ck, path, student, teacher):
     student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"])
 
 
+#        Import: the authors' DLC dataset (lavoies/DLC_512x256) as a DLC set    #
+#################################################################################
+# What the columns hold, from https://github.com/lavoiems/DiscreteLatentCode (sedd/data.py trains
+# SEDD on `labels`; dit/train_diffusion.py feeds `features` to the DiT and `labels` to its SEM
+# embedder; dit/extract_features_withdlc.py writes them): `labels` = the DLC, int [L] (argmax of
+# the SEM head on the 224 px ADM centre crop); `features` = the SD-VAE latent x 0.18215,
+# float [4, 32, 32], of the 256 px crop under one random flip drawn once per image.
+# Read with pyarrow alone: parquet (the hub's files) and Arrow IPC (datasets.save_to_disk).
+
+@dataclass
+class ImportConfig:
+    authors: str = ""             # a .parquet / .arrow file, or a folder of them (hub download, save_to_disk)
+    out: str = ""                 # output DLC set folder
+    split: str = "train"          # the split to read where the folder holds several
+    V: int = 0                    # vocabulary; 0 = from an "<L>x<V>" in the path or dataset_info.json
+    latents: bool = True          # also write `features` as latents.npy (dit.py train --latents OUT)
+    chunk: int = 8192             # rows per parquet read (ImageNet: 1.28M rows, 21 GB of float32 latents)
+
+
+CLASS_COLUMNS = ("label", "class", "class_id", "target", "y", "cls")                 # an integer class
+NAME_COLUMNS = ("path", "id", "image_id", "filename", "file_name", "name", "key")  # an image id -> index.txt
+
+
+def import_pyarrow():
+    try:
+        import pyarrow, pyarrow.compute, pyarrow.ipc, pyarrow.parquet  # noqa: F401
+    except ImportError:
+        utils.fail("sem.py import needs pyarrow: pip install pyarrow")
+    return pyarrow
+
+
+def authors_files(path, split):
+    """The data files of `split`, in row order: parquet (a hub snapshot: data/<split>-0000k-of-n.parquet
+    or <split>/000k.parquet) or Arrow IPC (save_to_disk: state.json lists data-0000k-of-n.arrow)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        utils.fail(f"--authors {path} does not exist; download lavoies/DLC_512x256 (huggingface-cli download "
+                   "--repo-type dataset) or save_to_disk it, and pass the folder")
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk of a DatasetDict
+        path = os.path.join(path, split)
+    state = os.path.join(path, "state.json")
+    if os.path.isfile(state):
+        return [os.path.join(path, f["filename"]) for f in json.load(open(state))["_data_files"]]
+    found = {}
+    for root, _, names in os.walk(path):
+        for n in names:
+            if n.endswith((".parquet", ".arrow")):
+                found[os.path.join(root, n)] = n
+    mine = [f for f, n in found.items() if n.startswith(split + "-") or os.path.basename(os.path.dirname(f)) == split]
+    files = sorted(mine or found)
+    if not files:
+        utils.fail(f"{path} holds no .parquet or .arrow files")
+    return files
+
+
+def record_batches(files, columns, chunk):
+    """Stream the rows of every file as pyarrow RecordBatches, `columns` only."""
+    pa = import_pyarrow()
+    for f in files:
+        if f.endswith(".parquet"):
+            yield from pa.parquet.ParquetFile(f).iter_batches(batch_size=chunk, columns=columns)
+            continue
+        src = pa.memory_map(f)
+        try:
+            reader = pa.ipc.open_stream(src)                       # what datasets writes
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(src)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        for b in batches:
+            yield b.select(columns)
+
+
+def file_schema(f):
+    pa = import_pyarrow()
+    if f.endswith(".parquet"):
+        return pa.parquet.read_schema(f)
+    src = pa.memory_map(f)
+    try:
+        return pa.ipc.open_stream(src).schema
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(src).schema
+
+
+def count_rows(files):
+    pa = import_pyarrow()
+    n = 0
+    for f in files:
+        if f.endswith(".parquet"):
+            n += pa.parquet.ParquetFile(f).metadata.num_rows
+        else:  # memory-mapped: counting touches no row data
+            n += sum(b.num_rows for b in record_batches([f], [], 0))
+    return n
+
+
+def column_to_numpy(arr, name):
+    """A (nested) list column with equal-length rows -> numpy [rows, d1, d2, ...]."""
+    pa = import_pyarrow()
+    n, shape = len(arr), []
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        lens = pa.compute.min_max(pa.compute.list_value_length(arr))
+        if arr.null_count or lens["min"].as_py() != lens["max"].as_py():
+            utils.fail(f"column {name!r} has rows of different lengths; expected one fixed-size array per row")
+        shape.append(lens["min"].as_py())
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
+
+
+def vocab_from_names(cfg, files, L):
+    """V from --V, else from "<L>x<V>" in the dataset's path or dataset_info.json (DLC_512x256)."""
+    if cfg.V:
+        return cfg.V
+    texts = [os.path.abspath(cfg.authors)]
+    for d in {os.path.dirname(f) for f in files} | {cfg.authors}:
+        info = os.path.join(d, "dataset_info.json")
+        if os.path.isfile(info):
+            texts.append(open(info).read())
+    for t in texts:
+        for l, v in re.findall(r"(\d+)x(\d+)", t):
+            if int(l) == L:
+                return int(v)
+    utils.fail(f"V cannot be read from {cfg.authors} (no '{L}x<V>' in its name or dataset_info.json); pass --V "
+               "(lavoies/DLC_512x256: --V 256)")
+
+
+def import_authors(cfg):
+    """Stream the authors' rows into a DLC set: codes.npy uint16 [N, L], labels.npy (an integer
+    class column, or the ImageNet synset of an image-id column), index.txt (image ids) and
+    latents.npy float16 [N, 1, 4, h, w] (their one fixed flip per image: index 0 only)."""
+    if not cfg.authors or not cfg.out:
+        utils.fail("import needs --authors PATH (the authors' DLC dataset) and --out DIR (the DLC set)")
+    pa = import_pyarrow()
+    files = authors_files(cfg.authors, cfg.split)
+    schema = file_schema(files[0])
+    names = schema.names
+    if "labels" not in names:
+        utils.fail(f"{files[0]} has no 'labels' column (the DLC); columns: {', '.join(names)}")
+    is_int = lambda t: pa.types.is_integer(t)
+    cls_col = next((c for c in CLASS_COLUMNS if c in names and is_int(schema.field(c).type)), None)
+    name_col = next((c for c in NAME_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None)
+    feat_col = "features" if cfg.latents and "features" in names else None
+    cols = ["labels"] + [c for c in (cls_col, name_col, feat_col) if c]
+    N = count_rows(files)
+    if N == 0:
+        utils.fail(f"{cfg.authors} holds no rows")
+    if os.path.exists(cfg.out) and not os.path.isfile(os.path.join(cfg.out, "meta.json")):
+        utils.fail(f"--out {cfg.out} exists and is not a DLC set; refusing to overwrite it")
+    classes, ids, i, V = [], [], 0, None
+    with utils.atomic_path(cfg.out) as tmp:
+        os.makedirs(tmp)
+        codes = lat = None
+        from tqdm import tqdm
+        bar = tqdm(total=N, desc="import", leave=False)
+        for b in record_batches(files, cols, cfg.chunk):
+            c = column_to_numpy(b.column("labels"), "labels")                   # (n, L)
+            if codes is None:
+                L = c.shape[1]
+                V = vocab_from_names(cfg, files, L)
+                codes = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), "w+", np.uint16, (N, L))
+            if c.ndim != 2 or c.shape[1] != codes.shape[1]:
+                utils.fail(f"'labels' rows have shape {c.shape[1:]} after {i} rows of [{codes.shape[1]}]")
+            if len(c) and (c.min() < 0 or c.max() >= V):
+                utils.fail(f"'labels' holds codes outside [0, V={V}) (max {c.max()}); pass the right --V")
+            codes[i:i + len(c)] = c
+            if feat_col:
+                f = column_to_numpy(b.column(feat_col), feat_col).reshape(len(c), -1)   # (n, 4*h*w)
+                if lat is None:
+                    h = math.isqrt(f.shape[1] // 4)
+                    if 4 * h * h != f.shape[1]:
+                        utils.fail(f"'features' rows hold {f.shape[1]} values; expected a 4 x h x h SD-VAE latent")
+                    lat = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (N, 1, 4, h, h))
+                lat[i:i + len(c), 0] = f.reshape(len(c), 4, *lat.shape[-2:])
+            if cls_col:
+                classes.append(b.column(cls_col).to_numpy(zero_copy_only=False))
+            if name_col:
+                ids += b.column(name_col).to_pylist()
+            i += len(c)
+            bar.update(len(c))
+        bar.close()
+        codes.flush()
+        if lat is not None:
+            lat.flush()
+        labels, source = None, None
+        if cls_col:
+            labels, source = np.concatenate(classes).astype(np.int64), f"column {cls_col!r}"
+        elif ids and all(re.match(r"(?:.*/)?(n\d{8})", s or "") for s in ids[:1000]):
+            syn = [re.match(r"(?:.*/)?(n\d{8})", s).group(1) for s in ids]   # ImageNet: ImageFolder's sorted order
+            order = {s: k for k, s in enumerate(sorted(set(syn)))}
+            labels, source = np.array([order[s] for s in syn], dtype=np.int64), f"synsets of {name_col!r}, sorted"
+        if labels is not None:
+            np.save(os.path.join(tmp, "labels.npy"), labels)
+        if ids:
+            with open(os.path.join(tmp, "index.txt"), "w") as fh:
+                fh.writelines(f"{s}\n" for s in ids)
+        meta = {"L": int(codes.shape[1]), "V": int(V), "N": int(N), "source": os.path.abspath(cfg.authors),
+                "dataset": "lavoies/DLC_512x256 (the authors' DLC dataset)", "files": [os.path.basename(f) for f in files],
+                "command": "python sem.py import " + " ".join(sys.argv[2:]), "labels": source, "index": name_col}
+        if lat is not None:
+            meta["latents"] = {"column": feat_col, "scale": 0.18215, "shape": list(lat.shape),
+                               "flip": "one random flip per image, fixed at the authors' extraction (no index 1)"}
+        utils.save_json(meta, os.path.join(tmp, "meta.json"))
+        if os.path.isdir(cfg.out):  # an older DLC set of the same name
+            shutil.rmtree(cfg.out)
+    print(f"wrote {N} codes [N, L={codes.shape[1]}] V={V} to {cfg.out}" + (" + latents.npy" if lat is not None else ""))
+    return cfg.out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
@@ -1039,7 +1248,9 @@ def main(argv=None):
         return bench(utils.parse_config(Config, argv, PRESETS))
     if cmd == "convert":
         return convert(utils.parse_config(Config, argv, PRESETS), argv)
-    utils.fail(f"unknown command {cmd!r}; use train, encode, probe, bench or convert")
+    if cmd == "import":
+        return import_authors(utils.parse_config(ImportConfig, argv))
+    utils.fail(f"unknown command {cmd!r}; use train, encode, probe, bench, convert or import")
 
 
 if __name__ == "__main__":

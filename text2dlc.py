@@ -18,6 +18,9 @@ Commands (a DLC set with captions.jsonl comes from `sem.py encode --data shapes`
                python text2dlc.py sample --ckpt runs/text2dlc-toy --prompt "a red square on a green background" --n 16 --out runs/t2d-red-square
                python dit.py sample --dlc runs/t2d-red-square ...         (decode to images)
                python text2dlc.py probe --dlc runs/t2d-red-square --ref REFSET   (attribute match)
+  the authors' finetuned model (a local lavoies/DLC_LLADA_L512), one GPU:
+               python text2dlc.py sample --model_path /models/DLC_LLADA_L512 --L 512 --prompt "a golden retriever"
+                   --n 4 --steps 512 --temperature 0.2 --remasking random --out runs/t2d-golden
   one GPU    : python text2dlc.py --model llada --model_path /models/LLaDA-8B-Base --dlc DIR --preset laion
                (8B full AdamW needs ~128 GB: one 80 GB card is too small; use >= 2 GPUs)
   N GPUs     : torchrun --nproc_per_node=8 text2dlc.py --preset laion --model_path /models/LLaDA-8B-Base --dlc DIR
@@ -93,7 +96,10 @@ class SampleConfig:
     batch_size: int = 64          # DLCs per forward pass
     seed: int = 0                 # sampling seed
     device: str = "auto"          # auto | cpu | cuda
-    model_path: str = ""          # llada: override the base-model folder stored in the checkpoint
+    model_path: str = ""          # llada: override the base-model folder stored in the checkpoint; without
+                                  # --ckpt: the authors' finetuned folder (lavoies/DLC_LLADA_L512)
+    L: int = 0                    # without --ckpt: the DLC length (the authors' released model: 512)
+    remasking: str = "low_confidence"  # low_confidence (LLaDA) | random (the authors' README, temperature 0.2)
     POSITIVE = ("n", "batch_size")
 
 
@@ -183,6 +189,9 @@ def load_hf(model_path, dtype=torch.float32):
                    "GSAI-ML/LLaDA-8B-Base (huggingface-cli download) and pass its local path")
     tf = import_transformers()
     kw = dict(trust_remote_code=True, local_files_only=True, torch_dtype=dtype)
+    conf = json.load(open(os.path.join(model_path, "config.json")))
+    if conf.get("embedding_size", 0) and conf.get("vocab_size", 0) > conf["embedding_size"]:
+        kw["embedding_size"] = conf["vocab_size"]  # a resized LLaDA whose config was saved stale
     try:
         model = tf.AutoModelForCausalLM.from_pretrained(model_path, **kw)
     except ValueError:  # config maps only AutoModel (remote code)
@@ -277,9 +286,10 @@ def shard_fsdp(model, d):
 #################################################################################
 
 def make_sequences(codes, caption_ids, dlc_offset, start_id):
-    """Template "DLC tokens <START-DLC> caption tokens": (B, L) + (B, C) -> (B, L + 1 + C)."""
+    """Template "DLC tokens <START-DLC> caption tokens": (B, L) + (B, C) -> (B, L + 1 + C).
+    start_id None: the caption ids already begin with the separator (the authors' released model)."""
     B = codes.shape[0]
-    start = torch.full((B, 1), start_id, dtype=torch.long, device=caption_ids.device)
+    start = torch.full((B, 0 if start_id is None else 1), start_id or 0, dtype=torch.long, device=caption_ids.device)
     return torch.cat([codes.long() + dlc_offset, start, caption_ids], 1)
 
 
@@ -322,11 +332,14 @@ def num_transfer_tokens(L, steps):
 
 @torch.no_grad()
 def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps, temperature=1.0,
-               cfg=0.0, generator=None, history=None):
+               cfg=0.0, generator=None, history=None, remasking="low_confidence"):
     """Canvas [L masks, <START-DLC>, prompt]; at each step predict every masked DLC position,
     draw a candidate (argmax, or Gumbel-max in float64 at `temperature`), and commit the k most
-    confident (softmax probability of the candidate); the rest stay masked. Logits are restricted
-    to the DLC id range, so only DLC tokens can be written. Returns codes (B, L) in [0, V)."""
+    confident (softmax probability of the candidate; `random`: k uniformly chosen, the authors'
+    README setting); the rest stay masked. Logits are restricted to the DLC id range, so only
+    DLC tokens can be written. Returns codes (B, L) in [0, V)."""
+    if remasking not in ("low_confidence", "random"):
+        utils.fail(f"--remasking must be low_confidence or random, got {remasking!r}")
     B, dev = prompt_ids.shape[0], prompt_ids.device
     x = make_sequences(torch.zeros(B, L, dtype=torch.long, device=dev), prompt_ids, dlc_offset, start_id)
     x[:, :L] = mask_id                                                    # (B, L + 1 + C)
@@ -335,7 +348,7 @@ def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps,
         logits = model_fn(x)[:, :L, dlc_offset: dlc_offset + V].double()  # (B, L, V) DLC range only
         if cfg > 0:  # unconditional pass: the prompt masked as well (LLaDA's CFG)
             un = x.clone()
-            un[:, L + 1:] = mask_id
+            un[:, L + (start_id is not None):] = mask_id
             lu = model_fn(un)[:, :L, dlc_offset: dlc_offset + V].double()
             logits = lu + (cfg + 1) * (logits - lu)
         if temperature > 0:  # why float64: Gumbel noise in low precision ties / biases the argmax
@@ -344,6 +357,8 @@ def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps,
         else:
             cand = logits.argmax(-1)                                      # (B, L)
         conf = logits.softmax(-1).gather(-1, cand[..., None])[..., 0]     # (B, L)
+        if remasking == "random":
+            conf = torch.rand(conf.shape, dtype=conf.dtype, device=dev, generator=generator)
         still = x[:, :L] == mask_id
         conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
         pick = conf.topk(int(ks[s]), dim=1).indices                       # (B, k) most confident
@@ -378,6 +393,43 @@ class Backend:
         self.dlc_offset, self.start_id, self.extra = dlc_offset, start_id, extra
 
 
+# The authors' finetuning (dit/train_llada_sem_laion.py, dit/chat_sem.py in
+# https://github.com/lavoiems/DiscreteLatentCode) adds the separator "<|start_sem|>" (as the sep
+# token) and then "<|sem_vocab_i|>" for i < V: DLC value i has id id(<|start_sem|>) + 1 + i; their
+# sampler tokenises "<|start_sem|>" + prompt with the tokenizer's own special tokens and puts the
+# L masks before it.
+AUTHORS_START, AUTHORS_DLC = "<|start_sem|>", "<|sem_vocab_{}|>"
+
+
+def authors_token_ids(tok):
+    """(dlc_offset, start_id, V) of a tokenizer that has the authors' tokens, else None."""
+    vocab = tok.get_vocab()
+    if AUTHORS_START not in vocab:
+        return None
+    ids = []
+    while AUTHORS_DLC.format(len(ids)) in vocab:
+        ids.append(vocab[AUTHORS_DLC.format(len(ids))])
+    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        utils.fail(f"the tokenizer has {AUTHORS_START} but its {AUTHORS_DLC.format('i')} ids are missing or not "
+                   "consecutive; is this the authors' finetuned LLaDA folder?")
+    return ids[0], vocab[AUTHORS_START], len(ids)
+
+
+def authors_backend(model_path, L):
+    """The authors' finetuned LLaDA folder (lavoies/DLC_LLADA_L512), vocabulary already extended."""
+    model, tok = load_hf(model_path)
+    found = authors_token_ids(tok)
+    if found is None:
+        utils.fail(f"{model_path}: its tokenizer has no {AUTHORS_START} token; pass --ckpt for our checkpoints")
+    off, start, V = found
+    mask_id = getattr(model.config, "mask_token_id", None)
+    if mask_id is None:
+        utils.fail(f"{model_path}: config.json has no mask_token_id (LLaDA: 126336)")
+    encode = lambda texts: torch.tensor([tok(AUTHORS_START + t)["input_ids"] for t in texts], dtype=torch.long)
+    state = {"L": L, "V": V, "config": {"model": "llada", "model_path": model_path}, "data": None, "dlc": None}
+    return Backend(model, encode, mask_id, off, None, {"start_id": start}), state
+
+
 def build_backend(cfg, L, V, captions=None, vocab=None, model_path=None):
     if cfg["model"] == "tiny":
         tok = WordTokenizer(vocab or build_vocab(captions))
@@ -390,7 +442,10 @@ def build_backend(cfg, L, V, captions=None, vocab=None, model_path=None):
         mask_id = getattr(model.config, "mask_token_id", None)
         if mask_id is None:
             utils.fail(f"{cfg['model_path']}: config.json has no mask_token_id (LLaDA: 126336)")
-        off, start = extend_vocab(model, V, seed=cfg["seed"])
+        found = authors_token_ids(tok)                                    # their folder: already extended
+        if found is not None and found[2] != V:
+            utils.fail(f"{model_path or cfg['model_path']} has {found[2]} DLC tokens but the DLC set has V={V}")
+        off, start = found[:2] if found else extend_vocab(model, V, seed=cfg["seed"])
         pad = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
         def encode(texts):  # LLaDA pads with EOS and trains on it (GUIDELINES.md)
             ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg["max_caption"]] for t in texts]
@@ -562,13 +617,16 @@ def sample_cmd(argv):
     if s.prompts_file and not os.path.isfile(s.prompts_file):
         utils.fail(f"--prompts_file {s.prompts_file} does not exist")
     prompts = [p.strip() for p in open(s.prompts_file) if p.strip()] if s.prompts_file else [s.prompt] * bool(s.prompt)
-    if not s.ckpt or not s.out or not prompts:
-        utils.fail("sample needs --ckpt PATH --prompt TEXT (or --prompts_file FILE) --out DIR")
+    if not (s.ckpt or s.model_path) or not s.out or not prompts:
+        utils.fail("sample needs --ckpt PATH (or the authors' --model_path DIR --L 512) --prompt TEXT "
+                   "(or --prompts_file FILE) --out DIR")
+    if not s.ckpt and s.L < 1:
+        utils.fail("--model_path without --ckpt (the authors' folder) needs --L (their released model: --L 512)")
     utils.check_dlc_out(s.out, s.overwrite)                               # before any work
     if s.n < 1 or s.batch_size < 1:
         utils.fail(f"need --n >= 1 and --batch_size >= 1, got --n {s.n} --batch_size {s.batch_size}")
     d = utils.setup_dist(s.device)
-    be, state = load_for_sampling(s.ckpt, d.device, s.model_path)
+    be, state = load_for_sampling(s.ckpt, d.device, s.model_path) if s.ckpt else authors_backend(s.model_path, s.L)
     if "vocab" in be.extra:
         check_prompt_words(prompts, be.extra["vocab"])
     L, V = state["L"], state["V"]
@@ -585,7 +643,8 @@ def sample_cmd(argv):
         for i in range(0, s.n, s.batch_size):
             b = min(s.batch_size, s.n - i)
             out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
-                                  be.start_id, be.mask_id, steps, s.temperature, s.cfg, g).cpu())
+                                  be.start_id, be.mask_id, steps, s.temperature, s.cfg, g,
+                                  remasking=s.remasking).cpu())
         captions += [text] * s.n
     codes = torch.cat(out).numpy()
     attrs = [parse_attrs(c) for c in captions]                             # (colour, shape, background)
@@ -594,10 +653,10 @@ def sample_cmd(argv):
         extra = {"attrs.npy": np.array([(utils.SHAPES.index(sh), names.index(c), names.index(b))   # targets for
                                         for c, sh, b in attrs], dtype=np.int64)}                    # evaluate judge
     meta = {"L": L, "V": V, "prompt": prompts[0] if len(prompts) == 1 else prompts,
-            "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt)),
+            "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt) if s.ckpt else s.model_path),
             "command": "text2dlc.py sample " + " ".join(argv), "data": state.get("data"), "source_dlc": state.get("dlc"),
             "sampler": {"steps": steps, "temperature": s.temperature, "cfg": s.cfg, "seed": s.seed,
-                        "remasking": "low_confidence", "schedule": "linear"}}
+                        "remasking": s.remasking, "schedule": "linear"}}
     utils.save_dlc_set(s.out, codes, meta, captions=captions, extra=extra, overwrite=s.overwrite)
     print(f"wrote {len(codes)} DLCs for {len(prompts)} prompt(s) to {s.out}")
 

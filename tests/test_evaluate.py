@@ -293,3 +293,46 @@ def test_novelty_command_flags_copies(judges, tmp_path):
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert m["nn_dist_mean"] < 1e-3 * m["nn_dist_train_to_train_mean"] and m["copy_rate"] == 1.0  # float round-off only
     assert os.path.getsize(os.path.join(out, "retrieval.png")) > 1000
+
+
+def test_sparse_one_hot_probe_equals_dense():
+    rng = np.random.RandomState(1)
+    labels = rng.randint(0, 3, 300)
+    codes = rng.randint(0, 6, (300, 5))
+    codes[:, 1] = np.where(rng.rand(300) < 0.8, labels, rng.randint(0, 6, 300))   # a noisy label token
+    codes[:, 4] = 2                                                                 # a constant position
+    dense, csr = ev.one_hot(codes, 6), ev.one_hot(codes, 6, sparse=True)
+    assert np.array_equal(dense, csr.toarray()) and (csr.sum(1) == 5).all() and csr.nnz == 300 * 5
+    # the same minimiser (centring only moves the intercept): solved tightly, the same C and accuracies
+    a, b = ev.linear_probe(dense, labels, tol=1e-10), ev.linear_probe(csr, labels, tol=1e-10)
+    assert a == b and 0.6 < a["acc"] < 1
+
+
+def test_probe_at_paper_code_size_is_sparse(tmp_path):
+    """L = 512, V = 256 (L*V = 131072): a dense float64 one-hot of 400 rows would be 420 MB."""
+    import resource
+    rng = np.random.RandomState(0)
+    labels = rng.randint(0, 4, 400)
+    codes = rng.randint(0, 256, (400, 512))
+    codes[:, 7] = labels * 3                                   # position 7 encodes the label
+    utils.save_dlc_set(str(tmp_path / "dlc"), codes, {"L": 512, "V": 256}, labels=labels)
+    cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])          # user + system seconds
+    rss0, t = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, cpu()
+    ev.main(["probe", "--dlc", str(tmp_path / "dlc"), "--out", str(tmp_path / "probe")])
+    grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    m = json.load(open(tmp_path / "probe" / "metrics.json"))
+    assert m["probe_dlc_label"] == 1.0 and m["L"] == 512 and m["V"] == 256
+    assert grew_mb < 200 and cpu() - t < 60, (grew_mb, cpu() - t)
+
+
+def test_torch_probe_matches_sklearn_probe():
+    """The EmbeddingBag probe (no one-hot at all) solves linear_probe's problem: same split and C grid."""
+    rng = np.random.RandomState(1)
+    labels = rng.randint(0, 3, 300)
+    codes = rng.randint(0, 6, (300, 5))
+    codes[:, 1] = np.where(rng.rand(300) < 0.8, labels, rng.randint(0, 6, 300))
+    ref = ev.linear_probe(ev.one_hot(codes, 6), labels, tol=1e-10)
+    got = ev.onehot_probe_torch(codes, 6, labels, epochs=60, batch_size=64)
+    assert abs(got["acc"] - ref["acc"]) <= 0.05 and abs(got["val_acc"] - ref["val_acc"]) <= 0.05, (got, ref)
+    codes[:, 1] = labels                                            # separable: both perfect
+    assert ev.onehot_probe_torch(codes, 6, labels, epochs=20, batch_size=64)["acc"] == 1.0

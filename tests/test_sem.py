@@ -478,3 +478,99 @@ def test_released_sem_teacher_parameter_count_on_meta():
     with torch.device("meta"):
         m = sem.SEMViT(cfg)
     assert m.pos_embed.is_meta and sum(p.numel() for p in m.parameters()) + 2 * 1024 == 1_109_943_296
+#          sem.py import: the authors' DLC dataset (parquet / Arrow IPC)         #
+#################################################################################
+
+def authors_rows(n, L=8, h=2, seed=0):
+    """Rows in the authors' schema: `labels` = the DLC [L], `features` = a [4, h, h] latent."""
+    rng = np.random.RandomState(seed)
+    codes = rng.randint(0, 16, size=(n, L))
+    lat = rng.randn(n, 4, h, h).astype(np.float32)
+    syn = [f"n{1000 + (i % 3):08d}_{i}" for i in range(n)]                  # ImageNet-style image ids
+    return codes, lat, syn
+
+
+def write_parquet(path, codes, lat, extra):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    t = pa.table({"labels": codes.tolist(), "features": lat.tolist(), **extra})   # nested lists, as datasets writes
+    pq.write_table(t, path, row_group_size=3)
+
+
+def write_save_to_disk(folder, codes, lat, syn, parts=2):
+    """datasets.save_to_disk's layout: data-0000k-of-n.arrow (IPC stream) + state.json + dataset_info.json."""
+    pa = pytest.importorskip("pyarrow")
+    os.makedirs(folder)
+    names = [f"data-{k:05d}-of-{parts:05d}.arrow" for k in range(parts)]
+    lat_type = pa.list_(pa.list_(pa.list_(pa.float32(), lat.shape[-1]), lat.shape[-1]), 4)  # fixed-size lists
+    for k, rows in enumerate(np.array_split(np.arange(len(codes)), parts)):
+        t = pa.table({"features": pa.array(lat[rows].tolist(), type=lat_type),
+                      "labels": pa.array(codes[rows].tolist(), type=pa.list_(pa.int64())),
+                      "path": syn[rows[0]:rows[-1] + 1]})
+        with pa.ipc.new_stream(os.path.join(folder, names[k]), t.schema) as w:
+            for b in t.to_batches(max_chunksize=2):
+                w.write_batch(b)
+    json.dump({"_data_files": [{"filename": n} for n in names]}, open(os.path.join(folder, "state.json"), "w"))
+    json.dump({"dataset_name": "dlc_8x16"}, open(os.path.join(folder, "dataset_info.json"), "w"))
+
+
+def test_import_authors_parquet_and_arrow(tmp_path):
+    n = 11
+    codes, lat, syn = authors_rows(n)
+    hub = tmp_path / "DLC_8x16" / "data"
+    hub.mkdir(parents=True)
+    k = np.array_split(np.arange(n), 2)
+    for j, rows in enumerate(k):      # two train shards, plus a test shard that must not be read
+        write_parquet(hub / f"train-{j:05d}-of-00002.parquet", codes[rows], lat[rows], {"label": (rows % 5).tolist()})
+    write_parquet(hub / "test-00000-of-00001.parquet", codes[:2] + 1, lat[:2], {"label": [0, 0]})
+    out = tmp_path / "dlc"
+    sem.main(["import", "--authors", str(tmp_path / "DLC_8x16"), "--out", str(out), "--chunk", "4"])
+    s = utils.load_dlc_set(str(out), L=8, V=16)             # V read from the folder name "8x16"
+    assert s["codes"].dtype == np.uint16 and isinstance(s["codes"], np.memmap)
+    assert (np.asarray(s["codes"]) == codes).all() and (s["labels"] == np.arange(n) % 5).all()
+    x = np.load(out / "latents.npy", mmap_mode="r")
+    assert x.shape == (n, 1, 4, 2, 2) and x.dtype == np.float16
+    assert np.allclose(x[:, 0], lat, atol=2e-3)
+    # save_to_disk folder: Arrow IPC streams, fixed-size list latents, classes from ImageNet synsets
+    arrow = tmp_path / "saved"
+    write_save_to_disk(arrow, codes, lat, syn)
+    out2 = tmp_path / "dlc2"
+    sem.main(["import", "--authors", str(arrow), "--out", str(out2)])
+    s2 = utils.load_dlc_set(str(out2), L=8, V=16)
+    assert (np.asarray(s2["codes"]) == codes).all() and (s2["labels"] == np.arange(n) % 3).all()
+    assert open(out2 / "index.txt").read().split() == syn
+    assert np.allclose(np.load(out2 / "latents.npy")[:, 0], lat, atol=2e-3)
+    # the imported set trains dit.py directly (latents + codes in one folder, no flipped copy)
+    import dit
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        dit.main(["train", "--latents", str(out2), "--dlc", str(out2), "--model", "DiT-toy/2", "--image_size", "16",
+                  "--steps", "1", "--batch_size", "4", "--ckpt_every", "1", "--device", "cpu"])
+    finally:
+        os.chdir(cwd)
+    assert os.path.isfile(tmp_path / "runs/dit-toy/checkpoints/ckpt_0000001.pt")
+
+
+def test_import_authors_bad_input(tmp_path):
+    codes, lat, syn = authors_rows(5)
+    (tmp_path / "plain").mkdir()
+    write_parquet(tmp_path / "plain" / "x.parquet", codes, lat, {})
+    (tmp_path / "notours").mkdir()
+    (tmp_path / "notours" / "keep.txt").write_text("mine")
+    cases = [(["--authors", str(tmp_path / "plain")], "pass --V"),                       # no "LxV" anywhere
+             (["--authors", str(tmp_path / "plain"), "--V", "8"], "outside [0, V=8)"),
+             (["--authors", str(tmp_path / "nope"), "--V", "16"], "does not exist"),
+             (["--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "notours")], "not a DLC set")]
+    for args, msg in cases:
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as e:
+            sem.main(["import", "--out", str(out), *args])
+        assert str(e.value).startswith("error:") and msg in str(e.value) and "\n" not in str(e.value), e.value
+        assert not out.exists()
+    assert os.listdir(tmp_path / "notours") == ["keep.txt"]
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"features": lat.tolist()}), tmp_path / "nolabels.parquet")
+    with pytest.raises(SystemExit, match="no 'labels' column"):
+        sem.main(["import", "--authors", str(tmp_path / "nolabels.parquet"), "--out", str(tmp_path / "o"), "--V", "16"])

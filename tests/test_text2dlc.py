@@ -236,3 +236,54 @@ def test_prompt_words_unknown_warn_or_refuse(tmp_path, monkeypatch, capsys):
     assert utils.load_dlc_set(str(tmp_path / "g"))["codes"].shape == (2, 8)
     fails_with([*base, "--prompt", "zebra crossing", "--out", tmp_path / "z"], tmp_path, monkeypatch, "none of its words")
     assert not os.path.exists(tmp_path / "z")
+def authors_llada_dir(path, V=5):
+    """A tiny random Llama folder extended as the authors' finetuning does: <|start_sem|> as the
+    sep token, then <|sem_vocab_i|> for i < V, embeddings resized (lavoies/DLC_LLADA_L512's layout)."""
+    tf = pytest.importorskip("transformers")
+    from tokenizers import AddedToken
+    tiny_hf_model_dir(path)
+    tok = tf.AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"sep_token": t2d.AUTHORS_START})
+    tok.add_tokens([AddedToken(t2d.AUTHORS_DLC.format(i), single_word=True, normalized=False) for i in range(V)])
+    model = tf.LlamaForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(len(tok))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), tok
+
+
+def test_authors_llada_folder_token_mapping_and_sample(tmp_path, monkeypatch):
+    path, tok = authors_llada_dir(tmp_path / "dlc_llada", V=5)
+    be, state = t2d.authors_backend(path, L=4)
+    assert (state["V"], be.dlc_offset, be.extra["start_id"]) == (5, tok.convert_tokens_to_ids("<|sem_vocab_0|>"),
+                                                                 tok.convert_tokens_to_ids("<|start_sem|>"))
+    assert be.dlc_offset + 4 == tok.convert_tokens_to_ids("<|sem_vocab_4|>")   # value i = id(start) + 1 + i
+    prompt = be.encode(["a red square"])
+    assert prompt[0].tolist() == tok("<|start_sem|>a red square")["input_ids"]  # their chat_sem.py prompt
+    target = torch.tensor([3, 0, 4, 1])
+    ids = torch.tensor([tok.convert_tokens_to_ids(f"<|sem_vocab_{int(t)}|>") for t in target])
+
+    def oracle(x):                                             # their layout: [L masks, <|start_sem|> prompt]
+        assert (x[:, 4:] == prompt).all()
+        lg = torch.zeros(*x.shape, len(tok))
+        lg[:, torch.arange(4), ids] = 5.0
+        return lg
+    for remasking in ("low_confidence", "random"):
+        codes = t2d.sample_dlc(oracle, prompt.expand(2, -1), 4, 5, be.dlc_offset, be.start_id, be.mask_id, 2,
+                               temperature=0.0, remasking=remasking, generator=torch.Generator().manual_seed(0))
+        assert (codes == target).all()
+    out = tmp_path / "gen"
+    run_main(["sample", "--model_path", path, "--L", "4", "--prompt", "a red square", "--n", "3", "--steps", "2",
+              "--temperature", "0.2", "--remasking", "random", "--out", out], tmp_path, monkeypatch)
+    s = utils.load_dlc_set(str(out), L=4, V=5)
+    assert s["codes"].shape == (3, 4) and s["meta"]["sampler"]["remasking"] == "random"
+    # training on their folder uses their ids: no second vocabulary extension
+    cfg = {"model": "llada", "model_path": path, "seed": 0, "max_caption": 4}
+    be2 = t2d.build_backend(cfg, 4, 5)
+    assert (be2.dlc_offset, be2.start_id) == (be.dlc_offset, be.extra["start_id"])
+    assert be2.model.get_input_embeddings().weight.shape[0] == len(tok)
+    fails_with(["sample", "--model_path", path, "--prompt", "a", "--out", tmp_path / "o"], tmp_path, monkeypatch, "--L")
+    plain = tiny_hf_model_dir(tmp_path / "plain")
+    fails_with(["sample", "--model_path", plain, "--L", "4", "--prompt", "a", "--out", tmp_path / "o"], tmp_path,
+               monkeypatch, "<|start_sem|>")
+    assert not os.path.exists(tmp_path / "o")
