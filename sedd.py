@@ -93,7 +93,7 @@ def model_dims(size):
 _PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
               eval_every=5000, ckpt_every=10000)
 PRESETS = {"toy": {},
-           # the paper's three DLC shapes, L * V = 131072 (REFERENCE.md section 2); main = 512 x 256
+           # the paper's three DLC shapes, L * V = 131072; main = 512 x 256
            "imagenet512": {**_PAPER, "L": 512, "V": 256},
            "imagenet128": {**_PAPER, "L": 128, "V": 1024},
            "imagenet32": {**_PAPER, "L": 32, "V": 4096}}

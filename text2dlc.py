@@ -27,7 +27,7 @@ Commands (a DLC set with captions.jsonl comes from `sem.py encode --data shapes`
   speed      : python text2dlc.py bench   [--model llama_shaped on a GPU: LLaDA width, 2 layers]
 
 Facts from LLaDA (https://github.com/ML-GSAI/LLaDA, generate.py, get_log_likelihood.py,
-GUIDELINES.md) and its HF modeling code (https://huggingface.co/GSAI-ML/LLaDA-8B-Base:
+its guidelines page) and its HF modeling code (https://huggingface.co/GSAI-ML/LLaDA-8B-Base:
 modeling_llada.py names model.transformer.wte / ff_out / blocks, set_activation_checkpointing,
 config.embedding_size, mask id 126336). Code written from scratch.
 """
@@ -447,7 +447,7 @@ def build_backend(cfg, L, V, captions=None, vocab=None, model_path=None):
             utils.fail(f"{model_path or cfg['model_path']} has {found[2]} DLC tokens but the DLC set has V={V}")
         off, start = found[:2] if found else extend_vocab(model, V, seed=cfg["seed"])
         pad = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
-        def encode(texts):  # LLaDA pads with EOS and trains on it (GUIDELINES.md)
+        def encode(texts):  # LLaDA pads with EOS and trains on it (LLaDA's guidelines)
             ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg["max_caption"]] for t in texts]
             return torch.tensor([i + [pad] * (cfg["max_caption"] - len(i)) for i in ids], dtype=torch.long)
         return Backend(model, encode, mask_id, off, start, {"hf_config": model.config.to_dict()})
