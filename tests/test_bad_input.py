@@ -35,7 +35,8 @@ def fx(tmp_path_factory):
         dit.main(["train", "--cond", "label", "--data", "shapes", "--data_n", "64", *DIT_TINY, "--steps", "1",
                   "--run", "lab"])
         synthetic_dlc_set(f / "t2d_dlc")
-        synthetic_dlc_set(f / "t2d_l4", L=4)
+        s8 = utils.load_dlc_set(synthetic_dlc_set(f / "t2d_dlc_copy"))
+        utils.save_dlc_set(str(f / "t2d_l4"), np.asarray(s8["codes"])[:, :4], {"L": 4, "V": 32}, captions=s8["captions"])
         text2dlc.main(["--dlc", "t2d_dlc", "--run", "t", "--steps", "1", *T2D_TINY])
         sem.main([*SEM_TINY, "--steps", "1", "--n", "64", "--run", "t"])
     finally:
