@@ -1045,6 +1045,8 @@ def extract(cfg):
         utils.fail(f"--data_path {cfg.data_path!r} is not an ImageFolder root")
     if not cfg.latents:
         utils.fail("--latents OUT_DIR is required (where latents.npy goes)")
+    d = utils.setup_dist(cfg.device)
+    vae, _ = vae_decoder(cfg, d.device)                                    # fails before writing anything
     from torchvision import datasets, transforms
     tf = transforms.Compose([transforms.Resize(cfg.image_size), transforms.CenterCrop(cfg.image_size),
                              transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
@@ -1055,9 +1057,7 @@ def extract(cfg):
     h = cfg.image_size // 8
     job = {"data_path": os.path.abspath(cfg.data_path), "image_size": cfg.image_size,
            "vae": os.path.abspath(cfg.vae), "n": len(ds)}
-    done = extraction_progress(cfg.latents, job)                           # before any work
-    d = utils.setup_dist(cfg.device)
-    vae, _ = vae_decoder(cfg, d.device)                                    # fails before writing anything
+    done = extraction_progress(cfg.latents, job)                           # before any encoding
     path, progress = os.path.join(cfg.latents, "latents.npy"), os.path.join(cfg.latents, "progress.json")
     if done is None:                                                       # a new extraction
         os.makedirs(cfg.latents, exist_ok=True)

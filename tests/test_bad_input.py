@@ -35,7 +35,8 @@ def fx(tmp_path_factory):
         dit.main(["train", "--cond", "label", "--data", "shapes", "--data_n", "64", *DIT_TINY, "--steps", "1",
                   "--run", "lab"])
         synthetic_dlc_set(f / "t2d_dlc")
-        synthetic_dlc_set(f / "t2d_l4", L=4)
+        s8 = utils.load_dlc_set(synthetic_dlc_set(f / "t2d_dlc_copy"))
+        utils.save_dlc_set(str(f / "t2d_l4"), np.asarray(s8["codes"])[:, :4], {"L": 4, "V": 32}, captions=s8["captions"])
         text2dlc.main(["--dlc", "t2d_dlc", "--run", "t", "--steps", "1", *T2D_TINY])
         sem.main([*SEM_TINY, "--steps", "1", "--n", "64", "--run", "t"])
     finally:
@@ -54,6 +55,10 @@ def fx(tmp_path_factory):
     np.savez(f / "imgs.npz", arr_0=np.random.RandomState(0).randint(0, 256, (8, 16, 16, 3)).astype(np.uint8))
     os.makedirs(f / "mine")
     open(f / "mine/keep.txt", "w").write("the user's file\n")
+    import diffusers                                        # a tiny random VAE of the SD-VAE's layout
+    diffusers.AutoencoderKL(block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            sample_size=32).save_pretrained(f / "vae")
     os.makedirs(f / "images/cls")
     from PIL import Image
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(f / "images/cls/0.png")
@@ -117,7 +122,7 @@ CASES = [
     ("t2d-probe-other-L", "text2dlc.py", "probe --dlc {f}/t2d_dlc --ref {f}/t2d_l4", "L=", None),
     ("dit-compose-triple", "dit.py", "compose --ckpt {f}/runs/dit-t --dlc {f}/dit_dlc --pairs 0:1:2 --out o.npz",
      "--pairs", None),
-    ("dit-extract-used-folder", "dit.py", "extract --data_path {f}/images --vae {f}/novae --latents {f}/mine",
+    ("dit-extract-used-folder", "dit.py", "extract --data_path {f}/images --vae {f}/vae --latents {f}/mine",
      "--latents", None),
     ("toy-gmm-bad-modes", "toy_gmm.py", "--modes=4,10", "perfect square", None),
     ("sem-bad-data", "sem.py", "--data no/such/folder --steps 1", "--data", None),
