@@ -796,7 +796,7 @@ def vae_decoder(cfg, device):
         from diffusers.models import AutoencoderKL
     except ImportError:
         utils.fail("the VAE needs diffusers: pip install -r requirements.txt (diffusers>=0.30,<0.36)")
-    vae = AutoencoderKL.from_pretrained(cfg.vae).to(device).eval()
+    vae = AutoencoderKL.from_pretrained(cfg.vae, low_cpu_mem_usage=False).to(device).eval()
     return vae, (lambda z: vae.decode(z / 0.18215).sample)
 
 
