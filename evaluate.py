@@ -779,24 +779,6 @@ def cmd_bench(cfg, device):
 #       report: the toy pipeline's tables, its claims next to the paper's        #
 #################################################################################
 
-def tv_marginals(a, b, V):
-    """Mean over positions of the total-variation distance between per-position token histograms."""
-    ha = np.stack([np.bincount(a[:, i], minlength=V) / len(a) for i in range(a.shape[1])])   # (L, V)
-    hb = np.stack([np.bincount(b[:, i], minlength=V) / len(b) for i in range(b.shape[1])])
-    return float(0.5 * np.abs(ha - hb).sum(-1).mean())
-
-
-def tv_pairs(a, b, V, max_pairs=200, seed=0):
-    """Mean TV between the joint histograms (V*V cells) of position pairs (all, or a random subset)."""
-    L = a.shape[1]
-    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
-    if len(pairs) > max_pairs:
-        pairs = [pairs[k] for k in np.random.RandomState(seed).choice(len(pairs), max_pairs, replace=False)]
-    a, b = a.astype(np.int64), b.astype(np.int64)
-    hist = lambda c, i, j: np.bincount(c[:, i] * V + c[:, j], minlength=V * V) / len(c)
-    return float(np.mean([0.5 * np.abs(hist(a, i, j) - hist(b, i, j)).sum() for i, j in pairs]))
-
-
 # The claims of the paper that the toy pipeline checks: (section, what, paper's number, our value
 # from the metrics `m`, the bar it must clear). A claim is met when value >= bar.
 def pipeline_claims(m, g):
@@ -886,10 +868,10 @@ def cmd_report(cfg, device):
           "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
     for n, lab in (("dlc-sedd", "SEDD, remasking (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
         gen = np.asarray(utils.load_dlc_set(os.path.join(out, n))["codes"], dtype=np.int64)
-        L.append(f"| {lab} | {len(gen)} | {tv_marginals(ref, gen, V):.4f} | {tv_pairs(ref, gen, V):.4f} |")
+        L.append(f"| {lab} | {len(gen)} | {utils.tv_marginals(ref, gen, V):.4f} | {utils.tv_pairs(ref, gen, V):.4f} |")
     sub = ref[np.random.RandomState(0).choice(len(ref), len(gen), replace=False)]
     L.append(f"| encoded codes themselves (a random subset: the sampling-noise floor) | {len(sub)} | "
-             f"{tv_marginals(ref, sub, V):.4f} | {tv_pairs(ref, sub, V):.4f} |")
+             f"{utils.tv_marginals(ref, sub, V):.4f} | {utils.tv_pairs(ref, sub, V):.4f} |")
     claims = pipeline_claims(m, g)
     L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",
           "| paper | claim | paper's number | ours | bar | met |", "|---|---|---|---|---|---|"]

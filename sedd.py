@@ -370,25 +370,6 @@ def oracle_raw_fn(joint, V):
     return raw_fn
 
 
-def tv_marginals(a, b, V):
-    """Mean over positions of the total-variation distance between per-position token histograms."""
-    ha = np.stack([np.bincount(a[:, i], minlength=V) / len(a) for i in range(a.shape[1])])
-    hb = np.stack([np.bincount(b[:, i], minlength=V) / len(b) for i in range(b.shape[1])])
-    return 0.5 * np.abs(ha - hb).sum(-1).mean()
-
-
-def tv_pairs(a, b, V, max_pairs=200, seed=0):
-    """Mean TV between joint histograms (V*V cells) of position pairs (all pairs, or a random subset)."""
-    L = a.shape[1]
-    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
-    if len(pairs) > max_pairs:
-        pairs = [pairs[k] for k in np.random.RandomState(seed).choice(len(pairs), max_pairs, replace=False)]
-    a, b = a.astype(np.int64), b.astype(np.int64)
-    tv = [0.5 * np.abs(np.bincount(a[:, i] * V + a[:, j], minlength=V * V) / len(a)
-                       - np.bincount(b[:, i] * V + b[:, j], minlength=V * V) / len(b)).sum() for i, j in pairs]
-    return float(np.mean(tv))
-
-
 #################################################################################
 #                    Training: AdamW, warm-up, EMA, DDP, resume                 #
 #################################################################################
@@ -591,8 +572,8 @@ def sample_main(sc):
             labels = gset["labels"][np.arange(sc.n) % len(given)] if "labels" in gset else None
         if cfg["dlc"] and os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
             ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
-            meta["tv"] = {"marginal": tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
-                          "pairs": tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
+            meta["tv"] = {"marginal": utils.tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
+                          "pairs": utils.tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
         utils.save_dlc_set(sc.out, codes, meta, labels=labels, overwrite=sc.overwrite)
         print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
               f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f})"

@@ -581,6 +581,24 @@ def check_tokens(codes, V, path, chunk=1 << 22):
                  f"every token must lie in [0, V): re-encode it or fix meta.json")
 
 
+def tv_marginals(a, b, V):
+    """Mean over positions of the total-variation distance between per-position token histograms."""
+    ha = np.stack([np.bincount(a[:, i], minlength=V) / len(a) for i in range(a.shape[1])])   # (L, V)
+    hb = np.stack([np.bincount(b[:, i], minlength=V) / len(b) for i in range(b.shape[1])])
+    return float(0.5 * np.abs(ha - hb).sum(-1).mean())
+
+
+def tv_pairs(a, b, V, max_pairs=200, seed=0):
+    """Mean TV between the joint histograms (V*V cells) of position pairs (all, or a random subset)."""
+    L = a.shape[1]
+    pairs = [(i, j) for i in range(L) for j in range(i + 1, L)]
+    if len(pairs) > max_pairs:
+        pairs = [pairs[k] for k in np.random.RandomState(seed).choice(len(pairs), max_pairs, replace=False)]
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    hist = lambda c, i, j: np.bincount(c[:, i] * V + c[:, j], minlength=V * V) / len(c)
+    return float(np.mean([0.5 * np.abs(hist(a, i, j) - hist(b, i, j)).sum() for i, j in pairs]))
+
+
 def load_dlc_set(path, L=None, V=None):
     """Read a DLC set; check meta.json, every token in [0, V), and L and V against the caller's
     model. Returns a dict with codes (memory-mapped uint16 [N, L]), meta, and labels /
