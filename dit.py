@@ -120,6 +120,10 @@ class Config:
     POSITIVE = ("steps", "batch_size", "data_n", "image_size", "log_every", "ckpt_every", "sample_every",
                 "diffusion_steps", "sample_steps", "n", "n_per_pair", "gmm_components")
 
+    def __post_init__(self):  # checked on the command line, before any command starts
+        if self.model not in DIT_MODELS:
+            utils.fail(f"unknown --model {self.model!r}; use one of {', '.join(DIT_MODELS)}")
+
 
 PRESETS = {
     "toy": {},
@@ -635,12 +639,6 @@ def model_args(cfg, info, in_ch, size):
                 num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"])
 
 
-def to_image(x):
-    """[-1, 1] float (B, C, H, W) -> uint8 (B, H, W, 3) (grey digits repeated to RGB for grids)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return x.cpu().numpy()
-
-
 def save_grid(images, path, ncol=8):
     """uint8 [N, H, W, C] -> a PNG grid (1 px gaps), written atomically."""
     import matplotlib.image
@@ -656,6 +654,46 @@ def save_grid(images, path, ncol=8):
         matplotlib.image.imsave(tmp, grid, format="png")
 
 
+def build_for_training(cfg, margs, run_dir, d):
+    """DiT (optionally from an official checkpoint), its EMA copy and AdamW, restored from the
+    newest checkpoint with --resume. Returns (model, ema, opt, first step, a line for the log)."""
+    torch.manual_seed(cfg.seed)                      # same init on every rank; step noise is seeded per rank
+    model = DiT(**margs, grad_ckpt=cfg.grad_ckpt).to(d.device)
+    if cfg.init_from:
+        load_official(model, utils.load_checkpoint(cfg.init_from), cfg.init_from)
+    ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
+    ck, state = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
+    if not ck:
+        note = f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch" if cfg.resume else ""
+        return model, ema, opt, 0, note
+    state = utils.check_checkpoint(state, ck, "dit", ("model", "ema", "opt", "step"))
+    for part, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+        utils.load_weights(part, state[key], ck)
+    return model, ema, opt, state["step"], f"resumed from {ck} at step {state['step']}"
+
+
+def draw_batch(x, y, gen, cfg, T, latent, device):
+    """One training batch, every draw from `gen`: images x0 (and their conditions), timesteps
+    t ~ U{0..T-1}, noise eps ~ N(0, I) and the CFG drop mask (the condition replaced by the null
+    token with probability drop_prob, so that the same network also learns p(x))."""
+    idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+    xb, yb = get_batch(x, y, idx, gen, latent)
+    t = torch.randint(0, T, (cfg.batch_size,), generator=gen)
+    noise = torch.randn(xb.shape, generator=gen)
+    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.drop_prob
+    yb = yb.to(device) if yb is not None else None
+    return xb.to(device), yb, t.to(device), noise.to(device), drop.to(device)
+
+
+def training_grid(ema, diffusion, y, cfg, shape, device, path):
+    """A progress grid: 16 EMA samples (50 respaced steps) for the first 16 training conditions."""
+    yg = y[:16].to(device) if y is not None else None
+    imgs = generate(ema, diffusion.respace(min(50, cfg.sample_steps)), yg, 16, shape, cfg, seeds=range(16), device=device)
+    save_grid(imgs, path)
+
+
 def train(cfg):
     d = utils.setup_dist(cfg.device)
     run_dir = os.path.join("runs", f"dit-{cfg.run}")
@@ -664,47 +702,21 @@ def train(cfg):
     latent = bool(cfg.latents)
     in_ch, size = (x.shape[2], x.shape[-1]) if latent else (x.shape[1], x.shape[-1])
     margs = model_args(cfg, info, in_ch, size)
-    torch.manual_seed(cfg.seed)                      # same init on every rank; step noise is seeded per rank below
-    model = DiT(**margs, grad_ckpt=cfg.grad_ckpt).to(d.device)
-    if cfg.init_from:
-        load_official(model, utils.load_checkpoint(cfg.init_from), cfg.init_from)
-    ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
-    ema.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
-    step, log = 0, utils.Logger(run_dir, d)
-    ck, state = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
-    if cfg.resume and ck is None:
-        log(f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch")
-    if ck:
-        state = utils.check_checkpoint(state, ck, "dit", ("model", "ema", "opt", "step"))
-        utils.load_weights(model, state["model"], ck); utils.load_weights(ema, state["ema"], ck)
-        utils.load_weights(opt, state["opt"], ck); step = state["step"]
-        log(f"resumed from {ck} at step {step}")
-    if d.main:
-        if cfg.overwrite:
-            utils.clear_run_dir(run_dir, ("samples_*.png",))
-        utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+    model, ema, opt, step, note = build_for_training(cfg, margs, run_dir, d)
+    log = utils.Logger(run_dir, d)                   # the run folder appears only once the model is built
+    if note:
+        log(note)
+    utils.start_run(run_dir, cfg, d, ("samples_*.png",))
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
-    net = model
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
-    use_bf16 = cfg.bf16 and d.device.type == "cuda"
-    finite = utils.FiniteCheck(d.device)
+    net = utils.distribute(model, d, cfg.compile)                         # DDP / compile; saves use model
+    use_bf16, finite = cfg.bf16 and d.device.type == "cuda", utils.FiniteCheck(d.device)
     log(f"DiT {cfg.model} cond={cfg.cond} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"data={len(x)} x {in_ch}x{size}x{size} world={d.world} device={d.device}")
     while step < cfg.steps:
         t0 = time.perf_counter()
         # every random draw of a step comes from (seed, step, rank): resuming replays exactly
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        xb, yb = get_batch(x, y, idx, gen, latent)
-        t = torch.randint(0, diffusion.T, (cfg.batch_size,), generator=gen)
-        noise = torch.randn(xb.shape, generator=gen)
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.drop_prob    # CFG: train p(x) too
-        xb, t, noise, drop = (v.to(d.device) for v in (xb, t, noise, drop))
-        yb = yb.to(d.device) if yb is not None else None
+        xb, yb, t, noise, drop = draw_batch(x, y, gen, cfg, diffusion.T, latent, d.device)
         model.train()
         with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             loss, mse, vb = diffusion.training_losses(net, xb, t, yb, drop, noise)
@@ -715,7 +727,6 @@ def train(cfg):
         opt.step()
         # EMA with a warm-up, min(decay, (1 + step) / (10 + step)): the EMA of the first hundreds of
         # steps would otherwise keep a large share of the zero-output init, whose samples stay noise
-        # (measured on the toy: 100 steps at 0.995 gave pure noise, the raw weights gave shapes)
         utils.ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
         finite.step(loss, step)
@@ -729,16 +740,14 @@ def train(cfg):
                 f"| grad {gnorm:.3f} | {ms:6.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:7.1f} samples/s")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             finite.check(model.parameters())                                # never save a NaN model
-        if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-            utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "step": step, "config": dataclasses.asdict(cfg), "model_args": margs, "script": "dit",
-                                   "versions": {"torch": torch.__version__}},
-                                  os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
+            if d.main:
+                utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                       "step": step, "config": dataclasses.asdict(cfg), "model_args": margs,
+                                       "script": "dit", "versions": {"torch": torch.__version__}},
+                                      os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
         if d.main and not latent and (step % cfg.sample_every == 0 or step == cfg.steps):
-            yg = y[:16].to(d.device) if y is not None else None
-            imgs = generate(ema, diffusion.respace(min(50, cfg.sample_steps)), yg, 16, (in_ch, size, size),
-                            cfg, seeds=range(16), device=d.device)
-            save_grid(imgs, os.path.join(run_dir, f"samples_{step:07d}.png"))
+            training_grid(ema, diffusion, y, cfg, (in_ch, size, size), d.device,
+                          os.path.join(run_dir, f"samples_{step:07d}.png"))
         if d.world > 1:
             dist.barrier()                                                  # rank 0 writes, then all go on
     utils.cleanup_dist()
@@ -771,7 +780,7 @@ def generate(model, diffusion, y, n, shape, cfg, seeds, device, progress=False, 
         out = diffusion.sample(fn, x, lambda i: z[i], clip=decode is None, ddim=cfg.ddim, progress=progress)
     if decode is not None:                                                 # latents -> pixels
         out = decode(out)
-    return to_image(out)
+    return utils.to_uint8(out)
 
 
 def trained_diffusion(state):
@@ -1140,20 +1149,12 @@ def real(cfg):
     extra = {"attrs": d["attrs"][:cfg.n].numpy()} if "attrs" in d else {"labels": d["labels"][:cfg.n].numpy()}
     with utils.atomic_path(cfg.out) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, arr_0=to_image(resize(d["images"][:cfg.n], cfg.image_size)), **extra)
+            np.savez(f, arr_0=utils.to_uint8(resize(d["images"][:cfg.n], cfg.image_size)), **extra)
     print(f"wrote {cfg.n} training images at {cfg.image_size} px to {cfg.out}")
 
 
-def dit_flops_per_image(m, tokens):
-    """Forward FLOPs: 2 x multiply-adds of the linears (12 D^2 per token per block) plus the
-    attention scores and mixing (2 T D per token per block)."""
-    blocks = m.blocks
-    D = m.t_embedder.mlp[0].out_features
-    per_token = len(blocks) * (12 * D * D + 2 * tokens * D)
-    return 2 * tokens * per_token
-
-
 def bench(cfg):
+    """Training img/s, MFU (FLOPs counted by torch) and peak memory; sampling img/s with CFG."""
     d = utils.setup_dist(cfg.device)
     in_ch, size = (4, cfg.image_size // 8) if cfg.image_size >= 64 else (3, cfg.image_size)
     model = DiT(cfg.model, size, in_ch, "dlc", L=32, V=64, grad_ckpt=cfg.grad_ckpt).to(d.device)
@@ -1161,37 +1162,25 @@ def bench(cfg):
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     B, use_bf16 = cfg.batch_size, cfg.bf16 and d.device.type == "cuda"
+    amp = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
     x = torch.randn(B, in_ch, size, size, device=d.device)
-    y = torch.randint(0, 64, (B, 32), device=d.device)
-    def step():
-        t = torch.randint(0, 1000, (B,), device=d.device)
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = diffusion.training_losses(net, x, t, y, torch.zeros(B, dtype=torch.bool, device=d.device), torch.randn_like(x))[0].mean()
+    y = torch.randint(0, 64, (B, 32), device=d.device)                     # random L = 32, V = 64 codes
+    no_drop, t = torch.zeros(B, dtype=torch.bool, device=d.device), torch.randint(0, 1000, (B,), device=d.device)
+
+    def step(net=net):
+        with amp():
+            loss = diffusion.training_losses(net, x, t, y, no_drop, torch.randn_like(x))[0].mean()
         opt.zero_grad(); loss.backward(); opt.step()
-    n_iter = 3 if d.device.type == "cpu" else 20
-    step(); step(); utils.sync(d.device)
-    t0 = time.perf_counter()
-    for _ in range(n_iter):
-        step()
-    utils.sync(d.device)
-    train_ips = n_iter * B / (time.perf_counter() - t0)
-    tokens = (size // model.patch) ** 2
+    step()                                                                 # warm-up (and compilation)
+    secs, flops = utils.measure(step, d.device, 3 if d.device.type == "cpu" else 20, count=lambda: step(model))
     peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if use_bf16 else torch.float32)
-    mfu = 3 * dit_flops_per_image(model, tokens) * train_ips / peak
     model.eval()
-    diff_s = diffusion.respace(cfg.sample_steps)
-    k, tt = 5, torch.full((B,), 500, device=d.device)
-    with torch.no_grad(), torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-        model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels)            # warm-up (kernel choice)
-        utils.sync(d.device)
-        t0 = time.perf_counter()
-        for i in range(k):                                                 # k chain steps with CFG
-            model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels)
-    utils.sync(d.device)
-    sample_ips = B / ((time.perf_counter() - t0) / k * cfg.sample_steps)
-    utils.print0(f"bench {cfg.model} {in_ch}x{size}x{size} batch {B} on {d.device}: train {train_ips:.1f} img/s, "
-                 f"peak memory {utils.peak_memory_mb(d.device):.0f} MB, MFU {100 * mfu:.1f}% "
-                 f"(matmul peak {peak / 1e12:.2f} TFLOP/s), sampling {sample_ips:.3g} img/s "
+    tt = torch.full((B,), 500, device=d.device)
+    with torch.no_grad(), amp():                                           # one chain step with CFG
+        chain, _ = utils.measure(lambda: model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels), d.device, 5)
+    utils.print0(f"bench {cfg.model} {in_ch}x{size}x{size} batch {B} on {d.device}: train {B / secs:.1f} img/s, "
+                 f"peak memory {utils.peak_memory_mb(d.device):.0f} MB, MFU {100 * flops / secs / peak:.1f}% "
+                 f"(matmul peak {peak / 1e12:.2f} TFLOP/s), sampling {B / (chain * cfg.sample_steps):.3g} img/s "
                  f"({cfg.sample_steps} steps, CFG)")
 
 
@@ -1301,29 +1290,13 @@ def convert(cfg):
     return cfg.out
 
 
-def join_values(argv, flag):
-    """`--images a.jpg b.jpg` -> `--images=a.jpg,b.jpg` (the config parser takes one value per flag)."""
-    if flag not in argv:
-        return list(argv)
-    i = argv.index(flag)
-    j = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("--")), len(argv))
-    return [*argv[:i], f"{flag}={','.join(argv[i + 1:j])}", *argv[j:]]
+COMMANDS = {name: (fn, Config, PRESETS) for name, fn in (
+    ("train", train), ("sample", sample), ("compose", compose), ("embgen", embgen), ("extract", extract),
+    ("real", real), ("bench", bench), ("convert", convert))}
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cmd = "train"
-    if argv and not argv[0].startswith("--"):
-        cmd, argv = argv[0], argv[1:]
-    argv = join_values(argv, "--images")
-    commands = {"train": train, "sample": sample, "compose": compose, "embgen": embgen, "extract": extract,
-                "real": real, "bench": bench, "convert": convert}
-    if cmd not in commands:
-        utils.fail(f"unknown command {cmd!r}; use {', '.join(commands)}")
-    cfg = utils.parse_config(Config, argv, PRESETS)
-    if cfg.model not in DIT_MODELS:
-        utils.fail(f"unknown --model {cfg.model!r}; use one of {', '.join(DIT_MODELS)}")
-    return commands[cmd](cfg)
+    return utils.main(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -515,11 +515,6 @@ def judge_outputs(model, images_uint8, data, batch_size=500, with_confidence=Fal
     return torch.cat(feats).numpy(), torch.cat(preds).numpy()
 
 
-def to_uint8(images):
-    """float [-1, 1] NCHW -> uint8 NHWC, the quantisation every sampler applies before saving."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 #################################################################################
 #                                 Sub-commands                                  #
 #################################################################################
@@ -574,13 +569,6 @@ def novel_rate(attrs, seen):
     return float(np.mean([tuple(a) not in seen for a in attrs.tolist()]))
 
 
-def train_combinations():
-    names = list(utils.COLOURS)
-    held = {(utils.SHAPES.index(s), names.index(c), names.index(b)) for s, c, b in utils.HELD_OUT}
-    return {(s, c, b) for s in range(len(utils.SHAPES)) for c in range(len(names))
-            for b in range(len(names)) if c != b and (s, c, b) not in held}
-
-
 def recombination(pred, sources):
     """Composition of two sources a, b (Sec. 5.2) judged per sample: pred (N, 3) judged
     (shape, colour, background), sources (N, 2, 3). A recombination takes every attribute from
@@ -603,7 +591,7 @@ def cmd_judge(cfg, device):
     x_r = real["images"]
     if smp.shape[1] < x_r.shape[-1]:   # low-resolution samples: the real images take the same path
         x_r = F.interpolate(x_r, size=smp.shape[1:3], mode="area")         # (area down, as dit.py trains)
-    f_r, _ = judge_outputs(model, to_uint8(x_r), cfg.data)                # the model's training data
+    f_r, _ = judge_outputs(model, utils.to_uint8(x_r), cfg.data)                # the model's training data
     low = len(f_s) <= f_s.shape[1]
     m = {"judge_fid": frechet_distance(*gaussian_stats(f_s, cfg.allow_low_rank, "judge features (sample)"),
                                        *gaussian_stats(f_r, cfg.allow_low_rank, "judge features (real)")),
@@ -621,7 +609,7 @@ def cmd_judge(cfg, device):
         m.update({f"acc_{n}": float(hit[:, j].mean()) for j, n in enumerate(names[:target.shape[1]])})
         m["acc_all"] = float(hit.all(1).mean())
     if cfg.data == "shapes":
-        seen = {tuple(a) for a in ref.reshape(len(ref), -1).tolist()} if ref is not None else train_combinations()
+        seen = {tuple(a) for a in ref.reshape(len(ref), -1).tolist()} if ref is not None else set(utils.shape_combinations())
         valid = pred[:, 1] != pred[:, 2]                    # colour == background is no image at all
         m["novel_combination_rate"] = novel_rate(pred[valid], seen) if valid.any() else 0.0
         m["invalid_rate"] = float(1 - valid.mean())
@@ -684,7 +672,7 @@ def cmd_novelty(cfg, device):
     import matplotlib.pyplot as plt
     smp = load_images(cfg.samples, cfg.max_samples)
     model, _ = load_or_train_judge(cfg)
-    train = to_uint8(utils.load_embedded(cfg.data)["images"]) if not cfg.ref else load_images(cfg.ref)
+    train = utils.to_uint8(utils.load_embedded(cfg.data)["images"]) if not cfg.ref else load_images(cfg.ref)
     f_tr, _ = judge_outputs(model, train, cfg.data)
     f_s, _ = judge_outputs(model, smp, cfg.data)
     d_s = np.sqrt(pairwise_sq_dists(f_s, f_tr))                           # (Ns, Ntrain)
@@ -833,9 +821,24 @@ def cmd_report(cfg, device):
         utils.fail(f"{out}/eval lacks {', '.join(missing)}; run the whole of pipeline.sh")
     m = {n: json.load(open(os.path.join(out, "eval", n, "metrics.json"))) for n in names}
     g = json.load(open(cfg.gmm))
+    L = [f"# Toy pipeline results ({cfg.seconds} s)", ""] + stage_tables(m, g, names) + sedd_tv_table(out)
+    claims = pipeline_claims(m, g)
+    L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",
+          "| paper | claim | paper's number | ours | bar | met |", "|---|---|---|---|---|---|"]
+    L += [f"| {sec} | {what} | {paper} | {v:.3f} | >= {bar:g} | {'yes' if v >= bar else 'NO'} |"
+          for sec, what, paper, v, bar in claims]
+    L += ["", f"Judge held-out accuracy on real 32 px images (worst attribute): {m['real-16px']['judge_heldout_acc']:.3f}"]
+    with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
+        with open(tmp, "w") as f:
+            f.write("\n".join(L) + "\n")
+    pipeline_figures(out)
+    print("\n".join(L))
+
+
+def stage_tables(m, g, names):
+    """Markdown lines of the pipeline's tables 1-5 from the GMM results g and the metrics m."""
     f3 = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    L = [f"# Toy pipeline results ({cfg.seconds} s)", "",
-         "## 1. Section 3: off-mode samples (> 3 std from every centre) and forward KDE-KL (nats) vs number of modes", "",
+    L = ["## 1. Section 3: off-mode samples (> 3 std from every centre) and forward KDE-KL (nats) vs number of modes", "",
          "| modes | off-mode uncond | off-mode oracle | KDE-KL p vs p | KDE-KL uncond | KDE-KL oracle |", "|---" * 6 + "|"]
     for n in sorted((k for k in g if k.isdigit()), key=int):
         r = g[n]
@@ -862,9 +865,15 @@ def cmd_report(cfg, device):
     L += ["", "## 5. Linear probe (Table 3): one-hot DLC vs the continuous embedding of the same encoder", "",
           "| attribute | DLC | embedding |", "|---|---|---|"]
     L += [f"| {a} | {p[f'probe_dlc_{a}']:.3f} | {p[f'probe_embedding_{a}']:.3f} |" for a in ("shape", "colour", "background")]
+    return L
+
+
+def sedd_tv_table(out):
+    """Table 6: TV distances of the SEDD samples (with / without remasking) to the encoded codes,
+    next to a random subset of the encoded codes (what sampling noise alone gives)."""
     enc = utils.load_dlc_set(os.path.join(out, "dlc"))
     ref, V = np.asarray(enc["codes"], dtype=np.int64), int(enc["meta"]["V"])
-    L += ["", "## 6. SEDD (Eq. 4): total variation between generated and encoded DLCs (lower is better)", "",
+    L = ["", "## 6. SEDD (Eq. 4): total variation between generated and encoded DLCs (lower is better)", "",
           "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
     for n, lab in (("dlc-sedd", "SEDD, remasking (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
         gen = np.asarray(utils.load_dlc_set(os.path.join(out, n))["codes"], dtype=np.int64)
@@ -872,17 +881,7 @@ def cmd_report(cfg, device):
     sub = ref[np.random.RandomState(0).choice(len(ref), len(gen), replace=False)]
     L.append(f"| encoded codes themselves (a random subset: the sampling-noise floor) | {len(sub)} | "
              f"{utils.tv_marginals(ref, sub, V):.4f} | {utils.tv_pairs(ref, sub, V):.4f} |")
-    claims = pipeline_claims(m, g)
-    L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",
-          "| paper | claim | paper's number | ours | bar | met |", "|---|---|---|---|---|---|"]
-    L += [f"| {sec} | {what} | {paper} | {v:.3f} | >= {bar:g} | {'yes' if v >= bar else 'NO'} |"
-          for sec, what, paper, v, bar in claims]
-    L += ["", f"Judge held-out accuracy on real 32 px images (worst attribute): {m['real-16px']['judge_heldout_acc']:.3f}"]
-    with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(L) + "\n")
-    pipeline_figures(out)
-    print("\n".join(L))
+    return L
 
 
 def image_rows_figure(rows, path, title, left=0.22):
@@ -934,18 +933,18 @@ def pipeline_figures(out, k=12):
     image_rows_figure(rows, os.path.join(out, "pipeline_text.png"), "Text -> DLC (text2dlc.py) -> image (dit.py)", left=0.33)
 
 
-COMMANDS = {"fid": cmd_fid, "judge": cmd_judge, "probe": cmd_probe, "novelty": cmd_novelty,
-            "table": cmd_table, "report": cmd_report, "plot": cmd_plot, "bench": cmd_bench}
+def on_device(fn):
+    """A sub-command that also gets the torch device named by --device."""
+    return lambda cfg: fn(cfg, torch.device(utils.pick_device(cfg.device)))
+
+
+COMMANDS = {name: (on_device(fn), Config, PRESETS) for name, fn in (
+    ("fid", cmd_fid), ("judge", cmd_judge), ("probe", cmd_probe), ("novelty", cmd_novelty),
+    ("table", cmd_table), ("report", cmd_report), ("plot", cmd_plot), ("bench", cmd_bench))}
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "fid"
-    if cmd not in COMMANDS:
-        utils.fail(f"unknown command {cmd!r}; use one of {', '.join(COMMANDS)}")
-    cfg = utils.parse_config(Config, argv, PRESETS)
-    device = torch.device(utils.pick_device(cfg.device))
-    COMMANDS[cmd](cfg, device)
+    return utils.main(COMMANDS, __doc__, argv, default=None)   # no default: evaluate.py CMD
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ tiny_models() {   # SCALE=tiny: every model of the chain, trained here for 2 ste
 # SEDD samples -> DiT samples -> FID against the reference: fid_chain OUT_DIR SEDD_CKPT DIT_CKPT SEDD_FLAGS DIT_FLAGS N
 fid_chain() {
   local o=$1 sedd=$2 dit=$3 sflags=$4 dflags=$5 n=$6
-  run sedd.py sample $SEDD_P --ckpt "$sedd" --count "$n" $sflags --out "$o/dlc"
+  run sedd.py sample $SEDD_P --ckpt "$sedd" --num "$n" $sflags --out "$o/dlc"
   run dit.py sample $DIT_P --ckpt "$dit" --dlc "$o/dlc" --n "$n" $dflags --out "$o/samples.npz"
   py evaluate.py fid $EVAL_P --samples "$o/samples.npz" --ref "$REF" --inception "$INCEPTION" --out "$o"
 }

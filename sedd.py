@@ -19,7 +19,7 @@ Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a sta
   python sedd.py bench                                                      # tokens/s, memory, MFU
   python sedd.py --preset imagenet512 --dlc DLC512 --run in512              # one GPU, paper model
   torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
-  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet-4096-remask --ckpt runs/sedd-in512 --count 50000 --out DLC512-gen
+  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet-4096-remask --ckpt runs/sedd-in512 --num 50000 --out DLC512-gen
   python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
   python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-synth --keep 0-3,8 --n 100 --out runs/dlc-infill
 
@@ -103,7 +103,6 @@ PRESETS = {"toy": {},
 class SampleConfig:
     ckpt: str = ""               # checkpoint .pt or run folder (EMA weights are used)
     n: int = 1000                # number of DLCs (split across torchrun ranks)
-    count: int = 0               # same as --n: torchrun's own parser rejects --n (ambiguous prefix)
     out: str = ""                # output DLC set folder
     overwrite: bool = False      # replace an existing DLC set at --out
     sampler: str = "analytic"    # analytic (Tweedie tau-leaping) | euler
@@ -283,6 +282,16 @@ def sample_categorical(probs, generator=None):
 
 
 @torch.no_grad()
+def step_rate(sampler, t, s, eps):
+    """(sigma(t), r) for a reverse step t -> s, where P(mask -> y) = r s_y (see sample)."""
+    sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)
+    if sampler == "analytic":  # r = e^(sigma(t) - sigma(s)) - 1
+        return sig_t, torch.expm1(sig_t - log_linear_noise(torch.tensor(s, dtype=torch.float64), eps)[0]).item()
+    if sampler == "euler":     # r = (t - s) sigma'(t)
+        return sig_t, (t - s) * dsig_t.item()
+    utils.fail(f"unknown sampler {sampler!r}; use analytic or euler")
+
+
 def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0.55, eps=1e-3,
            t_end=1e-5, cache=True, generator=None, device="cpu", trace=None, given=None, keep=None):
     """Reverse the absorbing process from all-mask at t = 1 down to t_end on a uniform grid,
@@ -323,19 +332,11 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
         t, s = grid[i].item(), grid[i + 1].item()
         remask = eta > 0 and t0 < t < t1
         s_eff = max(s - eta * (1 - t), 0.0) if remask else s
-        sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)
-        sig_s, _ = log_linear_noise(torch.tensor(s_eff, dtype=torch.float64), eps)
+        sig_t, rate = step_rate(sampler, t, s_eff, eps)
         masked = x == V
         x_new = x
         if masked.any():
-            s_y = log_scores(sig_t)                                            # (n, L, V)
-            if sampler == "analytic":
-                rate = torch.expm1(sig_t - sig_s).item()
-            elif sampler == "euler":
-                rate = (t - s_eff) * dsig_t.item()
-            else:
-                utils.fail(f"unknown sampler {sampler!r}; use analytic or euler")
-            move = rate * s_y                                                  # (n, L, V)
+            move = rate * log_scores(sig_t)                                    # (n, L, V)
             stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)               # (n, L, 1)
             new = sample_categorical(torch.cat([move, stay], -1), generator)   # index V = stay masked
             x_new = torch.where(masked, new, x)
@@ -408,6 +409,39 @@ def batch_indices(step, rank, world, B, N, seed):
     return out
 
 
+def build_for_training(cfg, run_dir, d):
+    """Model, EMA copy and AdamW, from the newest checkpoint with --resume (its L, V checked
+    against the DLC set's). Returns (model, ema, opt, first step)."""
+    ck_path, ck = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
+    if ck is not None:
+        ck = utils.check_checkpoint(ck, ck_path, "sedd", ("model", "ema", "opt", "step", "config.L", "config.V"))
+    if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (cfg.L, cfg.V):
+        utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
+                   f"but {cfg.dlc} has L={cfg.L} V={cfg.V}; use a matching DLC set or a new --run")
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
+    ema = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())  # EMA starts as a copy and stays in eval mode
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=d.device.type == "cuda")
+    if ck is None:
+        return model, ema, opt, 0
+    for part, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
+        utils.load_weights(part, ck[key], ck_path)
+    return model, ema, opt, ck["step"]
+
+
+def save_state(run_dir, step, model, ema, opt, cfg, meta, d):
+    """runs/sedd-<run>/checkpoints/ckpt_<step>.pt, written by rank 0 while the others wait."""
+    if d.main:
+        utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                               "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta, "script": "sedd",
+                               "versions": {"torch": torch.__version__}},
+                              os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
+    if d.world > 1:
+        dist.barrier()
+
+
 def train(cfg):
     model_dims(cfg.size)  # a bad --size fails here, before anything is written
     d = utils.setup_dist(cfg.device)
@@ -415,52 +449,19 @@ def train(cfg):
     utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
     L, V = int(meta["L"]), int(meta["V"])
-    ck_path, ck = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
-    if ck is not None:
-        ck = utils.check_checkpoint(ck, ck_path, "sedd", ("model", "ema", "opt", "step", "config.L", "config.V"))
-    if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (L, V):
-        utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
-                   f"but {cfg.dlc} has L={L} V={V}; use a matching DLC set or a new --run")
     cfg = dataclasses.replace(cfg, L=L, V=V)
-    n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0
+    n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0     # the last rows: held-out loss
     train_codes, held = codes[:len(codes) - n_hold], codes[len(codes) - n_hold:]
-
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
-    ema = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())  # EMA starts as a copy and stays in eval mode
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0,
-                            fused=d.device.type == "cuda")
-    start = 0
-    if ck is not None:
-        for part, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
-            utils.load_weights(part, ck[key], ck_path)
-        start = ck["step"]
+    model, ema, opt, start = build_for_training(cfg, run_dir, d)
     log = utils.Logger(run_dir, d)
+    utils.start_run(run_dir, cfg, d)
     if d.main:
-        if cfg.overwrite:
-            utils.clear_run_dir(run_dir)
-        utils.save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
         log(f"sedd: L={L} V={V} size={cfg.size} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
             f"train={len(train_codes)} held-out={n_hold} world={d.world} device={d.device} start={start}")
-    net = model
-    if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = utils.distribute(model, d, cfg.compile)                         # DDP / compile; saves use model
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
 
     finite = utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
-
-    def save(step):
-        finite.check(model.parameters())                                   # never save a NaN model
-        if d.main:
-            utils.save_checkpoint({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                   "step": step, "config": dataclasses.asdict(cfg), "dlc_meta": meta, "script": "sedd",
-                                   "versions": {"torch": torch.__version__}},
-                                  os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
-        if d.world > 1:
-            dist.barrier()
 
     for step in range(start, cfg.steps):
         t_start = time.perf_counter()
@@ -490,7 +491,8 @@ def train(cfg):
             with amp:
                 log(f"held-out loss (EMA) {heldout_loss(ema, held, V, cfg.eps, d.device):.4f} nats/token")
         if (step + 1) % cfg.ckpt_every == 0 or last:
-            save(step + 1)
+            finite.check(model.parameters())                               # never save a NaN model
+            save_state(run_dir, step + 1, model, ema, opt, cfg, meta, d)
     utils.cleanup_dist()
     return run_dir
 
@@ -516,10 +518,28 @@ def parse_positions(spec, L):
     return keep
 
 
+def load_given(sc, cfg):
+    """Infilling: the --given set (same L and V as the model) and the --keep positions, checked
+    before sampling. Returns (the set, its codes (N, L) int64, keep (L,) bool)."""
+    gset = utils.load_dlc_set(sc.given, L=cfg["L"], V=cfg["V"])
+    given = np.asarray(gset["codes"], dtype=np.int64)
+    if given.max() >= cfg["V"]:
+        utils.fail(f"DLC set {sc.given} holds token {given.max()} >= V={cfg['V']}")
+    return gset, given, parse_positions(sc.keep, cfg["L"])
+
+
+def gather_rows(codes, ids, fw, saved, world):
+    """Every rank's sampled rows on every rank (small: N x L uint16), back in row order, and the
+    summed forward counts."""
+    parts = [None] * world
+    dist.all_gather_object(parts, (codes.astype(np.uint16), ids, fw, saved))
+    order = np.argsort(np.concatenate([p[1] for p in parts]), kind="stable")
+    return (np.concatenate([p[0] for p in parts])[order], sum(p[2] for p in parts), sum(p[3] for p in parts))
+
+
 def sample_main(sc):
     if not sc.ckpt or not sc.out or sc.sampler not in ("analytic", "euler"):
         utils.fail("sample needs --ckpt (a .pt or run folder), --out DIR and --sampler analytic|euler")
-    sc = dataclasses.replace(sc, n=sc.count or sc.n)
     if sc.n < 1 or sc.steps < 1 or not 0 <= sc.eta < 1 or not 0 <= sc.t0 < sc.t1 <= 1:
         utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
     utils.check_dlc_out(sc.out, sc.overwrite)                              # before any work
@@ -528,13 +548,7 @@ def sample_main(sc):
     path = utils.resolve_ckpt(sc.ckpt)
     ck = utils.checkpoint_of(path, "sedd", ("ema", *(f"config.{k}" for k in ("L", "V", "size", "cond_dim", "dropout"))))
     cfg = ck["config"]
-    keep = given = None
-    if sc.given:  # check before sampling: same L and V as the model, a valid position list
-        gset = utils.load_dlc_set(sc.given, L=cfg["L"], V=cfg["V"])
-        given = np.asarray(gset["codes"], dtype=np.int64)
-        if given.max() >= cfg["V"]:
-            utils.fail(f"DLC set {sc.given} holds token {given.max()} >= V={cfg['V']}")
-        keep = parse_positions(sc.keep, cfg["L"])
+    gset, given, keep = load_given(sc, cfg) if sc.given else (None, None, None)
     d = utils.setup_dist(sc.device)
     model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
     utils.load_weights(model, ck["ema"], path)  # samplers use the EMA weights
@@ -553,12 +567,8 @@ def sample_main(sc):
                        sc.t_end, sc.cache, g, d.device, **kept)
         out.append(x.cpu().numpy()); fw += st["forwards"]; saved += st["saved"]
     codes = np.concatenate(out) if out else np.zeros((0, cfg["L"]), np.int64)
-    if d.world > 1:  # gather the shards on rank 0 (small: N x L uint16), rows back in order
-        parts = [None] * d.world
-        dist.all_gather_object(parts, (codes.astype(np.uint16), ids, fw, saved))
-        order = np.argsort(np.concatenate([p[1] for p in parts]), kind="stable")
-        codes = np.concatenate([p[0] for p in parts])[order]
-        fw = sum(p[2] for p in parts); saved = sum(p[3] for p in parts)
+    if d.world > 1:
+        codes, fw, saved = gather_rows(codes, ids, fw, saved, d.world)
     secs = time.perf_counter() - t0
     if d.main:
         stats = {"forwards_per_dlc": fw / sc.n, "forwards_saved_per_dlc": saved / sc.n, "dlcs_per_s": sc.n / secs}
@@ -773,25 +783,17 @@ def bench(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=d.device.type == "cuda")
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
-    def it():
+    def it(net=net):
         with amp:
             loss = sedd_loss(net, x0, V, cfg.eps).mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-    for _ in range(3):
-        it()
-    utils.sync(d.device); t = time.perf_counter()
-    for _ in range(cfg.bench_iters):
-        it()
-    utils.sync(d.device); secs = (time.perf_counter() - t) / cfg.bench_iters
-    D, depth, _ = model_dims(cfg.size)
-    n_mat = sum(p.numel() for n, p in model.named_parameters()  # per-token matmuls only
-                if p.dim() == 2 and not any(k in n for k in ("embed", "pos", "ada", "sigma_mlp")))
-    flops_tok = 6 * n_mat + 12 * depth * L * D        # fwd+bwd matmuls + attention scores / values
+    it()                                                                   # warm-up (and compilation)
+    secs, flops = utils.measure(it, d.device, cfg.bench_iters, count=lambda: it(model))
     tok_s = cfg.batch_size * L / secs
     peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
     print(f"train: size={cfg.size} L={L} V={V} batch={cfg.batch_size} | {tok_s:,.0f} tokens/s | "
           f"{secs * 1000:.1f} ms/step | peak mem {utils.peak_memory_mb(d.device):,.0f} MB | "
-          f"MFU {tok_s * flops_tok / peak:.1%} of measured peak {peak / 1e12:.2f} TFLOP/s", flush=True)
+          f"MFU {flops / secs / peak:.1%} of measured peak {peak / 1e12:.2f} TFLOP/s", flush=True)
     model.eval()
     def raw_fn(x, sigma):
         with amp:
@@ -841,22 +843,13 @@ def synth(c):
     print(f"wrote synthetic DLC set {c.out}: N={c.n} L={c.L} V={c.V}", flush=True)
 
 
+COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_main, SampleConfig, SAMPLE_PRESETS),
+            "convert": (convert_main, ConvertConfig, None), "bench": (bench, Config, PRESETS),
+            "synth": (synth, SynthConfig, None)}
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--help" in argv or "-h" in argv:
-        return print(__doc__)
-    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
-    if cmd == "train":
-        return train(utils.parse_config(Config, argv, PRESETS))
-    if cmd == "sample":
-        return sample_main(utils.parse_config(SampleConfig, argv, SAMPLE_PRESETS))
-    if cmd == "bench":
-        return bench(utils.parse_config(Config, argv, PRESETS))
-    if cmd == "synth":
-        return synth(utils.parse_config(SynthConfig, argv))
-    if cmd == "convert":
-        return convert_main(utils.parse_config(ConvertConfig, argv))
-    utils.fail(f"unknown command {cmd!r}; use train, sample, convert, bench or synth")
+    return utils.main(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """SEM encoder: a DINOv2 ViT with a Simplicial Embedding head, trained by self-distillation,
 and DLC encoding (DLC paper, Lavoie et al. 2025, Sections 4 "Inferring Discrete Latent Codes"
-and 5 "Setup for inferring DLC"; the linear probe of Table 3).
+and 5 "Setup for inferring DLC"; its Table 3 probe is evaluate.py probe).
 
 A DLC is the argmax of each of the L softmax groups of a SEM head put on a self-supervised
 ViT: pre-norm CLS + register tokens -> Linear -> LayerNorm -> (L, V) -> softmax(x / tau) per
@@ -17,7 +17,7 @@ DinoVisionTransformerWithSEM); the code here is written from those facts.
 Commands:
   python sem.py                                    # toy: shapes data, CPU, a few minutes
   python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
-  python sem.py probe --ckpt runs/sem-toy          # linear probe: trained vs random encoder
+  python evaluate.py probe --dlc runs/dlc-shapes --out runs/probe   # linear probe (Table 3) of the codes
   python sem.py bench                              # img/s, peak memory, MFU
   python sem.py import --authors DLC_512x256 --out runs/dlc512   # the authors' ImageNet DLCs (+ latents)
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
@@ -103,7 +103,7 @@ class Config:
     log_every: int = 1            # log line every N steps
     ckpt_every: int = 1000        # checkpoint every N steps (and at the end)
     out: str = ""                 # encode: output DLC set folder
-    ckpt: str = ""                # encode / probe: checkpoint file or run folder
+    ckpt: str = ""                # encode: checkpoint file or run folder
     continuous: bool = False      # encode: also write embeddings.npy (normalised CLS)
     encode_batch: int = 256       # encode: images per batch
     soft_tau: float = 0.0         # encode: also write probs.npy, the soft SEM softmax(z / soft_tau) (N, L, V); 0 = off
@@ -633,10 +633,7 @@ def train(cfg):
     log = utils.Logger(out, d)  # the run folder appears only once every input has been read
     if ck:
         log(f"resumed from {ck_path} at step {start} (schedules over {cfg.schedule} steps)")
-    if d.main:
-        if cfg.overwrite:
-            utils.clear_run_dir(out)
-        utils.save_json(dataclasses.asdict(cfg), os.path.join(out, "config.json"))
+    utils.start_run(out, cfg, d)
     model = student
     if cfg.compile:
         student.backbone.compile()  # in place: state-dict keys stay free of _orig_mod
@@ -695,11 +692,11 @@ def train(cfg):
 ARCH_KEYS = ("arch", "patch", "pos_grid", "registers", "L", "V")
 
 
-def load_encoder(cfg, argv=()):
+def load_encoder(cfg):
     """Our checkpoint (teacher = EMA weights) or an official DINOv2 file + a fresh SEM head."""
     path = utils.resolve_ckpt(cfg.ckpt)
     ck = utils.load_checkpoint(path)
-    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = utils.given(cfg)                                   # flags the user wrote override nothing silently
     if not isinstance(ck, dict) or "script" in ck:  # a bare tensor, or a checkpoint of ours from another script
         utils.check_checkpoint(ck, path, "sem", ("ema", "config"))
     if isinstance(ck, dict) and "ema" in ck and "config" in ck:
@@ -751,7 +748,7 @@ def encode_images(enc, images, cfg, d, idx, continuous=False, soft_tau=0.0):
     return c.numpy(), e.numpy()
 
 
-def encode(cfg, argv=()):
+def encode(cfg):
     if not cfg.out:
         utils.fail("encode needs --out DIR for the DLC set")
     if not cfg.ckpt:
@@ -759,7 +756,7 @@ def encode(cfg, argv=()):
     utils.check_dlc_out(cfg.out, cfg.overwrite)                            # before any work
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
-    enc, cfg, path, head = load_encoder(cfg, argv)
+    enc, cfg, path, head = load_encoder(cfg)
     images = Images(cfg)
     # contiguous shards whose length is a multiple of the batch: the same batches as one process
     chunk = math.ceil(len(images) / d.world / cfg.encode_batch) * cfg.encode_batch
@@ -792,37 +789,8 @@ def encode(cfg, argv=()):
 
 
 #################################################################################
-#        Results: linear probe on one-hot DLCs; bench: img/s, memory, MFU       #
+#                     bench: img/s, peak memory, MFU                            #
 #################################################################################
-
-def linear_probe(codes, y, V, n_train):
-    """Accuracy of a logistic regression on the flattened one-hot DLC (paper Table 3)."""
-    from sklearn.linear_model import LogisticRegression
-    onehot = np.eye(V, dtype=np.float32)[codes].reshape(len(codes), -1)    # (N, L*V)
-    clf = LogisticRegression(max_iter=2000).fit(onehot[:n_train], y[:n_train])
-    return clf.score(onehot[n_train:], y[n_train:])
-
-
-def probe(cfg, argv=()):
-    """Per-attribute probe accuracy (shape, colour, background) of the trained vs a randomly
-    initialised encoder on the shapes data (3/4 train, 1/4 test)."""
-    d = utils.setup_dist("cpu" if cfg.device == "auto" else cfg.device)
-    set_threads(cfg)
-    enc, cfg, _, _ = load_encoder(cfg, argv)
-    cfg = dataclasses.replace(cfg, data="shapes")
-    images = Images(cfg)
-    torch.manual_seed(cfg.seed)
-    rand = SEMViT(cfg)
-    idx, n_train = np.arange(len(images)), len(images) * 3 // 4
-    res = {}
-    for name, model in (("trained", enc), ("random", rand)):
-        codes, _ = encode_images(model, images, cfg, d, idx)
-        res[name] = [linear_probe(codes, images.attrs[:, a], cfg.V, n_train) for a in range(3)]
-    print("encoder  | shape | colour | background")
-    for name, accs in res.items():
-        print(f"{name:8s} | " + " | ".join(f"{a:.3f}" for a in accs))
-    return res
-
 
 def bench(cfg):
     """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
@@ -986,14 +954,14 @@ def authors_head(head, path):
     return {**{f"head.{k}": t for k, t in head.items()}, "head.last_layer.weight": v}, ""
 
 
-def convert(cfg, argv=()):
+def convert(cfg):
     """python sem.py convert --authors PATH --out CKPT: their SEM teacher as our checkpoint
-    (model = ema = their teacher), which encode / probe read as usual."""
+    (model = ema = their teacher), which encode reads as usual."""
     if not cfg.authors or not cfg.out:
         utils.fail("convert needs --authors PATH (teacher .pth or Hugging Face folder) and --out CKPT")
     if os.path.exists(cfg.out):
         utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
-    flags = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    flags = utils.given(cfg)
     sd, head, hints = read_authors_sem(cfg.authors)
     cfg = authors_arch(sd, hints, cfg, {k: getattr(cfg, k) for k in flags if hasattr(cfg, k)}, cfg.authors)
     head_sd, why = authors_head(head, cfg.authors)
@@ -1007,14 +975,14 @@ def convert(cfg, argv=()):
     got = {**({f"backbone.{k}": v for k, v in sd.items()} if head_sd else sd), **(head_sd or {})}
     utils.check_layout(want, got, f"{cfg.authors} is not in the layout of the authors' training code")
     weights = {k: got[k].float().contiguous() for k in want}
-    if not head_sd:  # encode / probe read backbone.* of the EMA
+    if not head_sd:  # encode reads backbone.* of the EMA
         weights = {f"backbone.{k}": v for k, v in weights.items()}
     utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(cfg),
                            "converted_from": os.path.abspath(cfg.authors), "dino_head": not why,
                            "versions": {"torch": torch.__version__}}, cfg.out)
     print(f"wrote {cfg.out}: {cfg.arch}/{cfg.patch} reg{cfg.registers} SEM L={cfg.L} V={cfg.V}, "
           f"{sum(v.numel() for v in weights.values()):,} weights"
-          + ("" if head_sd else f"; DINO head not converted ({why}): encode / probe only"), flush=True)
+          + ("" if head_sd else f"; DINO head not converted ({why}): encode only"), flush=True)
     return cfg.out
 
 
@@ -1023,7 +991,7 @@ def resume_converted(ck, path, student, teacher):
     (DINOv2 starts the student as the teacher); optimiser and centres start fresh."""
     if not ck.get("dino_head"):
         utils.fail(f"{path} was converted without the DINO head, so training cannot continue from it; "
-                   "it encodes and probes (sem.py encode / probe --ckpt)")
+                   "it encodes (sem.py encode --ckpt)")
     student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"])
 
 
@@ -1153,6 +1121,40 @@ def vocab_from_names(cfg, files, L):
                "(lavoies/DLC_512x256: --V 256)")
 
 
+def import_columns(pa, schema, latents):
+    """The optional columns the import reads: an integer class column, a string image-id column
+    and (with --latents) the SD-VAE latents 'features'; None where the files have none."""
+    names = schema.names
+    cls_col = next((c for c in CLASS_COLUMNS if c in names and pa.types.is_integer(schema.field(c).type)), None)
+    name_col = next((c for c in NAME_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None)
+    return cls_col, name_col, "features" if latents and "features" in names else None
+
+
+def class_labels(classes, ids, cls_col, name_col):
+    """(labels int64 [N] or None, where they came from): the class column, else the ImageNet
+    synsets (n01440764...) in the image ids, numbered in sorted order as ImageFolder does."""
+    if cls_col:
+        return np.concatenate(classes).astype(np.int64), f"column {cls_col!r}"
+    if ids and all(re.match(r"(?:.*/)?(n\d{8})", s or "") for s in ids[:1000]):
+        syn = [re.match(r"(?:.*/)?(n\d{8})", s).group(1) for s in ids]
+        order = {s: k for k, s in enumerate(sorted(set(syn)))}
+        return np.array([order[s] for s in syn], dtype=np.int64), f"synsets of {name_col!r}, sorted"
+    return None, None
+
+
+def store_latents(lat, f, i, tmp, N):
+    """Rows i.. of latents.npy float16 [N, 1, 4, h, h] from a batch of 'features' (n, 4, h, h)
+    (any layout with 4 h h values per row); the file is created at the first batch."""
+    f = f.reshape(len(f), -1)                                             # (n, 4*h*h)
+    if lat is None:
+        h = math.isqrt(f.shape[1] // 4)
+        if 4 * h * h != f.shape[1]:
+            utils.fail(f"'features' rows hold {f.shape[1]} values; expected a 4 x h x h SD-VAE latent")
+        lat = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (N, 1, 4, h, h))
+    lat[i:i + len(f), 0] = f.reshape(len(f), 4, *lat.shape[-2:])
+    return lat
+
+
 def import_authors(cfg):
     """Stream the authors' rows into a DLC set: codes.npy uint16 [N, L], labels.npy (an integer
     class column, or the ImageNet synset of an image-id column), index.txt (image ids) and
@@ -1165,10 +1167,7 @@ def import_authors(cfg):
     names = schema.names
     if "labels" not in names:
         utils.fail(f"{files[0]} has no 'labels' column (the DLC); columns: {', '.join(names)}")
-    is_int = lambda t: pa.types.is_integer(t)
-    cls_col = next((c for c in CLASS_COLUMNS if c in names and is_int(schema.field(c).type)), None)
-    name_col = next((c for c in NAME_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None)
-    feat_col = "features" if cfg.latents and "features" in names else None
+    cls_col, name_col, feat_col = import_columns(pa, schema, cfg.latents)
     cols = ["labels"] + [c for c in (cls_col, name_col, feat_col) if c]
     N = count_rows(files)
     if N == 0:
@@ -1176,11 +1175,10 @@ def import_authors(cfg):
     if os.path.exists(cfg.out) and not os.path.isfile(os.path.join(cfg.out, "meta.json")):
         utils.fail(f"--out {cfg.out} exists and is not a DLC set; refusing to overwrite it")
     classes, ids, i, V = [], [], 0, None
-    with utils.atomic_path(cfg.out) as tmp:
+    from tqdm import tqdm
+    with utils.atomic_path(cfg.out) as tmp, tqdm(total=N, desc="import", leave=False) as bar:
         os.makedirs(tmp)
         codes = lat = None
-        from tqdm import tqdm
-        bar = tqdm(total=N, desc="import", leave=False)
         for b in record_batches(files, cols, cfg.chunk):
             c = column_to_numpy(b.column("labels"), "labels")                   # (n, L)
             if codes is None:
@@ -1193,30 +1191,17 @@ def import_authors(cfg):
                 utils.fail(f"'labels' holds codes outside [0, V={V}) (max {c.max()}); pass the right --V")
             codes[i:i + len(c)] = c
             if feat_col:
-                f = column_to_numpy(b.column(feat_col), feat_col).reshape(len(c), -1)   # (n, 4*h*w)
-                if lat is None:
-                    h = math.isqrt(f.shape[1] // 4)
-                    if 4 * h * h != f.shape[1]:
-                        utils.fail(f"'features' rows hold {f.shape[1]} values; expected a 4 x h x h SD-VAE latent")
-                    lat = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (N, 1, 4, h, h))
-                lat[i:i + len(c), 0] = f.reshape(len(c), 4, *lat.shape[-2:])
+                lat = store_latents(lat, column_to_numpy(b.column(feat_col), feat_col), i, tmp, N)
             if cls_col:
                 classes.append(b.column(cls_col).to_numpy(zero_copy_only=False))
             if name_col:
                 ids += b.column(name_col).to_pylist()
             i += len(c)
             bar.update(len(c))
-        bar.close()
         codes.flush()
         if lat is not None:
             lat.flush()
-        labels, source = None, None
-        if cls_col:
-            labels, source = np.concatenate(classes).astype(np.int64), f"column {cls_col!r}"
-        elif ids and all(re.match(r"(?:.*/)?(n\d{8})", s or "") for s in ids[:1000]):
-            syn = [re.match(r"(?:.*/)?(n\d{8})", s).group(1) for s in ids]   # ImageNet: ImageFolder's sorted order
-            order = {s: k for k, s in enumerate(sorted(set(syn)))}
-            labels, source = np.array([order[s] for s in syn], dtype=np.int64), f"synsets of {name_col!r}, sorted"
+        labels, source = class_labels(classes, ids, cls_col, name_col)
         if labels is not None:
             np.save(os.path.join(tmp, "labels.npy"), labels)
         if ids:
@@ -1235,22 +1220,13 @@ def import_authors(cfg):
     return cfg.out
 
 
+COMMANDS = {"train": (train, Config, PRESETS), "encode": (encode, Config, PRESETS),
+            "bench": (bench, Config, PRESETS), "convert": (convert, Config, PRESETS),
+            "import": (import_authors, ImportConfig, None)}
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
-    if cmd == "train":
-        return train(utils.parse_config(Config, argv, PRESETS))
-    if cmd == "encode":
-        return encode(utils.parse_config(Config, argv, PRESETS), argv)
-    if cmd == "probe":
-        return probe(utils.parse_config(Config, argv, PRESETS), argv)
-    if cmd == "bench":
-        return bench(utils.parse_config(Config, argv, PRESETS))
-    if cmd == "convert":
-        return convert(utils.parse_config(Config, argv, PRESETS), argv)
-    if cmd == "import":
-        return import_authors(utils.parse_config(ImportConfig, argv))
-    utils.fail(f"unknown command {cmd!r}; use train, encode, probe, bench, convert or import")
+    return utils.main(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -473,31 +473,14 @@ def lr_at(step, cfg):
 #                                   Training                                     #
 #################################################################################
 
-def train(cfg):
-    if cfg.mask_mode not in ("all", "sft"):
-        utils.fail(f"--mask_mode must be all or sft, got {cfg.mask_mode!r}")
-    if cfg.model == "llada" and not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
-        utils.fail(f"--model_path {cfg.model_path!r} is not a model folder with config.json; download "
-                   "GSAI-ML/LLaDA-8B-Base and pass its local path")
-    run_dir = os.path.join("runs", f"text2dlc-{cfg.run}")
-    ck_dir = os.path.join(run_dir, "checkpoints")
-    utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
-    codes, caps, meta = load_captioned(cfg.dlc)
-    L, V = int(meta["L"]), int(meta["V"])
-    resume, state = utils.resume_checkpoint(ck_dir) if cfg.resume else (None, None)
-    if state:
-        state = utils.check_checkpoint(state, resume, "text2dlc", CKPT_KEYS + ("opt", "step"))
-    if state and (state["L"], state["V"]) != (L, V):
-        utils.fail(f"checkpoint {resume} has L={state['L']}, V={state['V']} but --dlc has L={L}, V={V}")
-    d = utils.setup_dist(cfg.device)
-    utils.seed_all(cfg.seed, d)
-    log = utils.Logger(run_dir, d)
-    c = dataclasses.asdict(cfg)
-    be = build_backend(c, L, V, caps, vocab=state["vocab"] if state else None)
+def wrap_for_training(cfg, be, state, resume, d):
+    """Backend glue: the model on its device with its EMA (tiny only), FSDP2 (LLaDA on CUDA or
+    several ranks) or DDP, torch.compile, and AdamW; weights and optimizer restored on --resume.
+    Returns (model, ema, opt, fsdp)."""
     model = be.model
     if state:
         utils.load_weights(model, state["model"], resume)
-    fsdp = cfg.model == "llada" and d.world > 1 or cfg.model == "llada" and d.device.type == "cuda"
+    fsdp = cfg.model == "llada" and (d.world > 1 or d.device.type == "cuda")
     if cfg.act_ckpt:
         enable_act_ckpt(model) if cfg.model == "llada" else setattr(model, "act_ckpt", True)
     model.to(d.device)
@@ -516,26 +499,99 @@ def train(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if state and state.get("opt") and not fsdp:
         utils.load_weights(opt, state["opt"], resume)
-    elif state and state.get("opt"):
+    elif state and state.get("opt"):  # FSDP: the saved full optimizer state is re-sharded
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(model, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
-    gb = cfg.global_batch or cfg.batch_size * d.world
-    accum = gb // (cfg.batch_size * d.world)
-    if accum < 1 or accum * cfg.batch_size * d.world != gb:
-        utils.fail(f"--global_batch {gb} is not a multiple of batch_size x world = {cfg.batch_size * d.world}")
-    # per-rank shard of the pairs; each rank draws its batches from its own shard
-    shard = torch.arange(d.rank, len(codes), d.world)
-    cap_ids = be.encode(caps)                                             # (N, C)
-    T = L + 1 + cap_ids.shape[1]
-    maskable = torch.ones(T, dtype=torch.bool)
+    return model, ema, opt, fsdp
+
+
+def save_training_state(path, model, ema, opt, fsdp, d, extra):
+    """One consolidated checkpoint: every rank gathers (FSDP), rank 0 writes, every rank waits."""
+    sd = full_state(model, d, fsdp)
+    osd = None
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    elif extra["config"]["model"] == "tiny":
+        osd = opt.state_dict()
+    if d.main:
+        utils.save_checkpoint({"model": sd, "ema": ema.state_dict() if ema is not None else None, "opt": osd,
+                               **extra, "script": "text2dlc", "versions": {"torch": torch.__version__}}, path)
+    if d.world > 1:
+        torch.distributed.barrier()
+
+
+def backward_batches(model, be, codes, cap_ids, maskable, n_tok, accum, amp, cfg, device):
+    """The gradients of one optimiser step: `accum` batches of (DLC, caption) sequences drawn
+    from this rank's pairs, masked by the forward process, and the masked-diffusion loss.
+    Returns the summed loss (a float)."""
+    tot = 0.0
+    for _ in range(accum):
+        idx = torch.randint(len(codes), (cfg.batch_size,))
+        x0 = make_sequences(codes[idx], cap_ids[idx], be.dlc_offset, be.start_id).to(device)  # (B, T)
+        # t ~ U(0, 1); each maskable token masked with probability p = (1 - eps) t + eps
+        xt, masked, p = forward_process(x0, be.mask_id, cfg.eps, maskable.expand_as(x0),
+                                        t=torch.rand(len(idx)).to(device))
+        with amp:
+            loss = masked_diffusion_loss(model_logits(model, xt), x0, masked, p, n_tok) / accum
+        loss.backward()
+        tot += loss.item()
+    return tot
+
+
+def resumed_state(cfg, ck_dir, L, V):
+    """(path, checkpoint) of the newest checkpoint with --resume, checked against the DLC set's L, V."""
+    resume, state = utils.resume_checkpoint(ck_dir) if cfg.resume else (None, None)
+    if state:
+        state = utils.check_checkpoint(state, resume, "text2dlc", CKPT_KEYS + ("opt", "step"))
+    if state and (state["L"], state["V"]) != (L, V):
+        utils.fail(f"checkpoint {resume} has L={state['L']}, V={state['V']} but --dlc has L={L}, V={V}")
+    return resume, state
+
+
+def sequence_layout(cfg, L, C, device):
+    """A training sequence is DLC (L) | separator | caption (C): its length T, where the forward
+    process may mask (every token, or with --mask_mode sft only the DLC: the caption is the
+    prompt) and the loss's normaliser n_tok (the maskable tokens of a batch)."""
+    T = L + 1 + C
+    maskable = torch.ones(T, dtype=torch.bool, device=device)
     if cfg.mask_mode == "sft":
         maskable[L:] = False                                              # caption (and separator) stay clean
-    maskable = maskable.to(d.device)
-    n_tok = cfg.batch_size * (L if cfg.mask_mode == "sft" else T)
-    if d.main:
-        if cfg.overwrite:
-            utils.clear_run_dir(run_dir)
-        utils.save_json(c, os.path.join(run_dir, "config.json"))
+    return T, maskable, cfg.batch_size * (L if cfg.mask_mode == "sft" else T)
+
+
+def check_train_args(cfg):
+    if cfg.mask_mode not in ("all", "sft"):
+        utils.fail(f"--mask_mode must be all or sft, got {cfg.mask_mode!r}")
+    if cfg.model == "llada" and not os.path.isfile(os.path.join(cfg.model_path, "config.json")):
+        utils.fail(f"--model_path {cfg.model_path!r} is not a model folder with config.json; download "
+                   "GSAI-ML/LLaDA-8B-Base and pass its local path")
+
+
+def train(cfg):
+    """Finetune on (caption, DLC) pairs with the masked-diffusion loss (Sec. 6; LLaDA's SFT)."""
+    check_train_args(cfg)
+    run_dir = os.path.join("runs", f"text2dlc-{cfg.run}")
+    ck_dir = os.path.join(run_dir, "checkpoints")
+    utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
+    codes, caps, meta = load_captioned(cfg.dlc)
+    L, V = int(meta["L"]), int(meta["V"])
+    resume, state = resumed_state(cfg, ck_dir, L, V)
+    d = utils.setup_dist(cfg.device)
+    utils.seed_all(cfg.seed, d)
+    log = utils.Logger(run_dir, d)
+    c = dataclasses.asdict(cfg)
+    be = build_backend(c, L, V, caps, vocab=state["vocab"] if state else None)
+    model, ema, opt, fsdp = wrap_for_training(cfg, be, state, resume, d)
+    gb = cfg.global_batch or cfg.batch_size * d.world
+    accum = gb // (cfg.batch_size * d.world)                              # gradient accumulation steps
+    if accum < 1 or accum * cfg.batch_size * d.world != gb:
+        utils.fail(f"--global_batch {gb} is not a multiple of batch_size x world = {cfg.batch_size * d.world}")
+    shard = torch.arange(d.rank, len(codes), d.world)                     # this rank's pairs
+    cap_ids = be.encode(caps)                                             # (N, C) caption token ids
+    my_codes, my_caps = codes[shard], cap_ids[shard]
+    T, maskable, n_tok = sequence_layout(cfg, L, cap_ids.shape[1], d.device)
+    utils.start_run(run_dir, cfg, d)
     log(f"text2dlc {cfg.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params/rank, "
         f"N={len(codes)} L={L} V={V} T={T} world={d.world} accum={accum} mask_mode={cfg.mask_mode} fsdp={fsdp}")
     amp = torch.autocast("cuda", torch.bfloat16) if d.device.type == "cuda" and not fsdp else torch.autocast("cpu", enabled=False)
@@ -546,18 +602,9 @@ def train(cfg):
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        tot = 0.0
         # every draw of a step (batches, t, masks) comes from (seed, step, rank): resuming replays exactly
         torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
-        for _ in range(accum):
-            idx = shard[torch.randint(len(shard), (cfg.batch_size,))]
-            x0 = make_sequences(codes[idx], cap_ids[idx], be.dlc_offset, be.start_id).to(d.device)  # (B, T)
-            xt, masked, p = forward_process(x0, be.mask_id, cfg.eps, maskable.expand_as(x0),
-                                            t=torch.rand(len(idx)).to(d.device))
-            with amp:
-                loss = masked_diffusion_loss(model_logits(model, xt), x0, masked, p, n_tok) / accum
-            loss.backward()
-            tot += loss.item()
+        tot = backward_batches(model, be, my_codes, my_caps, maskable, n_tok, accum, amp, cfg, d.device)
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -569,29 +616,16 @@ def train(cfg):
             finite.check()
             lt = torch.tensor([tot], device=d.device)
             if d.world > 1:
-                torch.distributed.all_reduce(lt)
+                torch.distributed.all_reduce(lt)                          # the mean loss over ranks
             dt = (time.perf_counter() - t0) / cfg.log_every
             log(f"step {step:7d} | loss {lt.item() / d.world:.4f} | lr {lr_at(step - 1, cfg):.2e} | grad {float(gn):.3f} "
                 f"| {1000 * dt:.1f} ms/step | {gb / dt:.1f} samples/s")
             t0 = time.perf_counter()
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
             finite.check(model.parameters())                              # never save a NaN model
-            sd = full_state(model, d, fsdp)
-            osd = None
-            if fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-                osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            elif cfg.model == "tiny":
-                osd = opt.state_dict()
-            if d.main:  # consolidated checkpoint: rank 0 writes, every rank waits
-                utils.save_checkpoint({"model": sd, "ema": ema.state_dict() if ema is not None else None,
-                                       "opt": osd, "step": step, "config": c, "L": L, "V": V,
-                                       "vocab": be.extra.get("vocab"), "dlc": os.path.abspath(cfg.dlc),
-                                       "data": meta.get("data"), "script": "text2dlc",
-                                       "versions": {"torch": torch.__version__}},
-                                      os.path.join(ck_dir, f"ckpt_{step:07d}.pt"))
-            if d.world > 1:
-                torch.distributed.barrier()
+            save_training_state(os.path.join(ck_dir, f"ckpt_{step:07d}.pt"), model, ema, opt, fsdp, d,
+                                {"step": step, "config": c, "L": L, "V": V, "vocab": be.extra.get("vocab"),
+                                 "dlc": os.path.abspath(cfg.dlc), "data": meta.get("data")})
     log(f"done: {run_dir}")
     utils.cleanup_dist()
 
@@ -612,8 +646,7 @@ def load_for_sampling(ckpt_path, device, model_path=""):
     return be, state
 
 
-def sample_cmd(argv):
-    s = utils.parse_config(SampleConfig, argv)
+def sample_cmd(s):
     if s.prompts_file and not os.path.isfile(s.prompts_file):
         utils.fail(f"--prompts_file {s.prompts_file} does not exist")
     prompts = [p.strip() for p in open(s.prompts_file) if p.strip()] if s.prompts_file else [s.prompt] * bool(s.prompt)
@@ -654,7 +687,7 @@ def sample_cmd(argv):
                                         for c, sh, b in attrs], dtype=np.int64)}                    # evaluate judge
     meta = {"L": L, "V": V, "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt) if s.ckpt else s.model_path),
-            "command": "text2dlc.py sample " + " ".join(argv), "data": state.get("data"), "source_dlc": state.get("dlc"),
+            "command": "python text2dlc.py " + " ".join(sys.argv[1:]), "data": state.get("data"), "source_dlc": state.get("dlc"),
             "sampler": {"steps": steps, "temperature": s.temperature, "cfg": s.cfg, "seed": s.seed,
                         "remasking": s.remasking, "schedule": "linear"}}
     utils.save_dlc_set(s.out, codes, meta, captions=captions, extra=extra, overwrite=s.overwrite)
@@ -677,7 +710,8 @@ def check_prompt_words(prompts, vocab):
 
 
 def parse_attrs(text):
-    """(shape, colour, background) from a shapes caption 'a red square on a green background'."""
+    """(colour, shape, background) from a shapes caption 'a red square on a green background'
+    (the caption's word order, not the (shape, colour, background) order of attrs.npy)."""
     m = re.match(r"a (\w+) (\w+) on a (\w+) background", text.strip().lower())
     return m.groups() if m else None
 
@@ -690,10 +724,9 @@ class ProbeConfig:
     POSITIVE = ("k",)
 
 
-def probe_cmd(argv):
+def probe_cmd(p):
     """DLC-level judge (until the image chain is run): each generated code gets the majority
     attributes of its k Hamming-nearest reference codes; report the fraction matching the prompt."""
-    p = utils.parse_config(ProbeConfig, argv)
     gen = utils.load_dlc_set(p.dlc)
     ref_codes, ref_caps, _ = load_captioned(p.ref, L=gen["meta"]["L"], V=gen["meta"]["V"])
     wants = [parse_attrs(c) for c in gen.get("captions") or [gen["meta"].get("prompt", "")] * len(gen["codes"])]
@@ -720,7 +753,7 @@ def probe_cmd(argv):
 #################################################################################
 
 def bench(cfg):
-    """Training tokens/s, peak memory and MFU (6 N flops per token, attention ignored)."""
+    """Training tokens/s, peak memory and MFU (FLOPs counted by torch on one step)."""
     d = utils.setup_dist(cfg.device)
     L, V, B = 16, 512, cfg.batch_size
     if cfg.model == "llama_shaped":  # LLaDA-8B width with 2 layers, random weights (GPU)
@@ -743,20 +776,13 @@ def bench(cfg):
         masked_diffusion_loss(model_logits(model, xt), x0, m, p, x0.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step()
-    utils.sync(d.device)
-    n, t = 10, time.perf_counter()
-    for _ in range(n):
-        step()
-    utils.sync(d.device)
-    dt = (time.perf_counter() - t) / n
+    step()                                                                # warm-up
+    dt, flops = utils.measure(step, d.device, 10)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     peak = utils.matmul_peak_flops(d.device, dtype)
-    tps = B * T / dt
     print(f"bench {cfg.model} on {d.device}: params {nparam / 1e6:.2f}M, batch {B} x {T} tokens, "
-          f"{1000 * dt:.1f} ms/step, {tps:.0f} tokens/s, peak memory {utils.peak_memory_mb(d.device):.0f} MB, "
-          f"MFU {6 * nparam * tps / peak:.1%} of measured {peak / 1e12:.2f} TFLOP/s ({dtype})")
+          f"{1000 * dt:.1f} ms/step, {B * T / dt:.0f} tokens/s, peak memory {utils.peak_memory_mb(d.device):.0f} MB, "
+          f"MFU {flops / dt / peak:.1%} of measured {peak / 1e12:.2f} TFLOP/s ({dtype})")
 
 
 @dataclass
@@ -769,11 +795,10 @@ class ToySetConfig:
     POSITIVE = ("n",)
 
 
-def toyset_cmd(argv):
+def toyset_cmd(c):
     """A SYNTHETIC captioned DLC set (L=8, V=32) for when sem.py has not been run: tokens 0-1
     name the shape, 2-3 the colour, 4-5 the background (two synonyms each), 6-7 are noise.
     It tests the text -> code mapping only; real DLCs come from sem.py encode."""
-    c = utils.parse_config(ToySetConfig, argv)
     if not c.out:
         utils.fail("toyset needs --out DIR")
     utils.check_dlc_out(c.out, c.overwrite)
@@ -782,27 +807,19 @@ def toyset_cmd(argv):
     a = d["attrs"].numpy()                                                # (N, 3)
     syn = lambda base, col: base + 2 * a[:, col:col + 1] + rng.randint(2, size=(len(a), 2))  # (N, 2)
     codes = np.concatenate([syn(0, 0), syn(8, 1), syn(18, 2), rng.randint(32, size=(len(a), 2))], 1)  # (N, 8)
-    meta = {"L": 8, "V": 32, "synthetic": True, "command": "text2dlc.py toyset " + " ".join(argv),
+    meta = {"L": 8, "V": 32, "synthetic": True, "command": "python text2dlc.py " + " ".join(sys.argv[1:]),
             "data": {"name": c.data, "n": c.n, "size": 8, "seed": c.seed}}
     utils.save_dlc_set(c.out, codes, meta, labels=a[:, 0], captions=d["captions"], overwrite=c.overwrite)
     print(f"wrote SYNTHETIC DLC set {c.out}: N={len(codes)} L=8 V=32")
 
 
+COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_cmd, SampleConfig, None),
+            "probe": (probe_cmd, ProbeConfig, None), "toyset": (toyset_cmd, ToySetConfig, None),
+            "bench": (bench, Config, PRESETS)}
+
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cmd = argv.pop(0) if argv and not argv[0].startswith("--") else "train"
-    if cmd == "train":
-        train(utils.parse_config(Config, argv, PRESETS))
-    elif cmd == "sample":
-        sample_cmd(argv)
-    elif cmd == "probe":
-        probe_cmd(argv)
-    elif cmd == "toyset":
-        toyset_cmd(argv)
-    elif cmd == "bench":
-        bench(utils.parse_config(Config, argv, PRESETS))
-    else:
-        utils.fail(f"unknown command {cmd!r}; use train, sample, probe, toyset or bench")
+    return utils.main(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ cosine schedule, learned variance interpolation, hybrid loss L_simple + lambda L
 ancestrally, optionally over respaced steps. All (variant, N) models are trained at once as a
 batched ensemble (weights of shape (E, in, out), torch.baddbmm): Adam treats every element
 independently, so this is exactly E separate trainings, with larger matmuls that run closer to
-the machine's peak. Width 384 and batch 512 keep the matmuls dominant on a CPU (about 60% of
-its matmul peak; see BENCHMARKS.md).
+the machine's peak (about 60% of a CPU's at width 384 and batch 512; BENCHMARKS.md).
 
 Data: centres on a grid with spacing 1.0, every mode with std 0.1 (= 0.1 x spacing) for every N
-(the paper's values were lost from our copy of the text). Data are divided by the mixture's
+(the paper's two values did not survive in its text). Data are divided by the mixture's
 per-coordinate std before training, so that every N is seen by the diffusion at unit scale.
 
 Commands:
@@ -484,6 +483,7 @@ def metrics(samples, centres, std, gen=None):
 #################################################################################
 
 def figures(sweep, diff, samples, results, run_dir):
+    """samples.png (Fig. 2a-c), kl_vs_modes.png (Fig. 2d) and vector_field.png (Fig. 2e-f)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -523,7 +523,13 @@ def figures(sweep, diff, samples, results, run_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "kl_vs_modes.png"), dpi=80)
     plt.close(fig)
-    # Fig. 2e-f: denoising direction x0_hat - x_t of the unconditional and the oracle model
+    vector_field_figure(sweep, diff, run_dir, plt)
+
+
+def vector_field_figure(sweep, diff, run_dir, plt):
+    """Fig. 2e-f: the denoising direction x0_hat - x_t of the unconditional and the oracle model
+    on a grid, at three noise levels, for N = 16 modes (the oracle given a central mode k)."""
+    cfg = sweep.cfg
     n = 16 if 16 in cfg.modes else cfg.modes[0]
     shown = [v for v in ("uncond", "oracle") if v in cfg.variants]
     ts = [int(len(diff) * f) for f in (0.1, 0.3, 0.6)]
@@ -601,8 +607,7 @@ def bench(cfg):
     is measured right before each of 3 timed windows (a shared machine's speed drifts), and the
     MFU reported is the median of the 3 window / peak ratios."""
     d = utils.setup_dist(cfg.device)
-    print(f"device {d.device}, {torch.get_num_threads()} threads, peak: fp32 square matmul (TF32 on CUDA, "
-          f"as training)")
+    print(f"device {d.device}, {torch.get_num_threads()} threads, peak: fp32 square matmul (TF32 on CUDA, as training)")
     n_steps = 100 if d.device.type == "cuda" else 10              # windows of about a second
     diff = Diffusion(cfg.T).to(d.device)
     for label, variants, modes in (("one model", ["oracle"], [cfg.modes[-1]]),
@@ -634,17 +639,11 @@ def bench(cfg):
               f"{min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s) | peak memory {mem:.0f} MB")
 
 
+COMMANDS = {"train": (run_sweep, Config, PRESETS), "bench": (bench, Config, PRESETS)}
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cmd = argv[0] if argv and not argv[0].startswith("--") else "train"
-    rest = argv[1:] if argv and not argv[0].startswith("--") else argv
-    cfg = utils.parse_config(Config, rest, PRESETS)
-    if cmd == "train":
-        run_sweep(cfg)
-    elif cmd == "bench":
-        bench(cfg)
-    else:
-        utils.fail(f"unknown sub-command {cmd!r}; use train or bench")
+    return utils.main(COMMANDS, __doc__, argv)
 
 
 if __name__ == "__main__":

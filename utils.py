@@ -67,9 +67,12 @@ def parse_config(cls, argv, presets=None):
         key, eq, val = arg[2:].partition("=")
         key = key.replace("-", "_")
         key = ALIASES[key] if key in ALIASES and ALIASES[key] in fields else key
-        if not eq:  # --flag (bool) or --key value
+        if not eq:  # --flag (bool), --key value, or --key v1 v2 ... for a list field
             if key in fields and hints[key] is bool:
                 val = "true"
+            elif key in fields and typing.get_origin(hints[key]) in (list, tuple):
+                j = next((j for j in range(i + 1, len(argv)) if argv[j].startswith("--")), len(argv))
+                i, val = j - 1, ",".join(argv[i + 1:j])          # --images a.jpg b.jpg -> "a.jpg,b.jpg"
             elif i + 1 < len(argv):
                 i, val = i + 1, argv[i + 1]
             else:
@@ -87,10 +90,48 @@ def parse_config(cls, argv, presets=None):
         if key not in fields:
             fail(f"unknown config key {key!r}; valid keys: {', '.join(fields)}")
     cfg = cls(**values)
+    # the keys written on the command line (not the preset's): a checkpoint's own values win over
+    # the defaults but not over these (see given()); not a field, so config.json does not hold it
+    object.__setattr__(cfg, "_given", frozenset(k for k, _ in pairs if k != "preset"))
     for key in getattr(cls, "POSITIVE", ()):  # counts and sizes: 0 or negative makes no sense
         if getattr(cfg, key) <= 0:
             fail(f"--{key} must be a positive number, got {getattr(cfg, key)}")
     return cfg
+
+
+def main(commands, doc, argv=None, default="train"):
+    """Every script's command line: `python X.py [CMD] [--preset NAME] [--key=value ...]`.
+
+    commands maps each sub-command to (function, config dataclass, presets or None); the
+    function is called with the parsed config. `default` is the sub-command run when the line
+    starts with an option (None: a sub-command is required). `--help` prints the script's
+    docstring and the sub-command's options with their defaults."""
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = argv.pop(0) if argv and not argv[0].startswith("-") else default
+    if cmd is None and not {"--help", "-h"} & set(argv):
+        fail(f"give a sub-command: {' | '.join(commands)}")
+    if cmd is not None and cmd not in commands:
+        fail(f"unknown sub-command {cmd!r}; use {' | '.join(commands)}")
+    if "--help" in argv or "-h" in argv:
+        print(doc)
+        for name in [cmd] if cmd else commands:
+            fields = dataclasses.fields(commands[name][1])
+            print(f"{name} options: " + " ".join(f"--{f.name}={_default(f)}" for f in fields))
+        return None
+    fn, cls, presets = commands[cmd]
+    return fn(parse_config(cls, argv, presets))
+
+
+def given(cfg):
+    """The option names written on the command line that built cfg (empty for a cfg made in code)."""
+    return getattr(cfg, "_given", frozenset())
+
+
+def _default(f):
+    """A field's default as it would be written on the command line."""
+    v = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
 
 
 def save_json(obj, path):
@@ -425,6 +466,15 @@ def clear_run_dir(run_dir, written=()):
         os.rmdir(ck_dir)
 
 
+def start_run(run_dir, cfg, d, written=()):
+    """Rank 0: with --overwrite first remove the earlier run's files (clear_run_dir), then write
+    the run's config.json (the command's full configuration)."""
+    if d.main:
+        if cfg.overwrite:
+            clear_run_dir(run_dir, written)
+        save_json(dataclasses.asdict(cfg), os.path.join(run_dir, "config.json"))
+
+
 class FiniteCheck:
     """Stops training with one line when the loss turns NaN / inf, before the weights that came
     out of it are saved. `step(loss, i)` at step i records the first bad step on the device
@@ -459,6 +509,15 @@ def check_sampling_weights(state_dict, path):
     """Samplers refuse a checkpoint of a run that diverged (its samples would be all one token)."""
     check_finite_weights(state_dict.values(), f"the weights of {path}",
                          "it comes from a diverged run: retrain with a lower --lr")
+
+
+def distribute(model, d, compile=False):
+    """The network the training step calls: DDP around the model when there are several ranks,
+    then torch.compile if asked. Checkpoints keep saving `model` itself (no wrapper prefixes)."""
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    return torch.compile(net) if compile else net
 
 
 def unwrap(model):
@@ -497,6 +556,24 @@ def matmul_peak_flops(device, dtype=torch.float32, n=None, iters=10):
         sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 * iters / best
+
+
+def measure(fn, device, iters, warmup=1, count=None):
+    """(seconds per call of fn(), FLOPs of one call): the FLOPs are counted by torch's
+    FlopCounterMode on one call of `count` (default fn; pass the uncompiled function when fn
+    is torch.compile'd, whose kernels the counter cannot see), then fn is timed over `iters`
+    calls after `warmup` more. MFU = flops / seconds / matmul_peak_flops(device)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        (count or fn)()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / iters, fc.get_total_flops()
 
 
 def sync(device):
@@ -650,27 +727,34 @@ def caption(shape, colour, background):
     return f"a {colour} {shape} on a {background} background"
 
 
+def shape_combinations(split="train"):
+    """The (shape, colour, background) index triples of a split: "train" (HELD_OUT excluded),
+    "heldout" (only those) or "all" (every shape x colour x a different background colour)."""
+    names = list(COLOURS)
+    held = {(SHAPES.index(s), names.index(c), names.index(b)) for s, c, b in HELD_OUT}
+    combos = [(s, c, b) for s in range(len(SHAPES)) for c in range(len(names))
+              for b in range(len(names)) if c != b]
+    if split not in ("train", "heldout", "all"):
+        fail(f"unknown shapes split {split!r}; use train, heldout or all")
+    return [k for k in combos if split == "all" or (k in held) == (split == "heldout")]
+
+
+def to_uint8(images):
+    """float [-1, 1] (N, C, H, W) -> uint8 numpy (N, H, W, C): the quantisation of every saved sample."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 def make_shapes(n, size=32, seed=0, split="train"):
     """Procedural, seeded shapes: `split` is "train" (held-out combinations excluded),
     "heldout" (only those) or "all". Returns images float [N, 3, S, S] in [-1, 1] and
     attrs int64 [N, 3] = (shape, colour, background) indices, labels = shape, captions."""
     rng = np.random.RandomState(seed)
     names = list(COLOURS)
-    held = {(SHAPES.index(s), names.index(c), names.index(b)) for s, c, b in HELD_OUT}
-    combos = [(s, c, b) for s in range(len(SHAPES)) for c in range(len(names))
-              for b in range(len(names)) if c != b]
-    if split == "train":
-        combos = [k for k in combos if k not in held]
-    elif split == "heldout":
-        combos = [k for k in combos if k in held]
-    elif split != "all":
-        fail(f"unknown shapes split {split!r}; use train, heldout or all")
+    combos = shape_combinations(split)
     attrs = np.array(combos, dtype=np.int64)[rng.randint(len(combos), size=n)]  # (N, 3)
-    # position and size jitter: centres within the middle 10% of the image, radius 30-34% of its side.
-    # why so little: with centres anywhere in the middle 36% and radius 20-30% (a wider jitter), a toy
-    # DiT-toy/4 at 16 px drew blobs, not shapes, within the CPU budget even from a perfect code
-    # (judged all-3 accuracy 0.24 vs 0.95 with this jitter, 2000 steps), and the toy encoder needs
-    # translation- and scale-invariant shape features it cannot learn in minutes
+    # position and size jitter: centres within the middle 10% of the image, radius 30-34% of its
+    # side. Kept small on purpose: a wide jitter asks the toy models for translation- and
+    # scale-invariant shape features that they do not learn in a CPU budget (docs/LOG.md)
     cx, cy = rng.uniform(0.45, 0.55, (2, n, 1, 1)) * size       # centre jitter
     r = rng.uniform(0.30, 0.34, (n, 1, 1)) * size                # size jitter
     yy, xx = np.mgrid[0:size, 0:size][:, None] + 0.5            # (2, 1, S, S) pixel centres

@@ -91,7 +91,7 @@ CASES = [
     ("t2d-sample-sem", "text2dlc.py", "sample --ckpt {f}/runs/sem-t --prompt a --out o", "sem.py checkpoint", None),
     ("sem-encode-tensor", "sem.py", "encode --ckpt {f}/tensor.pt --n 8 --out o", "Tensor", None),
     ("sem-encode-t2d", "sem.py", "encode --ckpt {f}/runs/text2dlc-t --n 8 --out o", "text2dlc.py checkpoint", None),
-    ("sem-probe-dit", "sem.py", "probe --ckpt {f}/runs/dit-t --n 8", "dit.py checkpoint", None),
+    ("sem-encode-dit", "sem.py", "encode --ckpt {f}/runs/dit-t --n 8 --out o", "dit.py checkpoint", None),
     ("sem-encode-truncated", "sem.py", "encode --ckpt {f}/truncated.pt --n 8 --out o", "corrupt", None),
     # resuming with another architecture
     ("dit-resume-other-size", "dit.py", "train --cond dlc --dlc {f}/dit_dlc " + " ".join(DIT_TINY)

@@ -200,7 +200,7 @@ def test_judge_command_on_real_images(judges, tmp_path):
     for name, novel in (("shapes-heldout", 1.0), ("shapes", 0.0)):
         d = utils.load_embedded(name, n=300, seed=3)
         npz = str(tmp_path / f"{name}.npz")
-        np.savez(npz, arr_0=ev.to_uint8(d["images"]), attrs=d["attrs"].numpy())
+        np.savez(npz, arr_0=utils.to_uint8(d["images"]), attrs=d["attrs"].numpy())
         out = str(tmp_path / name)
         ev.main(["judge", "--samples", npz, "--data", "shapes", "--judge", path, "--out", out])
         m = json.load(open(os.path.join(out, "metrics.json")))
@@ -238,7 +238,7 @@ def test_judge_scores_real_recombinations(judges, tmp_path):
     for name, src, rate in (("recomb", np.stack([np.c_[at[:, 0], other[:, 1:]], np.c_[other[:, 0], at[:, 1:]]], 1), 1.0),
                             ("copies", np.stack([at, other], 1), 0.0)):
         npz = str(tmp_path / f"{name}.npz")
-        np.savez(npz, arr_0=ev.to_uint8(d["images"]), source_attrs=src)
+        np.savez(npz, arr_0=utils.to_uint8(d["images"]), source_attrs=src)
         ev.main(["judge", "--samples", npz, "--data", "shapes", "--judge", path, "--out", str(tmp_path / name)])
         m = json.load(open(tmp_path / name / "metrics.json"))
         assert m["recombination_rate"] == pytest.approx(rate, abs=0.03), (name, m)
@@ -287,7 +287,7 @@ def test_bad_inputs(tmp_path, judges):
 def test_novelty_command_flags_copies(judges, tmp_path):
     """Samples that are training images sit at distance 0 from the training set: all copies."""
     npz = str(tmp_path / "copies.npz")
-    np.savez(npz, arr_0=ev.to_uint8(utils.load_embedded("digits")["images"][:40]))
+    np.savez(npz, arr_0=utils.to_uint8(utils.load_embedded("digits")["images"][:40]))
     out = str(tmp_path / "nov")
     ev.main(["novelty", "--samples", npz, "--data", "digits", "--judge", judges["digits"][0], "--out", out])
     m = json.load(open(os.path.join(out, "metrics.json")))

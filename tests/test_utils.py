@@ -63,6 +63,33 @@ def test_config_errors_are_one_line(argv, match):
     assert msg.startswith("error: ") and match in msg and "\n" not in msg
 
 
+def test_config_list_values_separated_by_spaces_and_given_keys():
+    """`--modes 1 4 9` is `--modes=1,4,9` (a list takes every word up to the next option), and
+    given(cfg) names exactly the options written on the line, not the preset's."""
+    cfg = utils.parse_config(Cfg, ["--modes", "1", "4", "9", "--preset", "big", "--steps", "3"], PRESETS)
+    assert (cfg.modes, cfg.steps, cfg.lr) == ([1, 4, 9], 3, 1e-4)
+    assert utils.given(cfg) == {"modes", "steps"} and utils.given(Cfg()) == set()
+
+
+def test_shared_main_dispatches_and_helps(capsys):
+    @dataclass
+    class Other:
+        out: str = "x"      # where
+    calls = []
+    commands = {"train": (lambda c: calls.append(("train", c)), Cfg, PRESETS),
+                "sample": (lambda c: calls.append(("sample", c)), Other, None)}
+    utils.main(commands, "the doc", ["--steps", "3"])                      # no command: the default
+    utils.main(commands, "the doc", ["sample", "--out", "y"])
+    assert calls == [("train", Cfg(steps=3)), ("sample", Other("y"))]
+    assert utils.main(commands, "the doc", ["sample", "--help"]) is None and len(calls) == 2
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("the doc") and "sample options: --out=x" in help_text and "--steps" not in help_text
+    with pytest.raises(SystemExit, match="unknown sub-command 'plot'; use train | sample"):
+        utils.main(commands, "", ["plot"])
+    with pytest.raises(SystemExit, match="give a sub-command: train | sample"):
+        utils.main(commands, "", ["--steps", "3"], default=None)   # evaluate.py: no default command
+
+
 def test_config_preset_with_unknown_key_is_caught():
     with pytest.raises(SystemExit, match="unknown config key 'width'"):
         utils.parse_config(Cfg, ["--preset=bad"], {"bad": {"width": 3}})
@@ -227,6 +254,7 @@ def test_shapes_held_out_exclusion():
         assert {t[k] for t in train} == set(range(n))
     with pytest.raises(SystemExit, match="unknown shapes split"):
         utils.make_shapes(4, split="test")
+    assert set(utils.shape_combinations("train")) == every - held and len(every) == 4 * 5 * 4   # 80 combinations
 
 
 def test_digits_and_unknown_dataset():
