@@ -85,6 +85,8 @@ class Config:
     warmup_teacher_temp: float = 0.04  # initial teacher temperature
     teacher_temp_steps: int = 100  # teacher temperature warm-up (paper: 30 epochs = 37.5k)
     center_momentum: float = 0.9  # centering EMA
+    centering: str = "centering"  # teacher: centering (EMA centre; the authors) | sinkhorn (DINOv2's Sinkhorn-Knopp)
+    sinkhorn_iters: int = 3       # Sinkhorn-Knopp iterations (DINOv2: 3)
     dino_weight: float = 1.0      # DINO CLS loss weight
     ibot_weight: float = 1.0      # iBOT masked-patch loss weight
     koleo_weight: float = 1.0     # KoLeo weight (paper: 0.1)
@@ -109,7 +111,7 @@ class Config:
     soft_tau: float = 0.0         # encode: also write probs.npy, the soft SEM softmax(z / soft_tau) (N, L, V); 0 = off
     authors: str = ""             # convert: the authors' teacher .pth or a local Hugging Face folder
     POSITIVE = ("steps", "batch_size", "n", "size", "patch", "L", "V", "prototypes", "local_size", "log_every",
-                "ckpt_every", "encode_batch")
+                "ckpt_every", "encode_batch", "sinkhorn_iters")
 
 
 PRESETS = {
@@ -327,6 +329,30 @@ def update_center(center, logits, m):
         dist.all_reduce(mean)
         mean /= dist.get_world_size()
     center.mul_(m).add_(mean, alpha=1 - m)
+
+
+@torch.no_grad()
+def sinkhorn_probs(logits, temp, iters=3):
+    """DINOv2's alternative to centering (train.centering: sinkhorn_knopp, after SwAV;
+    https://github.com/facebookresearch/dinov2 dinov2/loss/dino_clstoken_loss.py): start from
+    Q = exp(t / tau_t) (K x B), scaled to total mass 1, then `iters` times give every prototype
+    mass 1/K (rows) and every sample mass 1/B (columns); returns B x Q^T, whose rows (samples) sum
+    to 1 and whose column means (prototype marginals) tend to 1/K, so the batch cannot pile onto a
+    few prototypes. logits: (B, K) for the B samples of this rank; sums are all-reduced over ranks
+    (B is the global count: DINOv2 iBOT uses the number of masked patches)."""
+    def reduce(x):
+        if dist.is_initialized():
+            dist.all_reduce(x)
+        return x
+    # the head's logits are cosines (|t| <= 1), so exp(t / tau_t) stays finite in fp32 for tau_t > 0.012;
+    # a rank with no masked patch (B = 0 here) still joins every all_reduce
+    q = torch.exp(logits.float() / temp).t()                              # (K, B)
+    K, B = q.shape[0], reduce(torch.tensor(float(q.shape[1]), device=q.device))
+    q /= reduce(q.sum())
+    for _ in range(iters):
+        q /= reduce(q.sum(1, keepdim=True)) * K                            # rows: 1/K each
+        q /= q.sum(0, keepdim=True) * B                                    # columns: 1/B each
+    return (q * B).t()                                                     # (B, K), rows sum to 1
 
 
 def dino_loss(student_logits, teacher_p, temp):
@@ -570,8 +596,12 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
         t = teacher.backbone(g)
         t_cls = teacher.head(t["cls"]).float()                             # (2B, K)
         t_patch = teacher.head(t["patch"][masks]).float()                  # (M, K)
-        p_cls = teacher_probs(t_cls, centers["cls"], temp)
-        p_patch = teacher_probs(t_patch, centers["patch"], temp)
+        if cfg.centering == "sinkhorn":  # DINOv2: over all global crops at once; iBOT over the masked patches
+            p_cls = sinkhorn_probs(t_cls, temp, cfg.sinkhorn_iters)
+            p_patch = sinkhorn_probs(t_patch, temp, cfg.sinkhorn_iters)
+        else:
+            p_cls = teacher_probs(t_cls, centers["cls"], temp)
+            p_patch = teacher_probs(t_patch, centers["patch"], temp)
     with amp:
         s_cls, s_logits, s_patch = student(g, loc, masks)
         n = 2 + len(loc)
@@ -579,9 +609,10 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
                  "ibot": ibot_loss(s_patch, p_patch, masks, cfg.student_temp) if masks.any() else s_patch.sum() * 0,
                  "koleo": sum(koleo_loss(c) for c in s_cls.chunk(2))}
     loss = cfg.dino_weight * parts["dino"] + cfg.ibot_weight * parts["ibot"] + cfg.koleo_weight * parts["koleo"]
-    update_center(centers["cls"], t_cls, cfg.center_momentum)
-    if len(t_patch):
-        update_center(centers["patch"], t_patch, cfg.center_momentum)
+    if cfg.centering == "centering":  # Sinkhorn keeps no centre (DINOv2 updates it only when centering)
+        update_center(centers["cls"], t_cls, cfg.center_momentum)
+        if len(t_patch):
+            update_center(centers["patch"], t_patch, cfg.center_momentum)
     return loss, parts
 
 
@@ -598,6 +629,8 @@ def set_threads(cfg):
 def train(cfg):
     if cfg.mask_mode not in ("block", "random"):
         utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
+    if cfg.centering not in ("centering", "sinkhorn"):
+        utils.fail(f"unknown --centering {cfg.centering!r}; use centering or sinkhorn")
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
     utils.check_run_dir(run_dir(cfg), cfg.resume, cfg.overwrite)

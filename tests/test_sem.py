@@ -146,6 +146,89 @@ def test_ibot_and_koleo_by_hand():
     assert abs(float(sem.koleo_loss(x)) + np.mean(np.log(d))) < 1e-5
 
 
+def sinkhorn_reference(logits, temp, iters=2000):
+    """Converged Sinkhorn-Knopp in the log domain, float64: the unique P = diag(a) exp(t / temp) diag(b)
+    (B x K) with every row summing to 1 and every column to B / K."""
+    t = logits.double() / temp
+    B, K = t.shape
+    f, g = torch.zeros(B, 1, dtype=torch.float64), torch.zeros(1, K, dtype=torch.float64)
+    for _ in range(iters):
+        g = math.log(B / K) - torch.logsumexp(t + f, 0, keepdim=True)
+        f = -torch.logsumexp(t + g, 1, keepdim=True)
+    return torch.exp(t + f + g)
+
+
+def test_sinkhorn_teacher_is_an_even_assignment():
+    torch.manual_seed(0)
+    B, K, temp = 24, 10, 0.07
+    # cosine-like logits that pile most samples onto prototype 0 (the collapse Sinkhorn undoes)
+    t = torch.randn(B, K) * 0.3
+    t[:, 0] += 0.5
+    p = sem.sinkhorn_probs(t, temp, 3)
+    torch.testing.assert_close(p.sum(1), torch.ones(B, dtype=p.dtype))          # each sample: a distribution
+    assert (p >= 0).all()
+    # prototype marginals K * mean_b p[b, k] - 1: plain softmax piles > half the mass on prototype 0
+    off = lambda q: float((q.mean(0) * K - 1).abs().max())
+    assert off(torch.softmax(t / temp, 1)) > 4
+    assert off(p) < 0.15 * off(torch.softmax(t / temp, 1))                      # 3 iterations: >= 6x nearer 1/K
+    devs = [off(sem.sinkhorn_probs(t, temp, n)) for n in (1, 2, 3, 10, 30)]
+    assert devs == sorted(devs, reverse=True) and devs[-1] < 1e-3                 # and on to uniform
+    ref = sinkhorn_reference(t, temp)
+    torch.testing.assert_close(ref.sum(1), torch.ones(B, dtype=ref.dtype))
+    torch.testing.assert_close(ref.mean(0), torch.full((K,), 1 / K, dtype=ref.dtype))
+    torch.testing.assert_close(sem.sinkhorn_probs(t, temp, 300).double(), ref, atol=1e-5, rtol=1e-4)
+    # closed form: exp(t / temp) of rank one (t_bk = a_b + c_k) is uniform 1/K after one iteration
+    a, c = torch.randn(B, 1), torch.randn(1, K)
+    torch.testing.assert_close(sem.sinkhorn_probs((a + c) * temp, temp, 1), torch.full((B, K), 1 / K))
+    # a global shift of the logits changes nothing (it cancels in the first normalisation)
+    torch.testing.assert_close(sem.sinkhorn_probs(t + 0.5, temp, 3), p)
+    assert sem.sinkhorn_probs(torch.zeros(0, K), temp, 3).shape == (0, K)        # no masked patch
+
+
+SINKHORN_DDP = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import sem
+dist.init_process_group("gloo")
+r = dist.get_rank()
+torch.manual_seed(0)
+t = torch.randn(24, 10) * 0.3
+t[:, 0] += 0.5
+n = 8 if r == 0 else 16       # unequal shards, as iBOT's masked patches are
+torch.save(sem.sinkhorn_probs(t[:8] if r == 0 else t[8:], 0.07, 3), sys.argv[2] + f"/p{r}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_sinkhorn_over_ranks_equals_one_process(tmp_path):
+    """All-reduced sums: two ranks with 8 and 16 samples give the rows of the 24-sample batch."""
+    (tmp_path / "sk.py").write_text(SINKHORN_DDP)
+    torchrun([str(tmp_path / "sk.py"), ROOT, str(tmp_path)], cwd=tmp_path)
+    torch.manual_seed(0)
+    t = torch.randn(24, 10) * 0.3
+    t[:, 0] += 0.5
+    both = torch.cat([torch.load(tmp_path / "p0.pt"), torch.load(tmp_path / "p1.pt")])
+    torch.testing.assert_close(both, sem.sinkhorn_probs(t, 0.07, 3))
+
+
+def test_train_step_sinkhorn_replaces_centering(monkeypatch):
+    """--centering sinkhorn: the teacher's CLS (both global crops at once) and masked-patch targets
+    come from Sinkhorn-Knopp and no centre moves; the default keeps DINO's EMA centre."""
+    cfg = tiny_cfg(batch_size=4, local_crops=1, prototypes=16, head_hidden=16, head_bottleneck=8, n=16, mask_prob=1.0)
+    torch.manual_seed(0)
+    st, te = sem.Student(cfg), sem.Student(cfg)
+    te.load_state_dict(st.state_dict()); te.eval().requires_grad_(False)
+    batch = sem.MultiCropSteps(sem.Images(cfg), cfg, 0, 1)[0]
+    calls, real = [], sem.sinkhorn_probs
+    monkeypatch.setattr(sem, "sinkhorn_probs", lambda t, *a: calls.append(len(t)) or real(t, *a))
+    for mode in ("centering", "sinkhorn"):
+        centers = {k: torch.zeros(1, 16) for k in ("cls", "patch")}
+        calls.clear()
+        sem.train_step(st, te, centers, batch, dataclasses.replace(cfg, centering=mode), 0, utils.Dist())
+        assert all((c.abs().sum() > 0) == (mode == "centering") for c in centers.values())
+        assert calls == ([] if mode == "centering" else [2 * cfg.batch_size, int(batch[2].sum())])
+
+
 def test_teacher_gets_no_gradient_and_ema_formula():
     cfg = tiny_cfg(batch_size=4, local_crops=1, prototypes=16, head_hidden=16, head_bottleneck=8, n=16)
     torch.manual_seed(0)
