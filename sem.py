@@ -590,7 +590,9 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
     B = g.shape[1]
     g = g.flatten(0, 1).to(d.device)                                       # (2B, 3, S, S)
     loc, masks = [x.to(d.device) for x in loc], masks.to(d.device)
-    temp = cosine(cfg.teacher_temp, cfg.teacher_temp, step, 1, cfg.teacher_temp_steps, cfg.warmup_teacher_temp)
+    # teacher temperature: linear warm-up warmup_teacher_temp -> teacher_temp, then constant (DINOv2)
+    T0, T, W = cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps
+    temp = T if step >= W else T0 + (T - T0) * step / W
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     with torch.no_grad(), amp:  # the teacher never gets a gradient
         t = teacher.backbone(g)
@@ -626,6 +628,54 @@ def set_threads(cfg):
         torch.set_num_threads(cfg.threads)
 
 
+def build_for_training(cfg, out, d):
+    """Student (optionally from an official DINOv2 backbone), its EMA teacher, the centres and
+    AdamW over the layer-decay groups, restored from the newest checkpoint with --resume (a
+    `convert`ed one holds weights only). Returns (student, teacher, centers, opt, path, ckpt)."""
+    student = Student(cfg).to(d.device)
+    if cfg.init:
+        load_official(student.backbone, cfg.init)
+    teacher = Student(cfg).to(d.device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval().requires_grad_(False)
+    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
+    opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
+                            fused=d.device.type == "cuda")
+    ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
+    if ck and "opt" not in ck:  # written by `convert`: weights only
+        resume_converted(ck, ck_path, student, teacher)
+    elif ck:
+        ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
+        for part, key in ((student, "model"), (teacher, "ema"), (opt, "opt")):
+            utils.load_weights(part, ck[key], ck_path)
+        for k in centers:
+            centers[k].copy_(ck["centers"][k])
+    return student, teacher, centers, opt, ck_path, ck
+
+
+def save_state(out, step, student, teacher, opt, centers, cfg, d):
+    """runs/sem-<run>/checkpoints/ckpt_<step>.pt (the teacher is "ema"), rank 0 writing."""
+    if d.main:
+        utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
+                               "opt": opt.state_dict(), "step": step, "centers": centers,
+                               "config": dataclasses.asdict(cfg), "script": "sem", "versions": {"torch": torch.__version__}},
+                              os.path.join(out, "checkpoints", f"ckpt_{step:07d}.pt"))
+    if d.world > 1:
+        dist.barrier()
+
+
+def set_schedules(opt, cfg, step, lr_base):
+    """This step's lr (warm-up + cosine) and weight decay (cosine) in every parameter group,
+    scaled by the group's layer-decay multiplier; the DINO head's last layer stays frozen
+    (lr 0) for the first freeze_last steps. Returns the base lr of the step."""
+    lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)
+    wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)
+    for grp in opt.param_groups:
+        frozen = grp["last_layer"] and step < cfg.freeze_last
+        grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
+    return lr
+
+
 def train(cfg):
     if cfg.mask_mode not in ("block", "random"):
         utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
@@ -638,28 +688,8 @@ def train(cfg):
     utils.seed_all(cfg.seed, d)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     images = Images(cfg)
-    student = Student(cfg).to(d.device)
-    if cfg.init:
-        load_official(student.backbone, cfg.init)
-    teacher = Student(cfg).to(d.device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.eval().requires_grad_(False)
-    K = cfg.prototypes
-    centers = {"cls": torch.zeros(1, K, device=d.device), "patch": torch.zeros(1, K, device=d.device)}
-    opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
-                            fused=d.device.type == "cuda")
-    start = 0
-    ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
-    if ck:
-        if "opt" not in ck:  # written by `convert`: weights only
-            resume_converted(ck, ck_path, student, teacher)
-        else:
-            ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
-            utils.load_weights(student, ck["model"], ck_path); utils.load_weights(teacher, ck["ema"], ck_path)
-            utils.load_weights(opt, ck["opt"], ck_path)
-            for k in centers:
-                centers[k].copy_(ck["centers"][k])
-        start = ck["step"]
+    student, teacher, centers, opt, ck_path, ck = build_for_training(cfg, out, d)
+    start = ck["step"] if ck else 0
     # the schedules keep the length they started with: a resumed run replays its past exactly
     cfg = dataclasses.replace(cfg, schedule=cfg.schedule or (ck and ck["config"].get("schedule", ck["config"]["steps"]))
                               or cfg.steps)
@@ -667,11 +697,9 @@ def train(cfg):
     if ck:
         log(f"resumed from {ck_path} at step {start} (schedules over {cfg.schedule} steps)")
     utils.start_run(out, cfg, d)
-    model = student
     if cfg.compile:
         student.backbone.compile()  # in place: state-dict keys stay free of _orig_mod
-    if d.world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    model = utils.distribute(student, d)                                  # DDP with several ranks
     loader = torch.utils.data.DataLoader(MultiCropSteps(images, cfg, d.rank, d.world), batch_size=None,
                                          sampler=range(start, cfg.steps), num_workers=cfg.workers,
                                          pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0)
@@ -680,11 +708,7 @@ def train(cfg):
     bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
     t0, finite = time.perf_counter(), utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
     for step, batch in zip(range(start, cfg.steps), bar):
-        lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)
-        wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)
-        for grp in opt.param_groups:
-            frozen = grp["last_layer"] and step < cfg.freeze_last  # last layer frozen at first
-            grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
+        lr = set_schedules(opt, cfg, step, lr_base)
         loss, parts = train_step(model, teacher, centers, batch, cfg, step, d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -705,14 +729,7 @@ def train(cfg):
             t0 = time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             finite.check(student.parameters())                             # never save a NaN model
-            if d.main:
-                utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
-                                       "opt": opt.state_dict(), "step": step + 1, "centers": centers,
-                                       "config": dataclasses.asdict(cfg), "script": "sem",
-                                       "versions": {"torch": torch.__version__}},
-                                      os.path.join(out, "checkpoints", f"ckpt_{step + 1:07d}.pt"))
-            if d.world > 1:
-                dist.barrier()
+            save_state(out, step + 1, student, teacher, opt, centers, cfg, d)
     log(f"done: {cfg.steps} steps, checkpoints in {out}/checkpoints")
     utils.cleanup_dist()
     return out
@@ -1154,10 +1171,13 @@ def vocab_from_names(cfg, files, L):
                "(lavoies/DLC_512x256: --V 256)")
 
 
-def import_columns(pa, schema, latents):
-    """The optional columns the import reads: an integer class column, a string image-id column
-    and (with --latents) the SD-VAE latents 'features'; None where the files have none."""
-    names = schema.names
+def import_columns(schema, latents, path):
+    """The optional columns the import reads besides the DLC column 'labels': an integer class
+    column, a string image-id column and (with --latents) the SD-VAE latents 'features'; None
+    where the files have none."""
+    pa, names = import_pyarrow(), schema.names
+    if "labels" not in names:
+        utils.fail(f"{path} has no 'labels' column (the DLC); columns: {', '.join(names)}")
     cls_col = next((c for c in CLASS_COLUMNS if c in names and pa.types.is_integer(schema.field(c).type)), None)
     name_col = next((c for c in NAME_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None)
     return cls_col, name_col, "features" if latents and "features" in names else None
@@ -1194,13 +1214,8 @@ def import_authors(cfg):
     latents.npy float16 [N, 1, 4, h, w] (their one fixed flip per image: index 0 only)."""
     if not cfg.authors or not cfg.out:
         utils.fail("import needs --authors PATH (the authors' DLC dataset) and --out DIR (the DLC set)")
-    pa = import_pyarrow()
     files = authors_files(cfg.authors, cfg.split)
-    schema = file_schema(files[0])
-    names = schema.names
-    if "labels" not in names:
-        utils.fail(f"{files[0]} has no 'labels' column (the DLC); columns: {', '.join(names)}")
-    cls_col, name_col, feat_col = import_columns(pa, schema, cfg.latents)
+    cls_col, name_col, feat_col = import_columns(file_schema(files[0]), cfg.latents, files[0])
     cols = ["labels"] + [c for c in (cls_col, name_col, feat_col) if c]
     N = count_rows(files)
     if N == 0:
