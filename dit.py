@@ -75,6 +75,7 @@ class Config:
     image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
     num_classes: int = 0            # label conditioner classes; 0 = from the data (ImageNet 1000)
     drop_prob: float = 0.1          # probability of replacing the condition by the null / drop token
+    dlc_pool: str = "sum"           # DLC tokens -> condition: sum (the toy) | mean (paper, authors, imagenet)
     init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
     # optimisation
     lr: float = 2e-3                # AdamW learning rate (paper / DiT: 1e-4; the toy: 2e-3, see README)
@@ -129,7 +130,7 @@ PRESETS = {
     "toy": {},
     "imagenet": dict(model="DiT-XL/2", image_size=256, batch_size=32, steps=4_000_000, lr=1e-4,
                      ema=0.9999, num_classes=1000, ckpt_every=50_000, sample_every=50_000,
-                     log_every=100, cfg_channels=4, schedule="linear"),
+                     log_every=100, cfg_channels=4, schedule="linear", dlc_pool="mean"),
 }
 # Table 1 as the authors sampled it (scripts/gen_50k_sedd-1024_cfg-1.7.sh and
 # scripts/gen_50k_sedd-4096-remask.sh -> dit/sample_ddp_parallelized_dlc_hf.py -> pipeline_dlc_dit.py):
@@ -182,10 +183,16 @@ class DLCEmbedder(nn.Module):
     The L embedded tokens are averaged. Init N(0, 1/D) as in the authors' SEMEmbedder, whose
     drop-token rows start as one shared vector repeated at every position.
     "Soft SEM": a (B, L, V) tensor of probabilities (each row sums to 1) embeds as the
-    probability-weighted average of the rows, sum_v p[l, v] E[l, v]; a one-hot p is the code."""
-    def __init__(self, L, V, hidden):
+    probability-weighted average of the rows, sum_v p[l, v] E[l, v]; a one-hot p is the code.
+    pool = "sum" (the toy's default) adds the L rows instead: L times the average, the same
+    model with a table L times larger, which a few thousand Adam steps cannot grow to on their
+    own (the average of L random rows is 1/sqrt(L) of one row, small next to the timestep
+    embedding, so the DiT barely reads the code; docs/LOG.md)."""
+    def __init__(self, L, V, hidden, pool="mean"):
         super().__init__()
-        self.L, self.V = L, V
+        if pool not in ("mean", "sum"):
+            utils.fail(f"--dlc_pool must be mean or sum, got {pool!r}")
+        self.L, self.V, self.scale = L, V, float(L) if pool == "sum" else 1.0
         table = torch.randn(L, V, hidden) * hidden ** -0.5
         drop = (torch.randn(1, 1, hidden) * hidden ** -0.5).expand(L, 1, hidden)
         self.embedding_table = nn.Parameter(torch.cat([table, drop], 1))   # (L, V+1, D)
@@ -193,10 +200,10 @@ class DLCEmbedder(nn.Module):
     def forward(self, codes, drop):                  # codes (B, L) int64 or (B, L, V) float, drop (B,) bool
         if codes.is_floating_point():                # soft SEM: weights over the V tokens of each position
             rows = torch.einsum("blv,lvd->bld", codes.to(self.embedding_table.dtype), self.embedding_table[:, :self.V])
-            return torch.where(drop[:, None], self.embedding_table[:, self.V].mean(0), rows.mean(1))
+            return self.scale * torch.where(drop[:, None], self.embedding_table[:, self.V].mean(0), rows.mean(1))
         codes = torch.where(drop[:, None], self.V, codes)          # drop the WHOLE code
         pos = torch.arange(self.L, device=codes.device)[None]      # (1, L)
-        return self.embedding_table[pos, codes].mean(1)            # (B, L, D) -> (B, D)
+        return self.scale * self.embedding_table[pos, codes].mean(1)   # (B, L, D) -> (B, D)
 
 
 class ContEmbedder(nn.Module):
@@ -296,7 +303,7 @@ class DiT(nn.Module):
     `cond` picks the conditioner: dlc (sem_embedder, the authors' key), label (y_embedder,
     the official key), embedding (cont_embedder) or none."""
     def __init__(self, model="DiT-toy/2", input_size=16, in_channels=3, cond="none",
-                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False):
+                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean"):
         super().__init__()
         depth, dim, heads, patch = DIT_MODELS[model]
         self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
@@ -306,7 +313,7 @@ class DiT(nn.Module):
         if cond == "label":
             self.y_embedder = LabelEmbedder(num_classes, dim)
         elif cond == "dlc":
-            self.sem_embedder = DLCEmbedder(L, V, dim)
+            self.sem_embedder = DLCEmbedder(L, V, dim, dlc_pool)
         elif cond == "embedding":
             self.cont_embedder = ContEmbedder(emb_dim, dim)
         elif cond != "none":
@@ -636,7 +643,8 @@ def get_batch(x, y, idx, gen, latent):
 
 def model_args(cfg, info, in_ch, size):
     return dict(model=cfg.model, input_size=size, in_channels=in_ch, cond=cfg.cond,
-                num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"])
+                num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"],
+                **({"dlc_pool": cfg.dlc_pool} if cfg.cond == "dlc" else {}))   # absent: mean (older checkpoints)
 
 
 def save_grid(images, path, ncol=8):

@@ -116,6 +116,27 @@ def test_dlc_embedder_drop_and_average():
     assert torch.allclose(out[1], e.embedding_table[:, 5].mean(0))          # index V = drop token everywhere
 
 
+def test_dlc_pool_sum_is_the_toy_default_mean_for_imagenet_and_old_checkpoints():
+    """pool = sum: the condition is sum_l E[l, c_l] (the drop token summed the same way; soft SEM
+    by its probabilities). The toy config sums, the imagenet preset averages as the paper and
+    the authors do, and model_args without dlc_pool (checkpoints saved before it, converted
+    authors' checkpoints) build the average."""
+    L, V, D = 4, 5, 7
+    e = dit.DLCEmbedder(L, V, D, pool="sum")
+    codes, drop = torch.tensor([[0, 1, 2, 3], [4, 4, 0, 1]]), torch.tensor([False, True])
+    out = e(codes, drop)
+    torch.testing.assert_close(out[0], sum(e.embedding_table[l, codes[0, l]] for l in range(L)))
+    torch.testing.assert_close(out[1], e.embedding_table[:, V].sum(0))
+    torch.testing.assert_close(e(F.one_hot(codes, V).float(), drop), out)
+    info = {"num_classes": 0, "L": L, "V": V, "emb_dim": 0}
+    for argv, scale in (([], L), (["--preset", "imagenet", "--model", "DiT-toy/4"], 1)):
+        cfg = utils.parse_config(dit.Config, argv, dit.PRESETS)
+        assert dit.DiT(**dit.model_args(cfg, info, 3, 8)).sem_embedder.scale == scale
+    assert dit.DiT("DiT-toy/4", 8, 3, "dlc", L=L, V=V).sem_embedder.scale == 1
+    with pytest.raises(SystemExit, match="--dlc_pool must be mean or sum"):
+        dit.DLCEmbedder(L, V, D, pool="max")
+
+
 def check_bayes_posterior(D, steps):
     """q(x_{t-1} | x_t, x_0) by Bayes: N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1}) N(x_t; sqrt(a_t) x_{t-1}, beta_t)."""
     for s in steps:
