@@ -5,8 +5,9 @@ and 5 "Setup for inferring DLC"; its Table 3 probe is evaluate.py probe).
 A DLC is the argmax of each of the L softmax groups of a SEM head put on a self-supervised
 ViT: pre-norm CLS + register tokens -> Linear -> LayerNorm -> (L, V) -> softmax(x / tau) per
 group -> Linear -> the backbone's final norm, which replaces the normalised CLS that the
-DINO head sees. Training is DINOv2 (DINO CLS loss with multi-crop and centering, iBOT masked
-patch loss, KoLeo) with an EMA teacher. Facts (key names, shapes, losses, defaults) come from
+DINO head sees. Training is DINOv2 (DINO CLS loss with multi-crop and centering, or
+DINOv2's Sinkhorn-Knopp teacher with --centering sinkhorn; iBOT masked patch loss; KoLeo)
+with an EMA teacher. Facts (key names, shapes, losses, defaults) come from
 https://github.com/facebookresearch/dinov2 (dinov2/models/vision_transformer.py,
 dinov2/layers/{block,attention,mlp,swiglu_ffn,layer_scale,patch_embed}.py,
 dinov2/loss/{dino_clstoken_loss,ibot_patch_loss,koleo_loss}.py, dinov2/utils/param_groups.py)

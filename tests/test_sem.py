@@ -345,7 +345,8 @@ def test_bad_inputs(tmp_path):
     cases = [([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "empty")], "no images"),
              ([*base, "--ckpt", str(tmp_path / "vits.pth"), "--data", str(tmp_path / "badimg")], "cannot read image"),
              ([SEM, "--init", str(tmp_path / "missing.pth"), "--steps", "1"], "does not exist"),
-             ([SEM, "--mask_mode", "blocks", "--steps", "1"], "unknown --mask_mode")]
+             ([SEM, "--mask_mode", "blocks", "--steps", "1"], "unknown --mask_mode"),
+             ([SEM, "--centering", "sinkhorn_knopp", "--steps", "1"], "unknown --centering")]
     for i, (args, msg) in enumerate(cases):
         out = str(tmp_path / f"out{i}")
         p = run_script([*args, "--out", out], cwd=tmp_path, check=False)
