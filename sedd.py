@@ -281,7 +281,6 @@ def sample_categorical(probs, generator=None):
     return (probs.double() / -torch.log1p(-u)).argmax(-1)
 
 
-@torch.no_grad()
 def step_rate(sampler, t, s, eps):
     """(sigma(t), r) for a reverse step t -> s, where P(mask -> y) = r s_y (see sample)."""
     sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)
@@ -292,6 +291,7 @@ def step_rate(sampler, t, s, eps):
     utils.fail(f"unknown sampler {sampler!r}; use analytic or euler")
 
 
+@torch.no_grad()
 def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0.55, eps=1e-3,
            t_end=1e-5, cache=True, generator=None, device="cpu", trace=None, given=None, keep=None):
     """Reverse the absorbing process from all-mask at t = 1 down to t_end on a uniform grid,

@@ -177,6 +177,20 @@ def test_caching_reuses_output_only_when_nothing_changed():
     assert out[True][1]["saved"] > 0 and out[False][1]["saved"] == 0
 
 
+def test_sampling_builds_no_autograd_graph():
+    """The sampler runs without gradients: a network with parameters would otherwise keep every
+    step's graph alive (memory growing with steps x batch)."""
+    net = torch.nn.Linear(1, 3)                                     # V + 1 = 3 outputs per position
+    seen = []
+
+    def raw_fn(x, sigma):
+        z = net(x[..., None].float())                               # (n, L, V+1), depends on parameters
+        seen.append(torch.is_grad_enabled() or z.requires_grad)
+        return z
+    x, _ = sedd.sample(raw_fn, 4, 3, 2, steps=3)
+    assert seen and not any(seen) and x.shape == (4, 3)
+
+
 def test_float64_categorical():
     g = torch.Generator().manual_seed(0)
     p = torch.tensor([1e-3, 0.5, 2.0, 0.0], dtype=torch.float64)      # unnormalised, a zero
