@@ -4,6 +4,11 @@ import os, subprocess, sys
 
 import pytest
 
+# under pytest-xdist (pytest.ini: two workers) each worker and the scripts it starts use one
+# thread, so that the two workers do not fight over the cores
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
