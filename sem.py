@@ -845,7 +845,6 @@ def encode(cfg):
 
 def bench(cfg):
     """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
-    from torch.utils.flop_counter import FlopCounterMode
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
     cfg = dataclasses.replace(cfg, steps=6)
@@ -857,19 +856,13 @@ def bench(cfg):
     batches = [data[i] for i in range(cfg.steps)]
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     peak = utils.matmul_peak_flops(d.device, dtype)
+    order = iter(range(cfg.steps))                                      # step i trains on batches[i]
 
-    def step(b, i):
-        loss, _ = train_step(student, teacher, centers, b, cfg, i, d)
+    def step():
+        i = next(order)
+        loss, _ = train_step(student, teacher, centers, batches[i], cfg, i, d)
         opt.zero_grad(); loss.backward(); opt.step()
-    with FlopCounterMode(display=False) as fc:
-        step(batches[0], 0)
-    train_flops = fc.get_total_flops()
-    step(batches[1], 1); utils.sync(d.device)
-    t = time.perf_counter()
-    for i in range(2, cfg.steps):
-        step(batches[i], i)
-    utils.sync(d.device)
-    dt = (time.perf_counter() - t) / (cfg.steps - 2)
+    dt, train_flops = utils.measure(step, d.device, cfg.steps - 2)      # counted on step 0, warm-up 1, timed 2..
     print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
           f"(step {train_flops / 1e9:.1f} GFLOP{' incl. recompute' if cfg.grad_ckpt else ''}, peak {peak / 1e12:.2f} "
           f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
@@ -877,15 +870,8 @@ def bench(cfg):
     x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     with torch.no_grad(), amp:
-        with FlopCounterMode(display=False) as fc:
-            enc(x)
-        enc(x); utils.sync(d.device)
-        t = time.perf_counter()
-        for _ in range(3):
-            enc(x)
-        utils.sync(d.device)
-    dt = (time.perf_counter() - t) / 3
-    print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {fc.get_total_flops() / dt / peak:.1%} | "
+        dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
+    print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
           f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
 
 

@@ -492,10 +492,9 @@ def wrap_for_training(cfg, be, state, resume, d):
             utils.load_weights(ema, state["ema"], resume)
     if fsdp:
         model = shard_fsdp(model, d)
-    elif d.world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model) if cfg.compile else model
+    else:
+        model = utils.distribute(model, d, cfg.compile)                   # DDP with several ranks, compile
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     if state and state.get("opt") and not fsdp:
         utils.load_weights(opt, state["opt"], resume)

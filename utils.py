@@ -2,7 +2,7 @@
 and the embedded datasets. Everything a model is made of lives in the script of its paper
 section; this file only holds infrastructure that every script needs in the same form.
 """
-import dataclasses, glob, json, os, re, shutil, time, typing
+import dataclasses, glob, json, os, re, shutil, sys, time, typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -106,7 +106,6 @@ def main(commands, doc, argv=None, default="train"):
     function is called with the parsed config. `default` is the sub-command run when the line
     starts with an option (None: a sub-command is required). `--help` prints the script's
     docstring and the sub-command's options with their defaults."""
-    import sys
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv.pop(0) if argv and not argv[0].startswith("-") else default
     if cmd is None and not {"--help", "-h"} & set(argv):
