@@ -76,6 +76,7 @@ class Config:
     num_classes: int = 0            # label conditioner classes; 0 = from the data (ImageNet 1000)
     drop_prob: float = 0.1          # probability of replacing the condition by the null / drop token
     dlc_pool: str = "sum"           # DLC tokens -> condition: sum (the toy) | mean (paper, authors, imagenet)
+    label_std: float = 1.0          # label table init std (DiT, imagenet: 0.02; the toy: 1.0, the same small-condition trap)
     init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
     # optimisation
     lr: float = 2e-3                # AdamW learning rate (paper / DiT: 1e-4; the toy: 2e-3, see README)
@@ -130,7 +131,8 @@ PRESETS = {
     "toy": {},
     "imagenet": dict(model="DiT-XL/2", image_size=256, batch_size=32, steps=4_000_000, lr=1e-4,
                      ema=0.9999, num_classes=1000, ckpt_every=50_000, sample_every=50_000,
-                     log_every=100, cfg_channels=4, schedule="linear", dlc_pool="mean"),
+                     log_every=100, cfg_channels=4, schedule="linear", dlc_pool="mean",
+                     label_std=0.02),
 }
 # Table 1 as the authors sampled it (scripts/gen_50k_sedd-1024_cfg-1.7.sh and
 # scripts/gen_50k_sedd-4096-remask.sh -> dit/sample_ddp_parallelized_dlc_hf.py -> pipeline_dlc_dit.py):
@@ -303,11 +305,11 @@ class DiT(nn.Module):
     `cond` picks the conditioner: dlc (sem_embedder, the authors' key), label (y_embedder,
     the official key), embedding (cont_embedder) or none."""
     def __init__(self, model="DiT-toy/2", input_size=16, in_channels=3, cond="none",
-                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean"):
+                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean", label_std=0.02):
         super().__init__()
         depth, dim, heads, patch = DIT_MODELS[model]
         self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
-        self.grad_ckpt = grad_ckpt
+        self.grad_ckpt, self.label_std = grad_ckpt, label_std
         self.x_embedder = PatchEmbed(patch, in_channels, dim)
         self.t_embedder = TimestepEmbedder(dim)
         if cond == "label":
@@ -325,8 +327,8 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """DiT init: xavier linears, patch conv as a linear, N(0, .02) timestep MLP, and zeros on
-        every adaLN output and the final linear, so the network outputs exactly 0 at init."""
+        """DiT init: xavier linears, patch conv as a linear, N(0, .02) timestep MLP, N(0, label_std)
+        label rows, zeros on every adaLN output and the final linear: the output is exactly 0 at init."""
         if self.pos_embed.is_meta:                   # shapes only (torch.device("meta")): nothing to fill
             return
         for m in self.modules():
@@ -338,7 +340,7 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
         if self.cond == "label":
-            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_std)   # DiT: 0.02
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
@@ -644,7 +646,8 @@ def get_batch(x, y, idx, gen, latent):
 def model_args(cfg, info, in_ch, size):
     return dict(model=cfg.model, input_size=size, in_channels=in_ch, cond=cfg.cond,
                 num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"],
-                **({"dlc_pool": cfg.dlc_pool} if cfg.cond == "dlc" else {}))   # absent: mean (older checkpoints)
+                **({"dlc_pool": cfg.dlc_pool} if cfg.cond == "dlc" else {}),   # absent: mean (older checkpoints)
+                **({"label_std": cfg.label_std} if cfg.cond == "label" else {}))
 
 
 def save_grid(images, path, ncol=8):
@@ -862,10 +865,10 @@ def sample(cfg):
         order = np.concatenate([g[0] for g in gathered]).argsort()
         imgs = np.concatenate([g[1] for g in gathered])[order]
     if d.main:
-        extra = {}
+        extra = {"cfg_scale": np.float64(cfg.cfg_scale)}                 # the report names guided rows
         if y_all is not None:
-            extra = {"codes": y_all.numpy().astype(np.uint16)} if model.cond == "dlc" else \
-                    {"labels": y_all.numpy()} if model.cond == "label" else {"embeddings": y_all.numpy()}
+            extra.update({"codes": y_all.numpy().astype(np.uint16)} if model.cond == "dlc" else
+                         {"labels": y_all.numpy()} if model.cond == "label" else {"embeddings": y_all.numpy()})
         with utils.atomic_path(cfg.out) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, arr_0=imgs, **extra)

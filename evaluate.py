@@ -598,6 +598,8 @@ def cmd_judge(cfg, device):
          "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(low),
          "judge_heldout_acc": float(min(acc)), "resolution": int(smp.shape[1]), "samples": cfg.samples}
     npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
+    if "cfg_scale" in npz:                                   # dit.py sample records its guidance scale
+        m["cfg_scale"] = float(npz["cfg_scale"])
     target = given if given is not None else next(
         (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)
     if target is not None:
@@ -848,7 +850,8 @@ def stage_tables(m, g, names):
           "| samples | judge-FID | Vendi | all 3 kept | shape | colour | background | valid |", "|---" * 8 + "|"]
     for n in names[:7]:
         r = m[n]
-        L.append(f"| {n} | {r['judge_fid']:.2f} | {r['vendi_judge']:.2f} | " + " | ".join(
+        name = n + (f" (CFG {r['cfg_scale']:g})" if r.get("cfg_scale", 1.0) != 1.0 else "")
+        L.append(f"| {name} | {r['judge_fid']:.2f} | {r['vendi_judge']:.2f} | " + " | ".join(
             f3(r.get(k, "-")) for k in ("acc_all", "acc_shape", "acc_colour", "acc_background", "valid_rate")) + " |")
     L += ["", "## 3. Composition (Sec. 5.2): pairs of sources that differ in all 3 attributes", "",
           "| method | recombination rate | copies of a source | Vendi | distinct combos | held-out target produced |", "|---" * 6 + "|"]

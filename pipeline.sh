@@ -14,7 +14,7 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; SEM=(); SEDD=(--steps 800); DIT=(--steps 2000); T2D=(--steps 1000)
+  NDATA=4000; SEM=(); SEDD=(--steps 1200); DIT=(--steps 2000); T2D=(--steps 1000)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)
@@ -63,7 +63,7 @@ S=(--n $NS --sample_steps $STEPS)
 $PY "$D/dit.py" real --n $NS --out "$OUT/s/real-16px.npz"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc" "${S[@]}" --out "$OUT/s/dlc-encoded.npz"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc-sedd" "${S[@]}" --out "$OUT/s/dlc-sedd.npz"
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" --out "$OUT/s/label.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" --cfg_scale 4 --out "$OUT/s/label.npz"   # DiT's guided samples
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --dlc "$OUT/dlc" "${S[@]}" --out "$OUT/s/embedding-encoded.npz"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --embeddings "$OUT/emb-gen.npy" "${S[@]}" --out "$OUT/s/embedding-generated.npz"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-none "${S[@]}" --out "$OUT/s/unconditional.npz"

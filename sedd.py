@@ -63,7 +63,8 @@ class Config:
     cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
     dropout: float = 0.1         # residual dropout (SEDD: 0.1)
     eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
-    lr: float = 3e-4             # AdamW, betas (0.9, 0.999), weight decay 0
+    lr: float = 1e-3             # AdamW, betas (0.9, 0.999), weight decay 0 (paper / SEDD: 3e-4; the toy: 1e-3,
+                                 # held-out loss 0.66 vs 0.80 nats/token after 800 steps at L = 64)
     warmup: int = 100            # linear warm-up steps then constant (paper: 2500)
     grad_clip: float = 1.0       # global grad-norm clip
     ema: float = 0.99            # EMA decay (paper 0.9999: its ~10k-step memory outlasts a toy run)
@@ -90,7 +91,7 @@ def model_dims(size):
     return tuple(int(p) for p in dims)
 
 
-_PAPER = dict(size="medium", batch_size=512, warmup=2500, ema=0.9999, steps=500_000,
+_PAPER = dict(size="medium", batch_size=512, lr=3e-4, warmup=2500, ema=0.9999, steps=500_000,
               eval_every=5000, ckpt_every=10000)
 PRESETS = {"toy": {},
            # the paper's three DLC shapes, L * V = 131072; main = 512 x 256

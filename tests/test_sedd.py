@@ -400,3 +400,12 @@ def test_bad_input_one_line_nothing_written(toy, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         sedd.main(["--preset", "imagenet512", "--dlc", "dlc", "--run", "y"])   # preset expects L=512
     assert "L=512" in str(e.value) and not os.path.exists("runs/sedd-y")
+
+
+def test_training_presets_keep_the_papers_optimiser():
+    """The toy trains at lr 1e-3 (minutes of CPU); the imagenet presets keep SEDD's 3e-4, batch 512,
+    warm-up 2500 and EMA 0.9999 whatever the toy default is."""
+    assert utils.parse_config(sedd.Config, [], sedd.PRESETS).lr == 1e-3
+    for name in ("imagenet512", "imagenet128", "imagenet32"):
+        c = utils.parse_config(sedd.Config, ["--preset", name], sedd.PRESETS)
+        assert (c.lr, c.batch_size, c.warmup, c.ema, c.size) == (3e-4, 512, 2500, 0.9999, "medium")
