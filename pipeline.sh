@@ -59,13 +59,13 @@ done
 $PY "$D/dit.py" embgen --dlc "$OUT/dlc" --n $NS --out "$OUT/emb-gen.npy"
 
 stage "5. Samples of every model (judge-FID, Table 3 left) and the training images at 16 px (the floor)"
-S=(--n $NS --sample_steps $STEPS)
+S=(--n $NS --sample_steps $STEPS); G=(--cfg_scale 4)   # every conditioned model guided at DiT's figure scale
 $PY "$D/dit.py" real --n $NS --out "$OUT/s/real-16px.npz"
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc" "${S[@]}" --out "$OUT/s/dlc-encoded.npz"
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc-sedd" "${S[@]}" --out "$OUT/s/dlc-sedd.npz"
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" --cfg_scale 4 --out "$OUT/s/label.npz"   # DiT's guided samples
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --dlc "$OUT/dlc" "${S[@]}" --out "$OUT/s/embedding-encoded.npz"
-$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --embeddings "$OUT/emb-gen.npy" "${S[@]}" --out "$OUT/s/embedding-generated.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc" "${S[@]}" "${G[@]}" --out "$OUT/s/dlc-encoded.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc-sedd" "${S[@]}" "${G[@]}" --out "$OUT/s/dlc-sedd.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" "${G[@]}" --out "$OUT/s/label.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --dlc "$OUT/dlc" "${S[@]}" "${G[@]}" --out "$OUT/s/embedding-encoded.npz"
+$PY "$D/dit.py" sample --ckpt runs/dit-pipeline-embedding --embeddings "$OUT/emb-gen.npy" "${S[@]}" "${G[@]}" --out "$OUT/s/embedding-generated.npz"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-none "${S[@]}" --out "$OUT/s/unconditional.npz"
 for s in real-16px dlc-encoded embedding-encoded; do
   $PY "$D/evaluate.py" judge --samples "$OUT/s/$s.npz" --target_attrs "$OUT/dlc/attrs.npy" --out "$OUT/eval/$s" "${JUDGE[@]}"
@@ -79,7 +79,7 @@ stage "6. Composition (Sec. 5.2): DLC token mixing vs averaging the continuous e
 for pick in differ heldout; do
   name=$([ $pick = differ ] && echo compose || echo compose-heldout)
   $PY "$D/dit.py" compose --ckpt runs/dit-pipeline-dlc --emb_ckpt runs/dit-pipeline-embedding --dlc "$OUT/dlc" \
-    --pick $pick --n_pairs $NPAIRS --n_per_pair $K --sample_steps $STEPS --out "$OUT/s/$name.npz"
+    --pick $pick --n_pairs $NPAIRS --n_per_pair $K --sample_steps $STEPS "${G[@]}" --out "$OUT/s/$name.npz"
   $PY "$D/evaluate.py" judge --samples "$OUT/s/$name.npz" --out "$OUT/eval/$name-dlc" "${JUDGE[@]}"
   $PY "$D/evaluate.py" judge --samples "$OUT/s/${name}_embavg.npz" --out "$OUT/eval/$name-embedding" "${JUDGE[@]}"
 done
@@ -90,7 +90,7 @@ for split in seen heldout; do
   $PY "$D/text2dlc.py" sample --ckpt runs/text2dlc-pipeline --prompts_file "$D/prompts/$split.txt" --n $NP \
     --out "$OUT/t2d-$split" --overwrite
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/t2d-$split" --n $((6 * NP)) \
-    --sample_steps $STEPS --out "$OUT/s/text-$split.npz"
+    --sample_steps $STEPS "${G[@]}" --out "$OUT/s/text-$split.npz"
   $PY "$D/evaluate.py" judge --samples "$OUT/s/text-$split.npz" --target_attrs "$OUT/t2d-$split/attrs.npy" \
     --out "$OUT/eval/text-$split" "${JUDGE[@]}"
 done
