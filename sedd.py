@@ -16,22 +16,13 @@ Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a sta
   python sedd.py --dlc runs/dlc-shapes     # toy training on sem.py encode's set (5-6 min on a busy 2-core CPU)
   python sedd.py synth --out runs/dlc-synth && python sedd.py --dlc runs/dlc-synth   # synthetic stand-in set
   python sedd.py sample --ckpt runs/sedd-toy --n 4000 --out runs/dlc-sedd   # tau-leaping + remasking
-  python sedd.py bench                                                      # tokens/s, memory, MFU
-  python sedd.py --preset imagenet512 --dlc DLC512 --run in512              # one GPU, paper model
-  torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
-  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet-4096-remask --ckpt runs/sedd-in512 --num 50000 --out DLC512-gen
-  python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
   python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-synth --keep 0-3,8 --n 100 --out runs/dlc-infill
-
-Sampling presets (`sample --preset NAME`; any flag after it overrides):
-  imagenet-1024          1024 analytic steps, no remasking: the authors' gen_50k_sedd-1024_cfg-1.7.sh
-                         (the Table 1 row with CFG 1.7 in dit.py)
-  imagenet-4096-remask   4096 steps, remasking eta 0.01 in t in (0.3, 0.55): their gen_50k_sedd-4096-remask.sh
-                         (the unguided row); `imagenet` is the same. The paper's table says eta 1e-4: add --eta 1e-4
-convert --authors takes their SEDD run folder (.hydra/config.yaml + checkpoints-meta/checkpoint.pth, the
-EMA weights are converted) or a local Hugging Face folder (config.json + model.safetensors / pytorch_model.bin).
-Infilling (--given DLCSET --keep POSITIONS): sample i keeps the tokens of row i % N of the given set at the
-kept positions and draws the others from p(x_rest | x_kept).
+  torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
+  torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --num 50000 --out DLC512-gen
+  python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
+  python sedd.py bench                                                      # tokens/s, memory, MFU
+Sampling presets imagenet-1024 and imagenet-4096-remask (= imagenet) are the authors' gen_50k_sedd-1024_cfg-1.7.sh
+and gen_50k_sedd-4096-remask.sh. Infilling (--given, --keep), convert's inputs, design choices: docs/sedd.md.
 """
 import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass
@@ -63,8 +54,7 @@ class Config:
     cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
     dropout: float = 0.1         # residual dropout (SEDD: 0.1)
     eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
-    lr: float = 1e-3             # AdamW, betas (0.9, 0.999), weight decay 0 (paper / SEDD: 3e-4; the toy: 1e-3,
-                                 # held-out loss 0.66 vs 0.80 nats/token after 800 steps at L = 64)
+    lr: float = 1e-3             # AdamW, betas (0.9, 0.999), weight decay 0 (paper / SEDD: 3e-4; docs/LOG.md)
     warmup: int = 100            # linear warm-up steps then constant (paper: 2500)
     grad_clip: float = 1.0       # global grad-norm clip
     ema: float = 0.99            # EMA decay (paper 0.9999: its ~10k-step memory outlasts a toy run)
@@ -74,7 +64,8 @@ class Config:
     bench_iters: int = 10        # bench: timed training iterations
     bench_n: int = 64            # bench: DLCs sampled
     bench_steps: int = 128       # bench: sampling steps
-    POSITIVE = ("steps", "batch_size", "cond_dim", "eval_every", "ckpt_every", "bench_iters", "bench_n", "bench_steps")
+    POSITIVE = ("steps", "batch_size", "cond_dim", "eval_every", "ckpt_every", "bench_iters", "bench_n",
+                "bench_steps")
 
 
 SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
@@ -108,7 +99,7 @@ class SampleConfig:
     overwrite: bool = False      # replace an existing DLC set at --out
     sampler: str = "analytic"    # analytic (Tweedie tau-leaping) | euler
     steps: int = 128             # time steps from 1 to t_end (paper: 1024, or 4096 with remasking)
-    eta: float = 0.01            # remasking probability per step in the window; 0 = off (see README)
+    eta: float = 0.01            # remasking probability per step in the window; 0 = off (docs/sedd.md)
     t0: float = 0.3              # remasking window start
     t1: float = 0.55             # remasking window end
     t_end: float = 1e-5          # last grid time, then a final denoising step to t = 0
@@ -129,7 +120,7 @@ SAMPLE_PRESETS = {"toy": {},
                   "imagenet-1024": {"sampler": "analytic", "steps": 1024, "eta": 0.0, "batch_size": 256},
                   "imagenet-4096-remask": {"sampler": "analytic", "steps": 4096, "eta": 0.01, "t0": 0.3, "t1": 0.55,
                                            "batch_size": 256}}
-SAMPLE_PRESETS["imagenet"] = SAMPLE_PRESETS["imagenet-4096-remask"]   # the earlier name
+SAMPLE_PRESETS["imagenet"] = SAMPLE_PRESETS["imagenet-4096-remask"]   # the short name README.md uses
 
 
 #################################################################################
@@ -225,7 +216,8 @@ class DDiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(D, bias=False)
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
         self.ada = nn.Linear(cond_dim, 6 * D)
-        nn.init.zeros_(self.ada.weight); nn.init.zeros_(self.ada.bias)
+        nn.init.zeros_(self.ada.weight)                                     # adaLN-Zero: the block starts as identity
+        nn.init.zeros_(self.ada.bias)
 
     def forward(self, x, c):
         B, L, D = x.shape
@@ -257,7 +249,8 @@ class DDiT(nn.Module):
         self.ada = nn.Linear(cond_dim, 2 * D)
         self.out = nn.Linear(D, V + 1)
         for m in (self.ada, self.out):  # zero output at init: uniform p(x0 | x_t)
-            nn.init.zeros_(m.weight); nn.init.zeros_(m.bias)
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def raw(self, x, sigma):
         c = F.silu(self.sigma_mlp(timestep_embedding(sigma)))               # (B, cond)
@@ -269,6 +262,19 @@ class DDiT(nn.Module):
 
     def forward(self, x, sigma):
         return absorb_log_score(self.raw(x, sigma), x, sigma, self.V)
+
+
+def autocast(device):
+    """bf16 matmuls on CUDA (the network output and the loss stay float32); a no-op elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def bf16_raw(model, device):
+    """raw_fn(x, sigma) for the sampler: model.raw under autocast(device)."""
+    def raw_fn(x, sigma):
+        with autocast(device):
+            return model.raw(x, sigma)
+    return raw_fn
 
 
 #################################################################################
@@ -290,6 +296,29 @@ def step_rate(sampler, t, s, eps):
     if sampler == "euler":     # r = (t - s) sigma'(t)
         return sig_t, (t - s) * dsig_t.item()
     utils.fail(f"unknown sampler {sampler!r}; use analytic or euler")
+
+
+class CachedScores:
+    """scores(x, sigma) -> s_y (n, L, V) in float64 at noise sigma. The network runs only on the
+    rows that changed since their last forward (the sampler marks them in `stale`): reusing z and
+    re-applying the exact sigma scaling is exact for the ideal network (docs/sedd.md, Caching).
+    counts: row-forwards run and saved, summed over rows."""
+    def __init__(self, raw_fn, n, L, V, cache, device):
+        self.raw_fn, self.V, self.cache, self.device = raw_fn, V, cache, device
+        self.z = torch.zeros(n, L, V + 1, device=device)                 # the last network output per row
+        self.stale = torch.ones(n, dtype=torch.bool, device=device)      # rows whose x changed
+        self.counts = {"forwards": 0, "saved": 0}
+
+    def __call__(self, x, sigma):
+        V, n = self.V, len(x)
+        need = x.eq(V).any(-1) & (self.stale | (not self.cache))         # rows with masks and a stale z
+        if need.any():
+            rows = need.nonzero().squeeze(1)
+            self.z[rows] = self.raw_fn(x[rows], torch.full((len(rows),), float(sigma), device=self.device)).float()
+            self.stale[rows] = False
+        self.counts["forwards"] += int(need.sum())
+        self.counts["saved"] += int((x.eq(V).any(-1) & ~need).sum())
+        return absorb_log_score(self.z.double(), x, sigma.to(self.device).expand(n), V)[..., :V].exp()
 
 
 @torch.no_grad()
@@ -314,21 +343,7 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
         free = ~keep.to(device)
         x = torch.where(free, x, given.to(device))
     grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
-    z = torch.zeros(n, L, V + 1, device=device)
-    stale = torch.ones(n, dtype=torch.bool, device=device)            # rows whose x changed
-    counts = {"forwards": 0, "saved": 0}                              # row-forwards, summed over rows
-
-    def log_scores(sigma):
-        """s_y (n, L, V) in float64 at noise sigma; the network runs only on rows that changed
-        since their last forward (reusing z is exact for the ideal network, see README)."""
-        need = x.eq(V).any(-1) & (stale | (not cache))
-        if need.any():
-            rows = need.nonzero().squeeze(1)
-            z[rows] = raw_fn(x[rows], torch.full((len(rows),), float(sigma), device=device)).float()
-            stale[rows] = False
-        counts["forwards"] += int(need.sum()); counts["saved"] += int((x.eq(V).any(-1) & ~need).sum())
-        return absorb_log_score(z.double(), x, sigma.to(device).expand(n), V)[..., :V].exp()
-
+    log_scores = CachedScores(raw_fn, n, L, V, cache, device)
     for i in range(steps):
         t, s = grid[i].item(), grid[i + 1].item()
         remask = eta > 0 and t0 < t < t1
@@ -337,22 +352,22 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
         masked = x == V
         x_new = x
         if masked.any():
-            move = rate * log_scores(sig_t)                                    # (n, L, V)
+            move = rate * log_scores(x, sig_t)                                 # (n, L, V)
             stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)               # (n, L, 1)
             new = sample_categorical(torch.cat([move, stay], -1), generator)   # index V = stay masked
             x_new = torch.where(masked, new, x)
         if remask:  # decisions from x_t: tokens unmasked in this very step are kept
             u = torch.rand(x.shape, dtype=torch.float64, generator=generator, device=device)
             x_new = torch.where(~masked & free & (u < eta), torch.full_like(x, V), x_new)
-        stale |= (x_new != x).any(-1)
+        log_scores.stale |= (x_new != x).any(-1)
         x = x_new
         if trace is not None:
             trace(i, s, x)
     masked = x == V  # final denoise t_end -> 0: p(x0 | x_t) over the V real tokens
     if masked.any():
-        s_y = log_scores(log_linear_noise(torch.tensor(t_end, dtype=torch.float64), eps)[0])
+        s_y = log_scores(x, log_linear_noise(torch.tensor(t_end, dtype=torch.float64), eps)[0])
         x = torch.where(masked, sample_categorical(s_y, generator), x)
-    return x, counts
+    return x, log_scores.counts
 
 
 def oracle_raw_fn(joint, V):
@@ -376,14 +391,6 @@ def oracle_raw_fn(joint, V):
 #                    Training: AdamW, warm-up, EMA, DDP, resume                 #
 #################################################################################
 
-def load_codes(path, L=None, V=None):
-    """A DLC set as int64 codes [N, L] plus its meta (load_dlc_set checks every token < V)."""
-    if not path:
-        utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode, or sedd.py synth)")
-    s = utils.load_dlc_set(path, L=L, V=V)
-    return np.asarray(s["codes"], dtype=np.int64), s["meta"]
-
-
 @torch.no_grad()
 def heldout_loss(model, codes, V, eps, device, batch=256, seed=1234):
     """Held-out score-entropy bound in nats per token, with fixed noise so evaluations compare."""
@@ -395,7 +402,9 @@ def heldout_loss(model, codes, V, eps, device, batch=256, seed=1234):
     return total / codes.size
 
 
-_perm_cache = {}
+_perm_cache = {}   # {(seed, epoch, N): that epoch's permutation}: one epoch at a time
+
+
 def batch_indices(step, rank, world, B, N, seed):
     """Rows for (step, rank): epoch-wise permutations read in order, each rank taking its own
     slice (what DistributedSampler does), and a pure function of step so --resume is exact."""
@@ -443,25 +452,47 @@ def save_state(run_dir, step, model, ema, opt, cfg, meta, d):
         dist.barrier()
 
 
+def load_codes(cfg):
+    """The --dlc set, read before anything is written (load_dlc_set checks its L and V against
+    --L / --V and every token < V); cfg with the set's L and V; the last `holdout` fraction of the
+    rows (none under 20 rows) held out for the per-token loss.
+    Returns (cfg, train codes, held-out codes, the set's meta); codes are int64 (N, L)."""
+    if not cfg.dlc:
+        utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode, or sedd.py synth)")
+    s = utils.load_dlc_set(cfg.dlc, L=cfg.L or None, V=cfg.V or None)
+    codes, meta = np.asarray(s["codes"], dtype=np.int64), s["meta"]
+    cfg = dataclasses.replace(cfg, L=int(meta["L"]), V=int(meta["V"]))
+    n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0
+    return cfg, codes[:len(codes) - n_hold], codes[len(codes) - n_hold:], meta
+
+
+def log_step(log, step, loss, gnorm, lr, t_start, cfg, d, finite):
+    """The step line: loss in nats per token and grad norm, averaged over ranks (all-reduce only
+    to log); the NaN check rides on the sync that the line needs anyway."""
+    stat = torch.stack([loss.detach() / cfg.L, gnorm.detach()])
+    if d.world > 1:
+        dist.all_reduce(stat)
+        stat /= d.world
+    utils.sync(d.device)
+    finite.check()
+    ms = (time.perf_counter() - t_start) * 1000
+    log(f"step {step + 1:7d} | loss {stat[0].item():.4f} | lr {lr:.2e} | grad {stat[1].item():.3f} | "
+        f"{ms:7.1f} ms/step | {cfg.batch_size * d.world / ms * 1000:8.0f} samples/s")
+
+
 def train(cfg):
     model_dims(cfg.size)  # a bad --size fails here, before anything is written
     d = utils.setup_dist(cfg.device)
     run_dir = os.path.join("runs", f"sedd-{cfg.run}")
     utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
-    codes, meta = load_codes(cfg.dlc, L=cfg.L or None, V=cfg.V or None)   # check before writing anything
-    L, V = int(meta["L"]), int(meta["V"])
-    cfg = dataclasses.replace(cfg, L=L, V=V)
-    n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0     # the last rows: held-out loss
-    train_codes, held = codes[:len(codes) - n_hold], codes[len(codes) - n_hold:]
+    cfg, train_codes, held, meta = load_codes(cfg)
     model, ema, opt, start = build_for_training(cfg, run_dir, d)
     log = utils.Logger(run_dir, d)
     utils.start_run(run_dir, cfg, d)
     if d.main:
-        log(f"sedd: L={L} V={V} size={cfg.size} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-            f"train={len(train_codes)} held-out={n_hold} world={d.world} device={d.device} start={start}")
+        log(f"sedd: L={cfg.L} V={cfg.V} size={cfg.size} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+            f"train={len(train_codes)} held-out={len(held)} world={d.world} device={d.device} start={start}")
     net = utils.distribute(model, d, cfg.compile)                         # DDP / compile; saves use model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
-
     finite = utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
 
     for step in range(start, cfg.steps):
@@ -469,28 +500,22 @@ def train(cfg):
         torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)  # t, masks, dropout: resumable
         idx = batch_indices(step, d.rank, d.world, cfg.batch_size, len(train_codes), cfg.seed)
         x0 = torch.as_tensor(train_codes[idx], device=d.device)            # (B, L)
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-        for g in opt.param_groups: g["lr"] = lr
-        with amp:  # bf16 matmuls; the network output and the loss are float32
-            loss = sedd_loss(net, x0, V, cfg.eps).mean()                   # per sequence, as in SEDD
+        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))            # linear warm-up, then constant
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast(d.device):
+            loss = sedd_loss(net, x0, cfg.V, cfg.eps).mean()               # per sequence, as in SEDD
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         utils.ema_update(ema, model, cfg.ema)
         finite.step(loss, step + 1)
-        stat = torch.stack([loss.detach() / L, gnorm.detach()])
-        if d.world > 1:  # all-reduce only to log
-            dist.all_reduce(stat); stat /= d.world
-        utils.sync(d.device)
-        finite.check()                                                     # the log line syncs anyway
-        ms = (time.perf_counter() - t_start) * 1000
-        log(f"step {step + 1:7d} | loss {stat[0].item():.4f} | lr {lr:.2e} | grad {stat[1].item():.3f} | "
-            f"{ms:7.1f} ms/step | {cfg.batch_size * d.world / ms * 1000:8.0f} samples/s")
+        log_step(log, step, loss, gnorm, lr, t_start, cfg, d, finite)
         last = step + 1 == cfg.steps
-        if n_hold and d.main and ((step + 1) % cfg.eval_every == 0 or last):
-            with amp:
-                log(f"held-out loss (EMA) {heldout_loss(ema, held, V, cfg.eps, d.device):.4f} nats/token")
+        if len(held) and d.main and ((step + 1) % cfg.eval_every == 0 or last):
+            with autocast(d.device):
+                log(f"held-out loss (EMA) {heldout_loss(ema, held, cfg.V, cfg.eps, d.device):.4f} nats/token")
         if (step + 1) % cfg.ckpt_every == 0 or last:
             finite.check(model.parameters())                               # never save a NaN model
             save_state(run_dir, step + 1, model, ema, opt, cfg, meta, d)
@@ -522,11 +547,8 @@ def parse_positions(spec, L):
 def load_given(sc, cfg):
     """Infilling: the --given set (same L and V as the model) and the --keep positions, checked
     before sampling. Returns (the set, its codes (N, L) int64, keep (L,) bool)."""
-    gset = utils.load_dlc_set(sc.given, L=cfg["L"], V=cfg["V"])
-    given = np.asarray(gset["codes"], dtype=np.int64)
-    if given.max() >= cfg["V"]:
-        utils.fail(f"DLC set {sc.given} holds token {given.max()} >= V={cfg['V']}")
-    return gset, given, parse_positions(sc.keep, cfg["L"])
+    gset = utils.load_dlc_set(sc.given, L=cfg["L"], V=cfg["V"])          # also checks every token < V
+    return gset, np.asarray(gset["codes"], dtype=np.int64), parse_positions(sc.keep, cfg["L"])
 
 
 def gather_rows(codes, ids, fw, saved, world):
@@ -538,14 +560,46 @@ def gather_rows(codes, ids, fw, saved, world):
     return (np.concatenate([p[0] for p in parts])[order], sum(p[2] for p in parts), sum(p[3] for p in parts))
 
 
-def sample_main(sc):
+def check_sample_args(sc):
+    """Bad flags stop with one line before any work, and before --out is touched."""
     if not sc.ckpt or not sc.out or sc.sampler not in ("analytic", "euler"):
         utils.fail("sample needs --ckpt (a .pt or run folder), --out DIR and --sampler analytic|euler")
     if sc.n < 1 or sc.steps < 1 or not 0 <= sc.eta < 1 or not 0 <= sc.t0 < sc.t1 <= 1:
         utils.fail("need --n >= 1, --steps >= 1, 0 <= --eta < 1 and 0 <= --t0 < --t1 <= 1")
-    utils.check_dlc_out(sc.out, sc.overwrite)                              # before any work
+    utils.check_dlc_out(sc.out, sc.overwrite)
     if bool(sc.given) != bool(sc.keep):
         utils.fail("infilling needs both --given DLCSET and --keep POSITIONS (e.g. --keep 0-3,8)")
+
+
+def write_samples(sc, ck, path, codes, gset, keep, fw, saved, secs):
+    """The generated DLC set: codes, meta (command, checkpoint, sampler flags, forward counts,
+    TV distance to the training codes when that set is still there) and, when infilling, the
+    given rows' labels."""
+    cfg = ck["config"]
+    stats = {"forwards_per_dlc": fw / sc.n, "forwards_saved_per_dlc": saved / sc.n, "dlcs_per_s": sc.n / secs}
+    meta = {"L": cfg["L"], "V": cfg["V"], "command": " ".join(["sedd.py"] + sys.argv[1:]), "checkpoint": path,
+            "source": cfg["dlc"], "data": ck.get("dlc_meta", {}).get("data"),
+            "sampler": dataclasses.asdict(sc), "stats": stats}
+    labels = None
+    if sc.given:  # row j keeps the tokens of row j % N of the given set (and takes its label)
+        n_given = len(gset["codes"])
+        meta["infill"] = {"given": sc.given, "keep": sc.keep, "kept_positions": keep.nonzero().squeeze(1).tolist(),
+                          "rows": "row j of codes.npy keeps the tokens of row j % N of the given set"}
+        labels = gset["labels"][np.arange(sc.n) % n_given] if "labels" in gset else None
+    if cfg["dlc"] and os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
+        ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
+        meta["tv"] = {"marginal": utils.tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
+                      "pairs": utils.tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
+    utils.save_dlc_set(sc.out, codes, meta, labels=labels, overwrite=sc.overwrite)
+    tv = f" | TV marginal {meta['tv']['marginal']:.4f} pairs {meta['tv']['pairs']:.4f}" if "tv" in meta else ""
+    print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
+          f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f}){tv}",
+          flush=True)
+
+
+def sample_main(sc):
+    """`sedd.py sample`: n DLCs from the EMA network, in batches, split across torchrun ranks."""
+    check_sample_args(sc)
     path = utils.resolve_ckpt(sc.ckpt)
     ck = utils.checkpoint_of(path, "sedd", ("ema", *(f"config.{k}" for k in ("L", "V", "size", "cond_dim", "dropout"))))
     cfg = ck["config"]
@@ -554,49 +608,31 @@ def sample_main(sc):
     model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
     utils.load_weights(model, ck["ema"], path)  # samplers use the EMA weights
     utils.check_sampling_weights(model.state_dict(), path)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
-    def raw_fn(x, sigma):
-        with amp:
-            return model.raw(x, sigma)
     g = torch.Generator(device=d.device).manual_seed(sc.seed * d.world + d.rank)
+    raw_fn = bf16_raw(model, d.device)
     ids = np.arange(d.rank, sc.n, d.world)                                 # this rank's share of the rows
-    out, fw, saved, t0 = [], 0, 0, time.perf_counter()
+    out, fw, saved, start = [], 0, 0, time.perf_counter()
     for b in tqdm(range(0, len(ids), sc.batch_size), disable=not d.main, desc="sampling"):
         rows = ids[b:b + sc.batch_size]
         kept = dict(given=torch.as_tensor(given[rows % len(given)]), keep=keep) if sc.given else {}
-        x, st = sample(raw_fn, len(rows), cfg["L"], cfg["V"], sc.steps, sc.sampler, sc.eta, sc.t0, sc.t1, cfg["eps"],
-                       sc.t_end, sc.cache, g, d.device, **kept)
-        out.append(x.cpu().numpy()); fw += st["forwards"]; saved += st["saved"]
-    codes = np.concatenate(out) if out else np.zeros((0, cfg["L"]), np.int64)
+        x, st = sample(raw_fn, len(rows), cfg["L"], cfg["V"], steps=sc.steps, sampler=sc.sampler, eta=sc.eta,
+                       t0=sc.t0, t1=sc.t1, eps=cfg["eps"], t_end=sc.t_end, cache=sc.cache, generator=g,
+                       device=d.device, **kept)
+        out.append(x.cpu().numpy())
+        fw += st["forwards"]
+        saved += st["saved"]
+    codes = np.concatenate(out) if out else np.zeros((0, cfg["L"]), np.int64)   # (n on this rank, L)
     if d.world > 1:
-        codes, fw, saved = gather_rows(codes, ids, fw, saved, d.world)
-    secs = time.perf_counter() - t0
+        codes, fw, saved = gather_rows(codes, ids, fw, saved, d.world)     # (n, L) on every rank
     if d.main:
-        stats = {"forwards_per_dlc": fw / sc.n, "forwards_saved_per_dlc": saved / sc.n, "dlcs_per_s": sc.n / secs}
-        meta = {"L": cfg["L"], "V": cfg["V"], "command": " ".join(["sedd.py"] + sys.argv[1:]), "checkpoint": path,
-                "source": cfg["dlc"], "data": ck.get("dlc_meta", {}).get("data"),
-                "sampler": dataclasses.asdict(sc), "stats": stats}
-        labels = None
-        if sc.given:  # row j keeps the tokens of row j % N of the given set (and takes its label)
-            meta["infill"] = {"given": sc.given, "keep": sc.keep, "kept_positions": keep.nonzero().squeeze(1).tolist(),
-                              "rows": "row j of codes.npy keeps the tokens of row j % N of the given set"}
-            labels = gset["labels"][np.arange(sc.n) % len(given)] if "labels" in gset else None
-        if cfg["dlc"] and os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
-            ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
-            meta["tv"] = {"marginal": utils.tv_marginals(ref, codes.astype(np.int64), cfg["V"]),
-                          "pairs": utils.tv_pairs(ref, codes.astype(np.int64), cfg["V"])}
-        utils.save_dlc_set(sc.out, codes, meta, labels=labels, overwrite=sc.overwrite)
-        print(f"wrote {sc.n} DLCs to {sc.out} | {stats['dlcs_per_s']:.1f} DLCs/s | forwards per DLC "
-              f"{stats['forwards_per_dlc']:.1f} of {sc.steps + 1} (saved {stats['forwards_saved_per_dlc']:.1f})"
-              + (f" | TV marginal {meta['tv']['marginal']:.4f} pairs {meta['tv']['pairs']:.4f}" if "tv" in meta else ""),
-              flush=True)
+        write_samples(sc, ck, path, codes, gset, keep, fw, saved, time.perf_counter() - start)
     if d.world > 1:
         dist.barrier()
     utils.cleanup_dist()
 
 
 #################################################################################
-#          convert: the authors' SEDD run folder or HF folder -> our checkpoint  #
+#    The authors' checkpoints: `convert` their SEDD run or HF folder to ours    #
 #################################################################################
 
 @dataclass
@@ -624,7 +660,8 @@ def authors_names(depth):
     the root's own pos_embed first, then the sub-modules in the order SEDD.__init__ builds them."""
     block = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight", "mlp.0.bias",
              "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
-    return (["pos_embed", "vocab_embed.embedding"] + [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
+    return (["pos_embed", "vocab_embed.embedding"]
+            + [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
             + [f"blocks.{b}.{n}" for b in range(depth) for n in block]
             + [f"output_layer.{n}" for n in ("norm_final.weight", "linear.weight", "linear.bias",
                                              "adaLN_modulation.weight", "adaLN_modulation.bias")])
@@ -647,34 +684,47 @@ def find_key(tree, names):
     for k in names:
         if k in tree:
             return tree[k]
-    return next((v for v in map(lambda t: find_key(t, names), tree.values()) if v is not None), None)
+    for sub in tree.values():  # depth first, in the file's order
+        found = find_key(sub, names)
+        if found is not None:
+            return found
+    return None
 
 
 def read_authors(path, checkpoint):
-    """(state dict, config dict, what it is). The run folder: their `{model, ema: {decay, num_updates,
-    shadow_params}, optimizer, step}` with the EMA (what they sample with) copied over `model`;
-    an HF folder: config.json + model.safetensors (or shards, or pytorch_model.bin)."""
+    """(state dict, config dict, what it is) of their SEDD run folder or of a local HF folder."""
     if os.path.isdir(os.path.join(path, ".hydra")) or os.path.isdir(os.path.join(path, "checkpoints-meta")):
-        cfg_path, ck_path = os.path.join(path, ".hydra", "config.yaml"), os.path.join(path, checkpoint)
-        for f in (cfg_path, ck_path):
-            if not os.path.isfile(f):
-                utils.fail(f"SEDD run folder {path} has no {os.path.relpath(f, path)}; "
-                           "it needs .hydra/config.yaml and checkpoints-meta/checkpoint.pth (or pass --checkpoint)")
-        import yaml  # lazily: only convert reads YAML
-        config = yaml.safe_load(open(cfg_path)) or {}
-        ck = utils.load_checkpoint(ck_path)
-        if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("ema"), dict)
-                and isinstance(ck["ema"].get("shadow_params"), (list, tuple))):
-            utils.fail(f"{ck_path} is not a SEDD training checkpoint ({{model, ema: {{shadow_params}}, optimizer, "
-                       f"step}}); found keys {sorted(ck)[:6] if isinstance(ck, dict) else type(ck).__name__}")
-        sd = strip_prefixes(ck["model"])
-        names, shadow = authors_names(count_blocks(sd)), ck["ema"]["shadow_params"]
-        check_layout(sd, names, ck_path)
-        if len(shadow) != len(names) or any(tuple(t.shape) != tuple(sd[n].shape) for n, t in zip(names, shadow)):
-            utils.fail(f"{ck_path}: ema.shadow_params ({len(shadow)} tensors) do not line up with the model's "
-                       f"{len(names)} parameters in SEDD's parameters() order")
-        sd = {**sd, **dict(zip(names, shadow))}
-        return sd, config, f"SEDD run folder, step {ck.get('step')}, EMA weights"
+        return read_run_folder(path, checkpoint)
+    return read_hf_folder(path)
+
+
+def read_run_folder(path, checkpoint):
+    """Their training run: .hydra/config.yaml and `{model, ema: {decay, num_updates, shadow_params},
+    optimizer, step}`, with the EMA (what they sample with) copied over `model`."""
+    cfg_path, ck_path = os.path.join(path, ".hydra", "config.yaml"), os.path.join(path, checkpoint)
+    for f in (cfg_path, ck_path):
+        if not os.path.isfile(f):
+            utils.fail(f"SEDD run folder {path} has no {os.path.relpath(f, path)}; "
+                       "it needs .hydra/config.yaml and checkpoints-meta/checkpoint.pth (or pass --checkpoint)")
+    import yaml  # lazily: only convert reads YAML
+    config = yaml.safe_load(open(cfg_path)) or {}
+    ck = utils.load_checkpoint(ck_path)
+    if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("ema"), dict)
+            and isinstance(ck["ema"].get("shadow_params"), (list, tuple))):
+        utils.fail(f"{ck_path} is not a SEDD training checkpoint ({{model, ema: {{shadow_params}}, optimizer, "
+                   f"step}}); found keys {sorted(ck)[:6] if isinstance(ck, dict) else type(ck).__name__}")
+    sd = strip_prefixes(ck["model"])
+    names, shadow = authors_names(count_blocks(sd)), ck["ema"]["shadow_params"]
+    check_layout(sd, names, ck_path)
+    if len(shadow) != len(names) or any(tuple(t.shape) != tuple(sd[n].shape) for n, t in zip(names, shadow)):
+        utils.fail(f"{ck_path}: ema.shadow_params ({len(shadow)} tensors) do not line up with the model's "
+                   f"{len(names)} parameters in SEDD's parameters() order")
+    sd = {**sd, **dict(zip(names, shadow))}
+    return sd, config, f"SEDD run folder, step {ck.get('step')}, EMA weights"
+
+
+def read_hf_folder(path):
+    """A Hugging Face folder: config.json + model.safetensors (or its shards, or pytorch_model.bin)."""
     cfg_path = os.path.join(path, "config.json")
     files = [os.path.join(path, f) for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")]
     found = [f for f in files if os.path.isfile(f)]
@@ -712,26 +762,25 @@ def check_layout(sd, names, where):
     missing = [n for n in names if n not in sd]
     if unexpected or missing:
         short = lambda ks: ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "") or "none"
-        utils.fail(f"{where} is not in the SEDD layout: unexpected keys {short(unexpected)}; missing keys {short(missing)}")
+        utils.fail(f"{where} is not in the SEDD layout: unexpected keys {short(unexpected)}; "
+                   f"missing keys {short(missing)}")
     if sd["vocab_embed.embedding"].dim() != 2:
         utils.fail(f"{where} has a per-position token embedding {tuple(sd['vocab_embed.embedding'].shape)} "
                    "(model.shared_embedding: False); only the shared one (the released models') is supported")
 
 
-def convert_main(c):
-    if not c.authors or not c.out:
-        utils.fail("convert needs --authors PATH (their SEDD run folder or a local HF folder) and --out CKPT")
-    if os.path.exists(c.out):
-        utils.fail(f"{c.out} exists; choose another --out (convert never overwrites)")
-    sd, config, what = read_authors(c.authors, c.checkpoint)
+def authors_dims(sd, config, c):
+    """(L, V, D, depth, cond_dim, heads) of their model. The weights decide; the config and the
+    flags must agree with them; the heads come from the rotary buffer, the config or --heads."""
     V1, D = sd["vocab_embed.embedding"].shape                     # V + 1 rows: the mask token is V
     L, depth, cond_dim = sd["pos_embed"].shape[0], count_blocks(sd), sd["sigma_map.mlp.0.weight"].shape[0]
     heads = D // (2 * len(sd[_INV_FREQ])) if _INV_FREQ in sd else None   # inv_freq has head_dim / 2 entries
     sizes = {"L": L, "V": V1 - 1, "hidden_size": D, "n_blocks": depth, "cond_dim": cond_dim, "n_heads": heads}
     aliases = {"L": ("length",), "V": ("tokens",), "n_heads": ("n_heads", "num_heads", "num_attention_heads")}
-    for k in sizes:  # the files decide; the config and the flags must agree with them
+    flags = {"L": c.L, "V": c.V, "n_heads": c.heads}
+    for k in sizes:
         for source, val in (("the config", find_key(config, aliases.get(k, (k,)))),
-                            ("--heads" if k == "n_heads" else f"--{k}", {"L": c.L, "V": c.V, "n_heads": c.heads}.get(k))):
+                            ("--heads" if k == "n_heads" else f"--{k}", flags.get(k))):
             if val in (None, 0):
                 continue
             if sizes[k] is None:
@@ -740,54 +789,73 @@ def convert_main(c):
                 utils.fail(f"{c.authors}: the weights give {k}={sizes[k]} but {source} says {val}")
     if sizes["n_heads"] is None:
         utils.fail(f"{c.authors}: the number of attention heads is in neither the weights nor the config; pass --heads")
+    return L, V1 - 1, D, depth, cond_dim, sizes["n_heads"]
+
+
+def check_convertible(sd, config, D, H, where):
+    """Only SEDD-absorb with log-linear noise, scale_by_sigma, a shared embedding and rotary base
+    10000 (the released models') converts: the config must not say otherwise."""
     graph, noise = find_key(config, ("graph",)) or {}, find_key(config, ("noise",)) or {}
     for key, got, want in (("graph.type", graph.get("type"), "absorb"), ("noise.type", noise.get("type"), "loglinear"),
                            ("scale_by_sigma", find_key(config, ("scale_by_sigma",)), True),
                            ("shared_embedding", find_key(config, ("shared_embedding",)), True)):
         if got is not None and got != want:
-            utils.fail(f"{c.authors}: config has {key}={got}; only SEDD-absorb with log-linear noise, scale_by_sigma "
+            utils.fail(f"{where}: config has {key}={got}; only SEDD-absorb with log-linear noise, scale_by_sigma "
                        "and a shared embedding (the released models') converts")
-    H = sizes["n_heads"]
     if D % (2 * H):
-        utils.fail(f"{c.authors}: hidden size {D} is not a multiple of 2 x heads={H}")
+        utils.fail(f"{where}: hidden size {D} is not a multiple of 2 x heads={H}")
     d = D // H  # their rotary frequencies must be the ones we recompute (base 10000)
     if _INV_FREQ in sd and not torch.allclose(sd[_INV_FREQ].float(), 1.0 / 10000 ** (torch.arange(0, d, 2) / d)):
-        utils.fail(f"{c.authors}: {_INV_FREQ} is not 10000^(-2k/d); a rotary base other than SEDD's does not convert")
+        utils.fail(f"{where}: {_INV_FREQ} is not 10000^(-2k/d); a rotary base other than SEDD's does not convert")
+
+
+def convert_main(c):
+    """`sedd.py convert`: their weights (the EMA of a run) in a DDiT of the same shape, saved as our checkpoint."""
+    if not c.authors or not c.out:
+        utils.fail("convert needs --authors PATH (their SEDD run folder or a local HF folder) and --out CKPT")
+    if os.path.exists(c.out):
+        utils.fail(f"{c.out} exists; choose another --out (convert never overwrites)")
+    sd, config, what = read_authors(c.authors, c.checkpoint)
+    L, V, D, depth, cond_dim, H = authors_dims(sd, config, c)
+    check_convertible(sd, config, D, H, c.authors)
     size = next((n for n, dims in SIZES.items() if dims == (D, depth, H)), f"{D}x{depth}x{H}")
     dropout = float(find_key(config, ("dropout",)) or 0.1)
-    model = DDiT(L, V1 - 1, size, cond_dim, dropout)
+    model = DDiT(L, V, size, cond_dim, dropout)
     ours, want = {our_name(n): sd[n] for n in authors_names(depth)}, model.state_dict()
     bad = [f"{k} {tuple(t.shape)} vs ours {tuple(want[k].shape)}" for k, t in ours.items() if t.shape != want[k].shape]
     if bad:
-        utils.fail(f"{c.authors}: shapes differ from a DDiT of L={L} V={V1 - 1} D={D} depth={depth} heads={H}: "
+        utils.fail(f"{c.authors}: shapes differ from a DDiT of L={L} V={V} D={D} depth={depth} heads={H}: "
                    + "; ".join(bad[:3]))
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)   # every weight of ours is set
-    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V1 - 1, size=size, cond_dim=cond_dim, dropout=dropout)
+    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V, size=size, cond_dim=cond_dim, dropout=dropout)
     state = model.state_dict()  # model and ema: the same tensors, which torch.save stores once
     utils.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(cfg),
                            "dlc_meta": {}, "converted_from": {"path": os.path.abspath(c.authors), "what": what},
                            "versions": {"torch": torch.__version__}}, c.out)
     n = sum(p.numel() for p in model.parameters())
-    print(f"converted {what} {c.authors} -> {c.out}: L={L} V={V1 - 1} size={size} cond_dim={cond_dim} "
+    print(f"converted {what} {c.authors} -> {c.out}: L={L} V={V} size={size} cond_dim={cond_dim} "
           f"params={n:,}", flush=True)
 
 
 #################################################################################
-#                   bench, a synthetic DLC set for development, main            #
+#   bench (throughput, MFU) and synth (a stand-in DLC set for tests and docs)   #
 #################################################################################
 
 def bench(cfg):
+    """Training tokens/s, ms/step, peak memory and MFU at cfg's size, then sampling DLCs/s."""
     d = utils.setup_dist(cfg.device)
     L, V = cfg.L or 16, cfg.V or 32
     model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
     net = torch.compile(model) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=d.device.type == "cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
     x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
-    def it(net=net):
-        with amp:
+
+    def it(net=net):  # one training step
+        with autocast(d.device):
             loss = sedd_loss(net, x0, V, cfg.eps).mean()
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     it()                                                                   # warm-up (and compilation)
     secs, flops = utils.measure(it, d.device, cfg.bench_iters, count=lambda: it(model))
     tok_s = cfg.batch_size * L / secs
@@ -796,12 +864,11 @@ def bench(cfg):
           f"{secs * 1000:.1f} ms/step | peak mem {utils.peak_memory_mb(d.device):,.0f} MB | "
           f"MFU {flops / secs / peak:.1%} of measured peak {peak / 1e12:.2f} TFLOP/s", flush=True)
     model.eval()
-    def raw_fn(x, sigma):
-        with amp:
-            return model.raw(x, sigma)
-    utils.sync(d.device); t = time.perf_counter()
-    _, st = sample(raw_fn, cfg.bench_n, L, V, cfg.bench_steps, device=d.device)
-    utils.sync(d.device); secs = time.perf_counter() - t
+    utils.sync(d.device)
+    t = time.perf_counter()
+    _, st = sample(bf16_raw(model, d.device), cfg.bench_n, L, V, cfg.bench_steps, device=d.device)
+    utils.sync(d.device)
+    secs = time.perf_counter() - t
     fw = st["forwards"] / cfg.bench_n
     print(f"sample: {cfg.bench_n} DLCs, {cfg.bench_steps} steps | {cfg.bench_n / secs:.2f} DLCs/s | forwards per "
           f"DLC {fw:.1f} ({fw / (cfg.bench_steps + 1):.2f} per step) [untrained weights]", flush=True)
