@@ -15,33 +15,12 @@ sample.py, https://github.com/facebookresearch/DiT) and the authors' fork
 read for facts, code written here). Equations: DDPM = Ho et al. 2020, IDDPM = Nichol &
 Dhariwal 2021, DDIM = Song et al. 2021, CFG = Ho & Salimans 2022.
 
-Commands
-  laptop toy (pixel space, 16 px shapes, CPU, about a minute per model):
-    python dit.py train --cond dlc --dlc runs/dlc-shapes          # DLC set from sem.py encode
-    python dit.py train --cond label --data shapes --run label
-    python dit.py train --cond embedding --dlc runs/dlc-shapes --run emb   # needs embeddings.npy
-    python dit.py train --cond none --run uncond
-    python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
-    python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 \
-        --emb_ckpt runs/dit-emb --out compose.npz     # + compose_embavg.npz (embedding averages)
-    python dit.py embgen --dlc runs/dlc-shapes --n 500 --out emb_gen.npy   # generated-embedding baseline
-    python dit.py sample --ckpt runs/dit-emb --embeddings emb_gen.npy --n 500 --out emb_gen.npz
-    python dit.py bench
-  one GPU, ImageNet 256 (SD-VAE latents extracted once, then DiT-XL/2):
-    python dit.py extract --preset imagenet --data_path /data/imagenet/train --vae /models/sd-vae-ft-ema \
-        --latents /data/in256-latents
-    python dit.py train --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
-  N GPUs (the "--" stops torchrun from reading --run / --n as abbreviations of its own options):
-    torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
-    torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet --ckpt runs/dit-imagenet \
-        --dlc sedd_samples --n 50000 --vae /models/sd-vae-ft-ema --out dlc_50k.npz
-  the authors' released DiT (their accelerate checkpoint folder, or a local Hugging Face folder):
-    python dit.py convert --authors <run>/checkpoints/checkpoints/checkpoint_1106 --out dit_authors.pt
-    torchrun --nproc_per_node=8 dit.py -- sample --preset imagenet-cfg1.7 --ckpt dit_authors.pt \
-        --dlc sedd_1024 --n 50000 --vae /models/sd-vae-ft-ema --out dlc_cfg1.7.npz   # Table 1 (CFG 1.7)
-  composition of image files (encoded by `sem.py encode` with --sem_ckpt), N-way:
-    python dit.py compose --ckpt dit_authors.pt --sem_ckpt sem_authors.pt --images a.jpg b.jpg c.jpg \
-        --temp 0.001 --cfg_scale 3.5 --vae /models/sd-vae-ft-ema --out comp.npz
+Key commands (every sub-command, the paper-scale recipe and the authors' checkpoints: docs/dit.md):
+  python dit.py train --cond dlc --dlc runs/dlc-shapes          # toy: 16 px shapes, minutes on a CPU
+  python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
+  python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 --out compose.npz
+  torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
+  python dit.py convert --authors <their checkpoint_<i>/ or Hugging Face folder> --out dit_authors.pt
 """
 import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass, field
@@ -56,75 +35,93 @@ import utils
 
 
 @dataclass
-class Config:
-    # shared by every training script
+class Common:
+    """The fields of train, sample and compose (and bench): the run, the model's size and the sampler
+    with its guidance, so that one list of flags serves all of them. sample and compose build the
+    model their checkpoint describes: there --model is only checked and --image_size is unused."""
+    seed: int = 0                   # base seed (noise, timesteps, batches, CFG drops, per-sample seeds)
+    device: str = "auto"            # auto | cpu | cuda | mps
+    model: str = "DiT-toy/4"        # size key: DiT-{S,B,L,XL}/{2,4,8}, DiT-toy/{2,4,8} (paper: DiT-XL/2)
+    image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
+    batch_size: int = 64            # per process: training batch (paper: 256 global), samples per forward
+    bf16: bool = True               # bf16 autocast on CUDA (CPU runs in fp32; the authors use fp16)
+    # the sampler (train: its progress grids)
+    diffusion_steps: int = 1000     # T of the noise schedule
+    sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)
+    ddim: bool = False              # DDIM (eta = 0) instead of DDPM on the respaced steps
+    cfg_scale: float = 1.0          # classifier-free guidance scale (paper: 1.4 / 1.7 for Table 1)
+    cfg_channels: int = 3           # guide the first k output channels (paper / DiT: 3; authors' code, imagenet: 4)
+    cfg_interval: list[float] = field(default_factory=list)  # [lo, hi] fraction of T where CFG applies; empty = all
+    POSITIVE = ("batch_size", "image_size", "diffusion_steps", "sample_steps")
+
+    def __post_init__(self):  # checked on the command line, before any command starts
+        if self.model not in DIT_MODELS:
+            utils.fail(f"unknown --model {self.model!r}; use one of {', '.join(DIT_MODELS)}")
+
+
+@dataclass
+class Config(Common):
+    """train (and bench, which times its steps)."""
     run: str = "toy"                # run folder runs/dit-<run>/
     resume: bool = False            # continue from the newest checkpoint of the run folder
     overwrite: bool = False         # replace an earlier run in the same folder (checkpoints, config, log, grids)
-    seed: int = 0                   # base seed (noise, timesteps, batches, CFG drops)
-    device: str = "auto"            # auto | cpu | cuda | mps
     steps: int = 2000               # optimiser steps (paper: 800 epochs of ImageNet, about 4M steps at 256)
-    batch_size: int = 64            # per process (paper: 256 global)
     compile: bool = False           # torch.compile the model (the authors compile)
     # model and conditioning
-    model: str = "DiT-toy/4"        # size key: DiT-{S,B,L,XL}/{2,4,8}, DiT-toy/{2,4,8} (paper: DiT-XL/2)
     cond: str = "dlc"               # dlc | label | embedding | none
     dlc: str = ""                   # DLC set folder (codes.npy, meta.json, embeddings.npy for `embedding`)
     data: str = "shapes"            # embedded dataset for label / none (dlc, embedding use the set's meta["data"])
     data_n: int = 4000              # images of the embedded dataset for label / none
-    image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
     num_classes: int = 0            # label conditioner classes; 0 = from the data (ImageNet 1000)
     drop_prob: float = 0.1          # probability of replacing the condition by the null / drop token
     dlc_pool: str = "sum"           # DLC tokens -> condition: sum (the toy) | mean (paper, authors, imagenet)
-    label_std: float = 1.0          # label table init std (DiT, imagenet: 0.02; the toy: 1.0, the same small-condition trap)
+    label_std: float = 1.0          # label table init std (DiT, imagenet: 0.02; the toy: 1.0, the small-condition trap)
     init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
+    latents: str = ""               # folder written by `extract`; training then reads latents only (paper scale)
+    schedule: str = "cosine"        # cosine (IDDPM eq. 17, the toy) | linear (DDPM / DiT / paper)
     # optimisation
     lr: float = 2e-3                # AdamW learning rate (paper / DiT: 1e-4; the toy: 2e-3, see README)
     ema: float = 0.995              # EMA decay (paper: 0.9999; far too slow for a few hundred toy steps)
     grad_ckpt: bool = False         # gradient checkpointing through the blocks
-    bf16: bool = True               # bf16 autocast on CUDA (CPU trains in fp32; the authors use fp16)
     log_every: int = 1              # log line interval (one per step by default)
     ckpt_every: int = 200           # checkpoint interval
     sample_every: int = 200         # sample-grid interval during training
-    # latent diffusion (paper scale)
-    latents: str = ""               # folder written by `extract`; training then reads latents only
-    data_path: str = ""             # ImageFolder root for `extract`
-    vae: str = ""                   # local diffusers AutoencoderKL folder (stabilityai/sd-vae-ft-ema)
-    # diffusion and sampling
-    diffusion_steps: int = 1000     # T of the noise schedule
-    schedule: str = "cosine"        # cosine (IDDPM; the toy: 0.95 vs 0.90 all-3 accuracy) | linear (DDPM / DiT / paper)
-    sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)
-    ddim: bool = False              # DDIM (eta = 0) instead of DDPM on the respaced steps
-    cfg_scale: float = 1.0          # classifier-free guidance scale (paper: 1.4 / 1.7 for Table 1)
-    cfg_channels: int = 3           # guide the first k output channels (paper / DiT: 3; authors' code and imagenet presets: 4)
-    cfg_interval: list[float] = field(default_factory=list)  # [lo, hi] fraction of T where CFG applies; empty = all
-    ckpt: str = ""                  # checkpoint file or run folder to sample from
-    out: str = "samples.npz"        # samples file (arr_0 uint8 [N, H, W, C]) + a PNG grid next to it
-    n: int = 64                     # number of samples
+    POSITIVE = ("steps", "batch_size", "data_n", "image_size", "log_every", "ckpt_every", "sample_every",
+                "diffusion_steps", "sample_steps")
+
+
+@dataclass
+class SampleConfig(Common):
+    ckpt: str = ""                  # checkpoint file or run folder to sample from (its EMA weights)
+    dlc: str = ""                   # dlc / embedding models: the DLC set whose rows condition the samples
     start: int = 0                  # first row of the DLC set used for sampling
     embeddings: str = ""            # `embedding` models: a .npy of embeddings (from `embgen`) instead of --dlc's
-    gmm_components: int = 32        # embgen: Gaussian-mixture components
     labels: list[int] = field(default_factory=list)  # labels to sample (cycled); empty = 0..classes-1
-    # composition (Sec. 5.2)
+    n: int = 64                     # number of samples (split across torchrun ranks)
+    vae: str = ""                   # latent models: local diffusers AutoencoderKL folder (stabilityai/sd-vae-ft-ema)
+    out: str = "samples.npz"        # samples file (arr_0 uint8 [N, H, W, C]) + a PNG grid next to it
+    POSITIVE = Common.POSITIVE + ("n",)
+
+
+@dataclass
+class ComposeConfig(Common):
+    """compose (Sec. 5.2): pairs of rows of a DLC set, or N image files encoded by sem.py."""
+    ckpt: str = ""                  # the DLC-conditioned checkpoint file or run folder
+    dlc: str = ""                   # DLC set of the sources (its attrs.npy for --pick)
     pairs: str = "0:1,2:3"          # source DLC rows "a:b,c:d"
     pick: str = ""                  # choose --n_pairs pairs from the set's attrs.npy instead: "differ" (sources that
                                     # differ in shape, colour and background) or "heldout" (pairs one of whose
                                     # recombinations is a held-out combination, which becomes the sample's target)
     n_pairs: int = 24               # pairs to pick with --pick
-    n_per_pair: int = 8             # compositions per pair
+    n_per_pair: int = 8             # compositions per pair (per image set with --images)
     mix_p: float = 0.5              # probability that a position takes source A's token
     emb_ckpt: str = ""              # `embedding` model: the same pairs by averaging continuous embeddings
-    images: list[str] = field(default_factory=list)  # compose: image files to encode and mix (instead of --pairs)
-    sem_ckpt: str = ""              # compose --images: the SEM checkpoint that encodes them (sem.py)
-    temp: float = 0.0               # compose --images: SEM temperature; 0 = a uniformly chosen source per position
-    # convert
-    authors: str = ""               # the authors' accelerate checkpoint_<i>/ folder or a Hugging Face folder
-    POSITIVE = ("steps", "batch_size", "data_n", "image_size", "log_every", "ckpt_every", "sample_every",
-                "diffusion_steps", "sample_steps", "n", "n_per_pair", "gmm_components")
-
-    def __post_init__(self):  # checked on the command line, before any command starts
-        if self.model not in DIT_MODELS:
-            utils.fail(f"unknown --model {self.model!r}; use one of {', '.join(DIT_MODELS)}")
+    images: list[str] = field(default_factory=list)  # image files to encode and mix (instead of --pairs)
+    sem_ckpt: str = ""              # --images: the SEM checkpoint that encodes them (sem.py)
+    temp: float = 0.0               # --images: SEM temperature; 0 = a uniformly chosen source per position
+    vae: str = ""                   # --images of a latent model: the SD-VAE folder that decodes
+    out: str = "samples.npz"        # compositions (arr_0, codes, pairs, sources) + a PNG grid next to it
+    POSITIVE = Common.POSITIVE + ("n_per_pair",)
 
 
 PRESETS = {
@@ -141,6 +138,14 @@ PRESETS = {
 # FID 2.00). The paper's wording, 3 guided channels, is --cfg_channels 3.
 PRESETS["imagenet-cfg1.7"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_scale": 1.7, "bf16": False}
 PRESETS["imagenet-remask"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_scale": 1.0, "bf16": False}
+
+
+def presets_for(cls):
+    """PRESETS restricted to the fields of one sub-command's config, so that every sub-command takes
+    every preset: `sample` gets its sampling keys, `extract` its image size and batch, and so on."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {name: {k: v for k, v in over.items() if k in names} for name, over in PRESETS.items()}
+
 
 # name -> (depth, hidden, heads); the paper's names with the patch size after the slash
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "toy": (4, 128, 4)}
@@ -309,6 +314,7 @@ class DiT(nn.Module):
         super().__init__()
         depth, dim, heads, patch = DIT_MODELS[model]
         self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
+        self.input_size = input_size                                         # pixels or latent cells per side
         self.grad_ckpt, self.label_std = grad_ckpt, label_std
         self.x_embedder = PatchEmbed(patch, in_channels, dim)
         self.t_embedder = TimestepEmbedder(dim)
@@ -343,7 +349,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_std)   # DiT: 0.02
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for mod in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+        zeroed = [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1]]
+        for mod in zeroed + [self.final_layer.linear]:
             nn.init.zeros_(mod.weight)
             nn.init.zeros_(mod.bias)
 
@@ -568,6 +575,7 @@ class GaussianDiffusion:
         return x
 
 
+
 #################################################################################
 #           Data: images (or latents) row-aligned with their conditions         #
 #################################################################################
@@ -577,33 +585,33 @@ def resize(images, size):
     return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="area")
 
 
-def load_conditions(cfg, L=None, V=None):
-    """The condition array for cfg.cond, and the data spec the images come from.
-    Returns (y: tensor or None, info dict with L, V, emb_dim, num_classes, data spec)."""
-    info = {"L": 0, "V": 0, "emb_dim": 0, "num_classes": cfg.num_classes, "data": None}
-    if cfg.cond in ("dlc", "embedding"):
-        if not cfg.dlc:
-            utils.fail(f"--cond {cfg.cond} needs --dlc DIR (a DLC set from sem.py encode)")
-        s = utils.load_dlc_set(cfg.dlc, L=L, V=V)
-        info.update(L=int(s["meta"]["L"]), V=int(s["meta"]["V"]), data=s["meta"].get("data"))
-        if cfg.cond == "dlc":
-            return torch.from_numpy(np.asarray(s["codes"], dtype=np.int64)), info
-        path = os.path.join(cfg.dlc, "embeddings.npy")
-        if not os.path.isfile(path):
-            utils.fail(f"{cfg.dlc} has no embeddings.npy; run sem.py encode --continuous to write it")
-        e = torch.from_numpy(np.load(path).astype(np.float32))              # (N, E)
-        if len(e) != len(s["codes"]):
-            utils.fail(f"{path} has {len(e)} rows but the set has {len(s['codes'])} codes; re-encode")
-        info["emb_dim"] = e.shape[1]
-        return e, info
-    info["data"] = {"name": cfg.data, "n": cfg.data_n, "size": 32, "seed": 0}
-    return None, info
+def load_conditions(cond, dlc, L=None, V=None):
+    """The rows of the DLC set `dlc` that condition a `cond` model: its codes (N, L) int64 for
+    dlc, its continuous embeddings (N, E) float32 for embedding. Returns (rows, the set's meta)."""
+    if not dlc:
+        utils.fail(f"--cond {cond} needs --dlc DIR (a DLC set from sem.py encode)")
+    s = utils.load_dlc_set(dlc, L=L, V=V)
+    if cond == "dlc":
+        return torch.from_numpy(np.asarray(s["codes"], dtype=np.int64)), s["meta"]
+    path = os.path.join(dlc, "embeddings.npy")
+    if not os.path.isfile(path):
+        utils.fail(f"{dlc} has no embeddings.npy; run sem.py encode --continuous to write it")
+    e = torch.from_numpy(np.load(path).astype(np.float32))              # (N, E)
+    if len(e) != len(s["codes"]):
+        utils.fail(f"{path} has {len(e)} rows but the set has {len(s['codes'])} codes; re-encode")
+    return e, s["meta"]
 
 
 def load_training_data(cfg):
     """x: float [N, C, H, W] images in [-1, 1] (toy) or a float16 latent memmap [N, 2, 4, h, w]
-    (paper; index 1 = the flipped image); y: codes / labels / embeddings / None, same rows."""
-    y, info = load_conditions(cfg)
+    (paper; index 1 = the flipped image); y: codes / labels / embeddings / None, same rows;
+    info: what the model is built from (L, V, emb_dim, num_classes)."""
+    info, y = {"L": 0, "V": 0, "emb_dim": 0, "num_classes": cfg.num_classes}, None
+    data = {"name": cfg.data, "n": cfg.data_n, "size": 32, "seed": 0}           # label / none: the embedded data
+    if cfg.cond in ("dlc", "embedding"):
+        y, meta = load_conditions(cfg.cond, cfg.dlc)
+        info.update(L=int(meta["L"]), V=int(meta["V"]), emb_dim=y.shape[1] if cfg.cond == "embedding" else 0)
+        data = meta.get("data")                                                  # the images the set encodes
     if cfg.latents:
         if not os.path.isfile(os.path.join(cfg.latents, "meta.json")) or \
                 os.path.isfile(os.path.join(cfg.latents, "progress.json")):
@@ -613,10 +621,10 @@ def load_training_data(cfg):
         lpath = os.path.join(cfg.latents, "labels.npy")  # absent where the classes are unknown (sem.py import)
         labels = torch.from_numpy(np.load(lpath)) if os.path.isfile(lpath) else None
     else:
-        if info["data"] is None:
+        if data is None:
             utils.fail(f"DLC set {cfg.dlc} has no meta['data']: its images cannot be re-created; "
                        "train on a set encoded from an embedded dataset or on --latents")
-        d = utils.load_embedded(**info["data"])
+        d = utils.load_embedded(**data)
         x, labels = resize(d["images"], cfg.image_size), d["labels"]
     if cfg.cond == "label":
         if labels is None:
@@ -648,21 +656,6 @@ def model_args(cfg, info, in_ch, size):
                 num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"],
                 **({"dlc_pool": cfg.dlc_pool} if cfg.cond == "dlc" else {}),   # absent: mean (older checkpoints)
                 **({"label_std": cfg.label_std} if cfg.cond == "label" else {}))
-
-
-def save_grid(images, path, ncol=8):
-    """uint8 [N, H, W, C] -> a PNG grid (1 px gaps), written atomically."""
-    import matplotlib.image
-    n, h, w, c = images.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, np.uint8)
-    for i, im in enumerate(images):
-        r, q = divmod(i, ncol)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im if c == 3 else im[..., :1]
-    scale = max(1, 512 // (ncol * (w + 1)))                                # upscale tiny toy images
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
-    with utils.atomic_path(path) as tmp:
-        matplotlib.image.imsave(tmp, grid, format="png")
 
 
 def build_for_training(cfg, margs, run_dir, d):
@@ -698,11 +691,10 @@ def draw_batch(x, y, gen, cfg, T, latent, device):
     return xb.to(device), yb, t.to(device), noise.to(device), drop.to(device)
 
 
-def training_grid(ema, diffusion, y, cfg, shape, device, path):
+def training_grid(ema, diffusion, y, cfg, device, path):
     """A progress grid: 16 EMA samples (50 respaced steps) for the first 16 training conditions."""
     yg = y[:16].to(device) if y is not None else None
-    imgs = generate(ema, diffusion.respace(min(50, cfg.sample_steps)), yg, 16, shape, cfg, seeds=range(16), device=device)
-    save_grid(imgs, path)
+    save_grid(generate(ema, diffusion.respace(min(50, cfg.sample_steps)), yg, cfg, range(16), device), path)
 
 
 def train(cfg):
@@ -757,8 +749,7 @@ def train(cfg):
                                        "script": "dit", "versions": {"torch": torch.__version__}},
                                       os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
         if d.main and not latent and (step % cfg.sample_every == 0 or step == cfg.steps):
-            training_grid(ema, diffusion, y, cfg, (in_ch, size, size), d.device,
-                          os.path.join(run_dir, f"samples_{step:07d}.png"))
+            training_grid(ema, diffusion, y, cfg, d.device, os.path.join(run_dir, f"samples_{step:07d}.png"))
         if d.world > 1:
             dist.barrier()                                                  # rank 0 writes, then all go on
     utils.cleanup_dist()
@@ -768,6 +759,11 @@ def train(cfg):
 #################################################################################
 #                      Sampling, DDP-sharded, per-sample seeds                  #
 #################################################################################
+
+def sample_seeds(seed, ids):
+    """The seed of each sample: a function of the run's seed and the sample's index only."""
+    return [seed * 10_000_019 + i for i in ids]
+
 
 def per_sample_noise(seeds, shape, steps):
     """x_T and the noise of every chain step for each sample from its own generator, so a
@@ -781,8 +777,11 @@ def per_sample_noise(seeds, shape, steps):
 
 
 @torch.no_grad()
-def generate(model, diffusion, y, n, shape, cfg, seeds, device, progress=False, decode=None):
-    """n samples (uint8 [n, H, W, 3]) from conditions y (n rows or None) with CFG per cfg."""
+def generate(model, diffusion, y, cfg, seeds, device, progress=False, decode=None):
+    """len(seeds) samples (uint8 [n, H, W, 3]) from conditions y (n rows or None), guided as cfg
+    says. --cfg_interval is a fraction of cfg.diffusion_steps (the respaced chain maps its steps
+    back to the original timesteps, which the network sees)."""
+    shape = (model.in_channels, model.input_size, model.input_size)
     x, z = per_sample_noise(seeds, shape, diffusion.T)
     x = x.to(device)
     fn = lambda xt, t: model.forward_with_cfg(xt, t, y, cfg.cfg_scale, cfg.cfg_channels,
@@ -795,7 +794,8 @@ def generate(model, diffusion, y, n, shape, cfg, seeds, device, progress=False, 
 
 
 def trained_diffusion(state):
-    """The noise schedule a checkpoint was trained with (older checkpoints: linear, T = 1000)."""
+    """The noise schedule a checkpoint was trained with, from its saved training config (older
+    checkpoints hold the whole former config dict; one with no schedule: linear, T = 1000)."""
     c = state.get("config", {})
     return GaussianDiffusion.make(c.get("schedule", "linear"), c.get("diffusion_steps", 1000))
 
@@ -820,6 +820,11 @@ def vae_decoder(cfg, device):
     return vae, (lambda z: vae.decode(z / 0.18215).sample)
 
 
+def latent_decoder(cfg, model, device):
+    """The VAE decode for a latent model (4 input channels), None for a pixel-space one."""
+    return vae_decoder(cfg, device)[1] if model.in_channels == 4 else None
+
+
 def sample_conditions(cfg, model, n):
     """The n conditions to sample from: rows start..start+n of a DLC set (codes or
     embeddings), labels (cycled), or None."""
@@ -831,10 +836,8 @@ def sample_conditions(cfg, model, n):
             utils.fail(f"--embeddings {cfg.embeddings} has shape {tuple(y.shape)}; need at least {cfg.start + n} rows")
         return y[cfg.start:cfg.start + n]
     if model.cond in ("dlc", "embedding"):
-        c = dataclasses.replace(cfg, cond=model.cond)
-        L = model.sem_embedder.L if model.cond == "dlc" else None
-        V = model.sem_embedder.V if model.cond == "dlc" else None
-        y, _ = load_conditions(c, L, V)
+        L, V = (model.sem_embedder.L, model.sem_embedder.V) if model.cond == "dlc" else (None, None)
+        y, _ = load_conditions(model.cond, cfg.dlc, L, V)
         if cfg.start + n > len(y):
             utils.fail(f"the DLC set {cfg.dlc} has {len(y)} rows; --start {cfg.start} + --n {n} is too many")
         return y[cfg.start:cfg.start + n]
@@ -844,11 +847,32 @@ def sample_conditions(cfg, model, n):
     return None
 
 
+def save_npz(path, **arrays):
+    """np.savez, written atomically (a crash never leaves half a file)."""
+    with utils.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def save_grid(images, path, ncol=8):
+    """uint8 [N, H, W, C] -> a PNG grid (1 px gaps), written atomically."""
+    import matplotlib.image
+    n, h, w, c = images.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, np.uint8)
+    for i, im in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im if c == 3 else im[..., :1]
+    scale = max(1, 512 // (ncol * (w + 1)))                                # upscale tiny toy images
+    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    with utils.atomic_path(path) as tmp:
+        matplotlib.image.imsave(tmp, grid, format="png")
+
+
 def sample(cfg):
     d = utils.setup_dist(cfg.device)
     model, state = load_for_sampling(cfg.ckpt, d.device)
-    shape = (model.in_channels, state["model_args"]["input_size"], state["model_args"]["input_size"])
-    decode = vae_decoder(cfg, d.device)[1] if model.in_channels == 4 else None
+    decode = latent_decoder(cfg, model, d.device)
     y_all = sample_conditions(cfg, model, cfg.n)
     diffusion = trained_diffusion(state).respace(cfg.sample_steps)
     mine = list(range(d.rank, cfg.n, d.world))                            # this rank's samples
@@ -856,9 +880,9 @@ def sample(cfg):
     for b in range(0, len(mine), cfg.batch_size):
         ids = mine[b:b + cfg.batch_size]
         y = y_all[ids].to(d.device) if y_all is not None else None
-        parts.append(generate(model, diffusion, y, len(ids), shape, cfg, [cfg.seed * 10_000_019 + i for i in ids],
-                              d.device, progress=d.main, decode=decode))
-    imgs = np.concatenate(parts) if parts else np.zeros((0, shape[1], shape[2], 3), np.uint8)
+        seeds = sample_seeds(cfg.seed, ids)
+        parts.append(generate(model, diffusion, y, cfg, seeds, d.device, progress=d.main, decode=decode))
+    imgs = np.concatenate(parts) if parts else np.zeros((0, model.input_size, model.input_size, 3), np.uint8)
     if d.world > 1:                                                        # gather to rank 0 in order
         gathered = [None] * d.world
         dist.all_gather_object(gathered, (mine, imgs))
@@ -867,11 +891,9 @@ def sample(cfg):
     if d.main:
         extra = {"cfg_scale": np.float64(cfg.cfg_scale)}                 # the report names guided rows
         if y_all is not None:
-            extra.update({"codes": y_all.numpy().astype(np.uint16)} if model.cond == "dlc" else
-                         {"labels": y_all.numpy()} if model.cond == "label" else {"embeddings": y_all.numpy()})
-        with utils.atomic_path(cfg.out) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=imgs, **extra)
+            name = {"dlc": "codes", "label": "labels", "embedding": "embeddings"}[model.cond]
+            extra[name] = y_all.numpy().astype(np.uint16) if model.cond == "dlc" else y_all.numpy()
+        save_npz(cfg.out, arr_0=imgs, **extra)
         save_grid(imgs[:64], os.path.splitext(cfg.out)[0] + ".png")
         utils.print0(f"wrote {len(imgs)} samples to {cfg.out} and a grid to {os.path.splitext(cfg.out)[0]}.png")
     if d.world > 1:
@@ -925,13 +947,9 @@ def pick_pairs(attrs, how, n, seed=0):
     return pairs, (np.stack(targets) if targets else None)
 
 
-def compose(cfg):
-    d = utils.setup_dist(cfg.device)
-    model, state = load_for_sampling(cfg.ckpt, d.device)
-    if model.cond != "dlc":
-        utils.fail(f"--ckpt is a {model.cond!r} model; compose needs a DLC-conditioned one")
-    if cfg.images:
-        return compose_images(cfg, model, state, d.device)
+def composition_sources(cfg):
+    """The source pairs (--pairs, or --pick from the set's attrs.npy), their held-out targets
+    (--pick heldout, else None) and the attributes of the set's rows (None where it has none)."""
     pairs, targets = parse_pairs(cfg.pairs), None
     attrs_path = os.path.join(cfg.dlc, "attrs.npy")
     attrs = np.load(attrs_path) if os.path.isfile(attrs_path) else None    # (N, 3) for the shapes data
@@ -941,23 +959,34 @@ def compose(cfg):
         if attrs is None:
             utils.fail(f"--pick needs the attributes of the sources: {attrs_path} (sem.py encode of the shapes data)")
         pairs, targets = pick_pairs(attrs, cfg.pick, cfg.n_pairs, cfg.seed)
-    codes, info = load_conditions(dataclasses.replace(cfg, cond="dlc"), model.sem_embedder.L, model.sem_embedder.V)
+    return pairs, targets, attrs
+
+
+def compose(cfg):
+    """Per pair (a, b): k samples of source A, of source B, of k mixed codes and, with --emb_ckpt,
+    of the embedding model on the average of the two continuous embeddings (the baseline)."""
+    d = utils.setup_dist(cfg.device)
+    model, state = load_for_sampling(cfg.ckpt, d.device)
+    if model.cond != "dlc":
+        utils.fail(f"--ckpt is a {model.cond!r} model; compose needs a DLC-conditioned one")
+    if cfg.images:
+        return compose_images(cfg, model, d.device)
+    pairs, targets, attrs = composition_sources(cfg)
+    codes, _ = load_conditions("dlc", cfg.dlc, model.sem_embedder.L, model.sem_embedder.V)
     if max(max(p) for p in pairs) >= len(codes):
         utils.fail(f"--pairs refers to rows beyond the {len(codes)} of {cfg.dlc}")
     emb_model = load_for_sampling(cfg.emb_ckpt, d.device)[0] if cfg.emb_ckpt else None
     if emb_model is not None:
         if emb_model.cond != "embedding":
             utils.fail(f"--emb_ckpt is a {emb_model.cond!r} model; it must be an `embedding` model")
-        embs, _ = load_conditions(dataclasses.replace(cfg, cond="embedding"))
-    size = state["model_args"]["input_size"]
-    shape, k = (model.in_channels, size, size), cfg.n_per_pair
-    diffusion = trained_diffusion(state).respace(cfg.sample_steps)
+        embs, _ = load_conditions("embedding", cfg.dlc)
+    k, diffusion = cfg.n_per_pair, trained_diffusion(state).respace(cfg.sample_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows, comps, all_imgs, avg_imgs = [], [], [], []
     for j, (a, b) in enumerate(pairs):
         mixed = compose_codes(codes[a], codes[b], k, cfg.mix_p, gen)       # (k, L)
-        seeds = [cfg.seed * 10_000_019 + j * 1000 + i for i in range(k)]
-        run = lambda m, y: generate(m, diffusion, y.to(d.device), k, shape, cfg, seeds, d.device)
+        seeds = sample_seeds(cfg.seed, range(j * 1000, j * 1000 + k))
+        run = lambda m, y: generate(m, diffusion, y.to(d.device), cfg, seeds, d.device)
         src_a, src_b = run(model, codes[a][None].repeat(k, 1)), run(model, codes[b][None].repeat(k, 1))
         out = run(model, mixed)
         rows += [src_a, src_b, out]
@@ -972,15 +1001,12 @@ def compose(cfg):
         extra["source_attrs"] = np.repeat(attrs[np.array(pairs)], k, axis=0)    # (P*k, 2, 3)
     if targets is not None:
         extra["target_attrs"] = np.repeat(targets, k, axis=0)                  # (P*k, 3)
-    with utils.atomic_path(cfg.out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=np.concatenate(all_imgs), codes=np.concatenate(comps).astype(np.uint16),
-                     pairs=np.array(pairs), sources=np.stack([codes[p].numpy() for p in np.array(pairs).ravel()]).astype(np.uint16),
-                     **extra)
+    sources = np.stack([codes[p].numpy() for p in np.array(pairs).ravel()]).astype(np.uint16)   # (2P, L)
+    save_npz(cfg.out, arr_0=np.concatenate(all_imgs), codes=np.concatenate(comps).astype(np.uint16),
+             pairs=np.array(pairs), sources=sources, **extra)
     if avg_imgs:                                                           # the baseline's images, same pairs
-        with utils.atomic_path(os.path.splitext(cfg.out)[0] + "_embavg.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs), **extra)
+        save_npz(os.path.splitext(cfg.out)[0] + "_embavg.npz", arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs),
+                 **extra)
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
@@ -1029,33 +1055,40 @@ def encode_image_files(cfg, L, V):
     return codes, probs
 
 
-def compose_images(cfg, model, state, device):
+def compose_images(cfg, model, device):
     """N-way composition of image files: encode, mix position by position, decode. Rows of the
     grid: each source decoded from its own DLC, then the compositions."""
     L, V, k = model.sem_embedder.L, model.sem_embedder.V, cfg.n_per_pair
     codes, probs = encode_image_files(cfg, L, V)
     mixed = sample_mixed_codes(mixing_distribution(codes, V, probs), k, torch.Generator().manual_seed(cfg.seed))
-    size = state["model_args"]["input_size"]
-    shape = (model.in_channels, size, size)
-    decode = vae_decoder(cfg, device)[1] if model.in_channels == 4 else None
+    decode = latent_decoder(cfg, model, device)
     diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
-    seeds = [cfg.seed * 10_000_019 + i for i in range(k)]
-    run = lambda y: generate(model, diffusion, y.to(device), k, shape, cfg, seeds, device, decode=decode)
+    seeds = sample_seeds(cfg.seed, range(k))
+    run = lambda y: generate(model, diffusion, y.to(device), cfg, seeds, device, decode=decode)
     rows = [run(c[None].repeat(k, 1)) for c in codes] + [run(mixed)]
-    with utils.atomic_path(cfg.out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=rows[-1], codes=mixed.numpy().astype(np.uint16), sources=codes.numpy().astype(np.uint16),
-                     images=np.array(cfg.images))
+    save_npz(cfg.out, arr_0=rows[-1], codes=mixed.numpy().astype(np.uint16), sources=codes.numpy().astype(np.uint16),
+             images=np.array(cfg.images))
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
-    utils.print0(f"rows: {len(codes)} sources decoded from their DLCs, then {k} compositions "
-                 f"({'soft SEMs at temperature ' + str(cfg.temp) if cfg.temp > 0 else 'uniform choice of a source per position'}); "
+    how = f"soft SEMs at temperature {cfg.temp}" if cfg.temp > 0 else "uniform choice of a source per position"
+    utils.print0(f"rows: {len(codes)} sources decoded from their DLCs, then {k} compositions ({how}); "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
     utils.cleanup_dist()
 
 
 #################################################################################
-#               extract (SD-VAE latents, paper scale) and bench                 #
+#     extract (SD-VAE latents, paper scale), embgen and real (the baselines)    #
 #################################################################################
+
+@dataclass
+class ExtractConfig:
+    data_path: str = ""             # ImageFolder root
+    latents: str = ""               # output folder (latents.npy, labels.npy, meta.json); an interrupted run resumes
+    vae: str = ""                   # local diffusers AutoencoderKL folder (stabilityai/sd-vae-ft-ema)
+    image_size: int = 16            # centre crop in pixels (paper: 256 -> 32 x 32 latents)
+    batch_size: int = 64            # images per VAE forward
+    device: str = "auto"            # auto | cpu | cuda | mps
+    POSITIVE = ("image_size", "batch_size")
+
 
 def extract(cfg):
     """Pre-compute SD-VAE latents (x 0.18215) of an ImageFolder into a float16 memmap
@@ -1088,7 +1121,8 @@ def extract(cfg):
         mm = np.load(path, mmap_mode="r+")
         utils.print0(f"resuming the extraction into {cfg.latents}: {done} of {len(ds)} images already done")
     rest = torch.utils.data.Subset(ds, range(done, len(ds)))
-    workers = min(4, os.cpu_count() or 1) if len(rest) > 8 * cfg.batch_size else 0   # worker start-up pays off only for many batches
+    # worker start-up pays off only for many batches
+    workers = min(4, os.cpu_count() or 1) if len(rest) > 8 * cfg.batch_size else 0
     loader = torch.utils.data.DataLoader(rest, batch_size=cfg.batch_size, num_workers=workers)
     from tqdm import tqdm
     i = done
@@ -1118,7 +1152,8 @@ def extraction_progress(out, job):
     if not os.path.isdir(out):
         utils.fail(f"--latents {out} is a file; give a new or empty folder")
     if not os.path.isfile(prog):
-        what = "finished latents" if os.path.isfile(os.path.join(out, "meta.json")) else "files that extract did not write"
+        finished = os.path.isfile(os.path.join(out, "meta.json"))
+        what = "finished latents" if finished else "files that extract did not write"
         utils.fail(f"--latents {out} already holds {what}; give a new or empty folder (nothing was changed)")
     try:
         old = json.load(open(prog))
@@ -1134,6 +1169,16 @@ def extraction_progress(out, job):
     return done
 
 
+@dataclass
+class EmbgenConfig:
+    dlc: str = ""                   # DLC set with embeddings.npy (sem.py encode --continuous) to fit
+    n: int = 64                     # embeddings to draw
+    gmm_components: int = 32        # Gaussian-mixture components (at most one per embedding)
+    seed: int = 0                   # seed of the fit and of the draws
+    out: str = ""                   # the .npy to write (float16 [n, D]) for `sample --embeddings`
+    POSITIVE = ("n", "gmm_components")
+
+
 def embgen(cfg):
     """Generated continuous embeddings, the "embedding (generated)" baseline of Table 3. RCG
     trains a diffusion model on the representations; here a much simpler generator stands in:
@@ -1142,7 +1187,7 @@ def embgen(cfg):
     from sklearn.mixture import GaussianMixture
     if not cfg.out.endswith(".npy"):
         utils.fail(f"--out {cfg.out!r} must be a .npy file for embgen")
-    e, _ = load_conditions(dataclasses.replace(cfg, cond="embedding"))
+    e, _ = load_conditions("embedding", cfg.dlc)
     gm = GaussianMixture(min(cfg.gmm_components, len(e)), covariance_type="full", reg_covar=1e-4,
                          random_state=cfg.seed).fit(e.numpy().astype(np.float64))
     draws = gm.sample(cfg.n)[0][np.random.RandomState(cfg.seed).permutation(cfg.n)]  # sample() groups by component
@@ -1153,16 +1198,146 @@ def embgen(cfg):
           f"(train log-likelihood {gm.score(e.numpy()):.1f} per embedding)")
 
 
+@dataclass
+class RealConfig:
+    data: str = "shapes"            # embedded dataset
+    data_n: int = 4000              # images of the dataset as training drew them (the first --n are written)
+    n: int = 64                     # images to write
+    image_size: int = 16            # pixels, as the model was trained
+    out: str = "samples.npz"        # the .npz (arr_0 uint8 [N, H, W, C] + attrs or labels)
+    POSITIVE = ("n", "data_n", "image_size")
+
+
 def real(cfg):
     """The first --n training images of the embedded data at the model's --image_size, quantised
     as samples are, with their attributes: the floor of judge-FID (what a perfect model scores)."""
     d = utils.load_embedded(cfg.data, n=max(cfg.n, cfg.data_n))
     extra = {"attrs": d["attrs"][:cfg.n].numpy()} if "attrs" in d else {"labels": d["labels"][:cfg.n].numpy()}
-    with utils.atomic_path(cfg.out) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=utils.to_uint8(resize(d["images"][:cfg.n], cfg.image_size)), **extra)
+    save_npz(cfg.out, arr_0=utils.to_uint8(resize(d["images"][:cfg.n], cfg.image_size)), **extra)
     print(f"wrote {cfg.n} training images at {cfg.image_size} px to {cfg.out}")
 
+
+#################################################################################
+#        convert: the authors' released DiT -> one of our checkpoints           #
+#################################################################################
+# Their train_diffusion.py trains a torch.compile'd DiTSEM (dit/models.py) under accelerate:
+# save_state writes <run>/checkpoints/checkpoints/checkpoint_<i>/ with custom_checkpoint_0.pkl
+# (torch.save of the EMA's state dict, keys _orig_mod.<name>: the EMA they sample with),
+# model.safetensors (the raw weights, module._orig_mod.<name> under DDP) and optimizer.bin;
+# metadata.json {"current_epoch", "args"} sits in <run>/checkpoints/. Their key names are ours.
+
+@dataclass
+class ConvertConfig:
+    authors: str = ""               # the authors' accelerate checkpoint_<i>/ folder or a Hugging Face folder
+    out: str = ""                   # our checkpoint .pt to write (refused if it exists)
+
+
+WRAPPERS = ("module.", "_orig_mod.", "model.", "transformer.", "dit.")   # DDP, compile, HF wrappers
+HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+              "diffusion_pytorch_model.bin")
+
+
+def strip_wrappers(sd):
+    """Remove each wrapper prefix that every key carries, as often as it appears."""
+    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
+        sd = {k[len(p):]: v for k, v in sd.items()}
+    return sd
+
+
+def read_weights(path):
+    """A state dict from a .safetensors file or a torch file, wrapper prefixes removed."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return strip_wrappers(load_file(path))
+    return strip_wrappers(utils.load_checkpoint(path))
+
+
+def read_authors_dit(path):
+    """(EMA state dict, raw state dict or None, hints {L, V, model, ...}) of their accelerate
+    save_state folder or of a local Hugging Face folder (config.json + weights, or a diffusers
+    pipeline folder whose transformer/ holds them)."""
+    if not os.path.isdir(path):
+        utils.fail(f"--authors {path} is not a folder (their save_state checkpoint_<i>/ or a Hugging Face folder)")
+    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
+        path = os.path.join(path, "transformer")
+    files = set(os.listdir(path))
+    if "config.json" in files:                                              # Hugging Face folder
+        name = next((n for n in HF_WEIGHTS if n in files), None)
+        if name is None:
+            utils.fail(f"{path} has config.json but none of {', '.join(HF_WEIGHTS)}; download the whole folder")
+        return read_weights(os.path.join(path, name)), None, json.load(open(os.path.join(path, "config.json")))
+    if "custom_checkpoint_0.pkl" not in files:
+        utils.fail(f"{path} has no custom_checkpoint_0.pkl (the EMA that accelerate's save_state writes) "
+                   "and no config.json; pass their checkpoint_<i>/ folder or a Hugging Face folder")
+    ema = read_weights(os.path.join(path, "custom_checkpoint_0.pkl"))
+    raw = read_weights(os.path.join(path, "model.safetensors")) if "model.safetensors" in files else None
+    hints = {}
+    for up in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):   # metadata.json of the run
+        if os.path.isfile(os.path.join(up, "metadata.json")):
+            hints = json.load(open(os.path.join(up, "metadata.json"))).get("args", {})
+            break
+    return ema, raw, hints
+
+
+def authors_model_args(sd, hints, path):
+    """Our DiT(**model_args) from the shapes: depth, width, patch, channels, grid, and the
+    (L, V+1, D) DLC table; heads from the size name the shapes match (DiT's sizes)."""
+    need = ["x_embedder.proj.weight", "pos_embed", "sem_embedder.embedding_table", "blocks.0.attn.qkv.weight"]
+    if any(k not in sd for k in need):
+        known = ("pos_embed", "x_embedder.", "t_embedder.", "blocks.", "final_layer.", "sem_embedder.")
+        utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
+                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, "
+                   f"missing keys {[k for k in need if k not in sd]}")
+    D, C, patch, _ = sd["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]
+    if not sizes:
+        utils.fail(f"{path}: depth {depth} x width {D} is none of the DiT sizes {', '.join(SIZES)}")
+    L, V1, _ = sd["sem_embedder.embedding_table"].shape                    # (L, V+1, D): V+1 with the drop token
+    L_, V = (hints.get(k, hints.get(f"dlc_{k.lower()}")) for k in ("L", "V"))
+    if (L_ is not None and L_ != L) or (V is not None and V != V1 - 1):
+        no_drop = "; a table without drop-token rows (trained without CFG dropout) is not supported" if V == V1 else ""
+        utils.fail(f"{path}: the DLC table is (L={L}, V+1={V1}, D) but the config says L={L_}, V={V}{no_drop}")
+    model = f"DiT-{sizes[0]}/{patch}"
+    if hints.get("model") and hints["model"].split("-", 1)[-1] != model.split("-", 1)[-1]:
+        utils.fail(f"{path}: its metadata says --model {hints['model']} but the shapes are {model}")
+    grid = math.isqrt(sd["pos_embed"].shape[1])                            # pos_embed (1, grid^2, D)
+    return dict(model=model, input_size=grid * patch, in_channels=C, cond="dlc", num_classes=0, L=L, V=V1 - 1,
+                emb_dim=0)
+
+
+def convert(cfg):
+    """python dit.py convert --authors PATH --out CKPT: their EMA (what they sample with) as our
+    `ema`, their raw weights (when the folder has them) as `model`."""
+    if not cfg.authors or not cfg.out.endswith(".pt"):
+        utils.fail("convert needs --authors FOLDER and --out CKPT.pt")
+    if os.path.exists(cfg.out):
+        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
+    ema, raw, hints = read_authors_dit(cfg.authors)
+    margs = authors_model_args(ema, hints, cfg.authors)
+    with torch.device("meta"):                                              # shapes only
+        want = DiT(**margs).state_dict()
+    for name, sd in (("EMA", ema), ("model", raw)):
+        if sd is None:
+            continue
+        utils.check_layout(want, sd, f"{cfg.authors} ({name}) is not in the layout of the authors' DiTSEM")
+    ema = {k: ema[k].float().contiguous() for k in want}
+    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema
+    # the training config of the model, as sample / compose read it (trained_diffusion)
+    pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)
+    config = dataclasses.asdict(Config(model=margs["model"], image_size=pixels))
+    utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
+                           "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}},
+                          cfg.out)
+    print(f"wrote {cfg.out}: {margs['model']} on {margs['in_channels']}x{margs['input_size']}x{margs['input_size']}, "
+          f"DLC L={margs['L']} V={margs['V']}, {sum(v.numel() for v in ema.values()):,} weights (EMA"
+          f"{' + raw model' if raw is not ema else ' only'})", flush=True)
+    return cfg.out
+
+
+#################################################################################
+#                 bench: training and sampling throughput, MFU                  #
+#################################################################################
 
 def bench(cfg):
     """Training img/s, MFU (FLOPs counted by torch) and peak memory; sampling img/s with CFG."""
@@ -1195,115 +1370,10 @@ def bench(cfg):
                  f"({cfg.sample_steps} steps, CFG)")
 
 
-#################################################################################
-#        convert: the authors' released DiT -> one of our checkpoints           #
-#################################################################################
-# Their train_diffusion.py trains a torch.compile'd DiTSEM (dit/models.py) under accelerate:
-# save_state writes <run>/checkpoints/checkpoints/checkpoint_<i>/ with custom_checkpoint_0.pkl
-# (torch.save of the EMA's state dict, keys _orig_mod.<name>: the EMA they sample with),
-# model.safetensors (the raw weights, module._orig_mod.<name> under DDP) and optimizer.bin;
-# metadata.json {"current_epoch", "args"} sits in <run>/checkpoints/. Their key names are ours.
-
-WRAPPERS = ("module.", "_orig_mod.", "model.", "transformer.", "dit.")   # DDP, compile, HF wrappers
-HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
-              "diffusion_pytorch_model.bin")
-
-
-def strip_wrappers(sd):
-    """Remove each wrapper prefix that every key carries, as often as it appears."""
-    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
-        sd = {k[len(p):]: v for k, v in sd.items()}
-    return sd
-
-
-def read_weights(path):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    return utils.load_checkpoint(path)
-
-
-def read_authors_dit(path):
-    """(EMA state dict, raw state dict or None, hints {L, V, model, ...}) of their accelerate
-    save_state folder or of a local Hugging Face folder (config.json + weights, or a diffusers
-    pipeline folder whose transformer/ holds them)."""
-    if not os.path.isdir(path):
-        utils.fail(f"--authors {path} is not a folder (their save_state checkpoint_<i>/ or a Hugging Face folder)")
-    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
-        path = os.path.join(path, "transformer")
-    files = set(os.listdir(path))
-    if "config.json" in files:                                              # Hugging Face folder
-        name = next((n for n in HF_WEIGHTS if n in files), None)
-        if name is None:
-            utils.fail(f"{path} has config.json but none of {', '.join(HF_WEIGHTS)}; download the whole folder")
-        return strip_wrappers(read_weights(os.path.join(path, name))), None, json.load(open(os.path.join(path, "config.json")))
-    if "custom_checkpoint_0.pkl" not in files:
-        utils.fail(f"{path} has no custom_checkpoint_0.pkl (the EMA that accelerate's save_state writes) "
-                   "and no config.json; pass their checkpoint_<i>/ folder or a Hugging Face folder")
-    ema = strip_wrappers(read_weights(os.path.join(path, "custom_checkpoint_0.pkl")))
-    raw = strip_wrappers(read_weights(os.path.join(path, "model.safetensors"))) if "model.safetensors" in files else None
-    hints = {}
-    for up in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):   # metadata.json of the run
-        if os.path.isfile(os.path.join(up, "metadata.json")):
-            hints = json.load(open(os.path.join(up, "metadata.json"))).get("args", {})
-            break
-    return ema, raw, hints
-
-
-def authors_model_args(sd, hints, path):
-    """Our DiT(**model_args) from the shapes: depth, width, patch, channels, grid, and the
-    (L, V+1, D) DLC table; heads from the size name the shapes match (DiT's sizes)."""
-    need = ["x_embedder.proj.weight", "pos_embed", "sem_embedder.embedding_table", "blocks.0.attn.qkv.weight"]
-    if any(k not in sd for k in need):
-        known = ("pos_embed", "x_embedder.", "t_embedder.", "blocks.", "final_layer.", "sem_embedder.")
-        utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
-                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
-    D, C, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]
-    if not sizes:
-        utils.fail(f"{path}: depth {depth} x width {D} is none of the DiT sizes {', '.join(SIZES)}")
-    L, V1, _ = sd["sem_embedder.embedding_table"].shape
-    L_, V = (hints.get(k, hints.get(f"dlc_{k.lower()}")) for k in ("L", "V"))
-    if (L_ is not None and L_ != L) or (V is not None and V != V1 - 1):
-        utils.fail(f"{path}: the DLC table is (L={L}, V+1={V1}, D) but the config says L={L_}, V={V}"
-                   + ("; a table without drop-token rows (trained without CFG dropout) is not supported" if V == V1 else ""))
-    model = f"DiT-{sizes[0]}/{patch}"
-    if hints.get("model") and hints["model"].split("-", 1)[-1] != model.split("-", 1)[-1]:
-        utils.fail(f"{path}: its metadata says --model {hints['model']} but the shapes are {model}")
-    grid = math.isqrt(sd["pos_embed"].shape[1])
-    return dict(model=model, input_size=grid * patch, in_channels=C, cond="dlc", num_classes=0, L=L, V=V1 - 1, emb_dim=0)
-
-
-def convert(cfg):
-    """python dit.py convert --authors PATH --out CKPT: their EMA (what they sample with) as our
-    `ema`, their raw weights (when the folder has them) as `model`."""
-    if not cfg.authors or not cfg.out.endswith(".pt"):
-        utils.fail("convert needs --authors FOLDER and --out CKPT.pt")
-    if os.path.exists(cfg.out):
-        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
-    ema, raw, hints = read_authors_dit(cfg.authors)
-    margs = authors_model_args(ema, hints, cfg.authors)
-    with torch.device("meta"):                                              # shapes only
-        want = DiT(**margs).state_dict()
-    for name, sd in (("EMA", ema), ("model", raw)):
-        if sd is None:
-            continue
-        utils.check_layout(want, sd, f"{cfg.authors} ({name}) is not in the layout of the authors' DiTSEM")
-    ema = {k: ema[k].float().contiguous() for k in want}
-    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema
-    config = dataclasses.asdict(dataclasses.replace(cfg, model=margs["model"], image_size=margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)))
-    utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
-                           "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}}, cfg.out)
-    print(f"wrote {cfg.out}: {margs['model']} on {margs['in_channels']}x{margs['input_size']}x{margs['input_size']}, "
-          f"DLC L={margs['L']} V={margs['V']}, {sum(v.numel() for v in ema.values()):,} weights (EMA"
-          f"{' + raw model' if raw is not ema else ' only'})", flush=True)
-    return cfg.out
-
-
-COMMANDS = {name: (fn, Config, PRESETS) for name, fn in (
-    ("train", train), ("sample", sample), ("compose", compose), ("embgen", embgen), ("extract", extract),
-    ("real", real), ("bench", bench), ("convert", convert))}
+COMMANDS = {name: (fn, cls, presets_for(cls)) for name, fn, cls in (
+    ("train", train, Config), ("sample", sample, SampleConfig), ("compose", compose, ComposeConfig),
+    ("embgen", embgen, EmbgenConfig), ("extract", extract, ExtractConfig), ("real", real, RealConfig),
+    ("bench", bench, Config), ("convert", convert, ConvertConfig))}
 
 
 def main(argv=None):
