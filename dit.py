@@ -981,12 +981,14 @@ def compose(cfg):
             utils.fail(f"--emb_ckpt is a {emb_model.cond!r} model; it must be an `embedding` model")
         embs, _ = load_conditions("embedding", cfg.dlc)
     k, diffusion = cfg.n_per_pair, trained_diffusion(state).respace(cfg.sample_steps)
+    decode = latent_decoder(cfg, model, d.device)                          # latent models: through the SD-VAE
     gen = torch.Generator().manual_seed(cfg.seed)
     rows, comps, all_imgs, avg_imgs = [], [], [], []
     for j, (a, b) in enumerate(pairs):
         mixed = compose_codes(codes[a], codes[b], k, cfg.mix_p, gen)       # (k, L)
         seeds = sample_seeds(cfg.seed, range(j * 1000, j * 1000 + k))
-        run = lambda m, y: generate(m, diffusion, y.to(d.device), cfg, seeds, d.device)
+        run = lambda m, y: generate(m, diffusion, y.to(d.device), cfg, seeds, d.device,
+                                    decode=decode if m.in_channels == 4 else None)
         src_a, src_b = run(model, codes[a][None].repeat(k, 1)), run(model, codes[b][None].repeat(k, 1))
         out = run(model, mixed)
         rows += [src_a, src_b, out]
@@ -1003,7 +1005,7 @@ def compose(cfg):
         extra["target_attrs"] = np.repeat(targets, k, axis=0)                  # (P*k, 3)
     sources = np.stack([codes[p].numpy() for p in np.array(pairs).ravel()]).astype(np.uint16)   # (2P, L)
     save_npz(cfg.out, arr_0=np.concatenate(all_imgs), codes=np.concatenate(comps).astype(np.uint16),
-             pairs=np.array(pairs), sources=sources, **extra)
+             pairs=np.array(pairs), sources=sources, cfg_scale=np.float64(cfg.cfg_scale), **extra)
     if avg_imgs:                                                           # the baseline's images, same pairs
         save_npz(os.path.splitext(cfg.out)[0] + "_embavg.npz", arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs),
                  **extra)
@@ -1325,7 +1327,9 @@ def convert(cfg):
     raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema
     # the training config of the model, as sample / compose read it (trained_diffusion)
     pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)
-    config = dataclasses.asdict(Config(model=margs["model"], image_size=pixels))
+    # their DiT trains on DiT's linear schedule (the imagenet preset), not the toy's cosine one
+    config = dataclasses.asdict(Config(**{**presets_for(Config)["imagenet"], "model": margs["model"],
+                                          "image_size": pixels}))
     utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
                            "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}},
                           cfg.out)

@@ -571,11 +571,38 @@ def test_convert_accelerate_folder_matches_their_forward_and_cfg(tmp_path):
         torch.testing.assert_close(model.forward_with_cfg(x, t, codes, 1.7, channels=4), ref, atol=1e-5, rtol=1e-5)
         three = model.forward_with_cfg(x, t, codes, 1.7, channels=3)     # the paper's wording differs on channel 3
         assert (three[:, 3] - ref[:, 3]).abs().max() > 1e-2
+    # their model trained on DiT's linear schedule: sample / compose must use it, not the toy's cosine
+    assert state["config"]["schedule"] == "linear"
+    np.testing.assert_array_equal(dit.trained_diffusion(state).abar, dit.GaussianDiffusion.linear(1000).abar)
     # the Table 1 presets guide as the authors' pipeline does
     for name, scale in (("imagenet-cfg1.7", 1.7), ("imagenet-remask", 1.0)):
         c = utils.parse_config(dit.Config, ["--preset", name], dit.PRESETS)
         assert (c.sample_steps, c.cfg_scale, c.cfg_channels, c.cfg_interval, c.bf16) == (256, scale, 4, [], False)
     assert utils.parse_config(dit.Config, ["--preset", "imagenet-cfg1.7", "--cfg_channels", "3"], dit.PRESETS).cfg_channels == 3
+
+
+def test_compose_pairs_of_a_latent_model_decodes_through_the_vae(tmp_path, monkeypatch):
+    """compose --pairs with a latent (4-channel) DiT writes images decoded by the SD-VAE, as sample
+    and compose --images do, not the raw latents."""
+    ema = authors_ditsem(seed=0)
+    ck = write_accelerate_run(tmp_path / "run", ema, ema, {"model": "DiTSEM-toy/2", "L": 6, "V": 10, "image_size": 64})
+    out = str(tmp_path / "ours.pt")
+    dit.main(["convert", "--authors", str(ck), "--out", out])
+    codes = np.random.RandomState(0).randint(0, 10, (4, 6))
+    utils.save_dlc_set(str(tmp_path / "set"), codes, {"L": 6, "V": 10})
+    decoded = []
+    def fake_vae(cfg, device):                             # latents (B, 4, 8, 8) -> images (B, 3, 64, 64)
+        def decode(z):
+            decoded.append(tuple(z.shape))
+            return F.interpolate(z[:, :3].clamp(-1, 1), scale_factor=8)
+        return None, decode
+    monkeypatch.setattr(dit, "vae_decoder", fake_vae)
+    dit.main(["compose", "--ckpt", out, "--dlc", str(tmp_path / "set"), "--pairs", "0:1,2:3", "--n_per_pair", "2",
+              "--sample_steps", "2", "--vae", "vae", "--out", str(tmp_path / "c.npz")])
+    z = np.load(tmp_path / "c.npz")
+    assert z["arr_0"].shape == (4, 64, 64, 3) and z["arr_0"].dtype == np.uint8
+    assert decoded and all(s[1:] == (4, 8, 8) for s in decoded)
+    assert float(z["cfg_scale"]) == 1.0                    # recorded, as `sample` does
 
 
 def test_convert_hf_folder(tmp_path):
