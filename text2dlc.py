@@ -540,7 +540,9 @@ def probe_cmd(p):
     nn_idx = dist.topk(p.k, largest=False).indices                        # (Ng, k)
     per, allm = [0, 0, 0], 0
     for row, want in zip(nn_idx.tolist(), wants):
-        got = [max(set(v), key=v.count) for v in zip(*[ref_attrs[j] for j in row])]   # majority per attribute
+        # majority per attribute; max over the neighbours in distance order breaks a tie by the nearest
+        # (not over a set, whose order follows PYTHONHASHSEED and would differ from run to run)
+        got = [max(v, key=v.count) for v in zip(*[ref_attrs[j] for j in row])]
         per = [a + (g == w) for a, g, w in zip(per, got, want)]
         allm += tuple(got) == want
     n = len(gc)

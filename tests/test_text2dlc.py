@@ -1,6 +1,6 @@
 """text2dlc.py: Eq. 5 by hand, SFT masking, the sampler against an oracle, vocabulary
 extension on a tiny transformers model, torchrun (DDP tiny and FSDP2 on gloo), bad input."""
-import json, math, os
+import json, math, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -287,3 +287,20 @@ def test_authors_llada_folder_token_mapping_and_sample(tmp_path, monkeypatch):
     fails_with(["sample", "--model_path", plain, "--L", "4", "--prompt", "a", "--out", tmp_path / "o"], tmp_path,
                monkeypatch, "<|start_sem|>")
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_probe_breaks_ties_by_the_nearest_code_whatever_the_hash_seed(tmp_path):
+    """k = 2 neighbours that disagree on every attribute: the vote is a tie, and the nearer code
+    (distance 0) decides, in every process (a set's iteration order follows PYTHONHASHSEED)."""
+    ref_caps = ["a red square on a green background", "a blue circle on a yellow background"]
+    utils.save_dlc_set(str(tmp_path / "ref"), np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), {"L": 4, "V": 4},
+                       captions=ref_caps)
+    utils.save_dlc_set(str(tmp_path / "gen"), np.array([[0, 0, 0, 0], [1, 1, 1, 1]]),
+                       {"L": 4, "V": 4, "prompt": ref_caps[0]}, captions=ref_caps)
+    code = "import sys, text2dlc; text2dlc.main(sys.argv[1:])"
+    for seed in ("0", "1", "2", "3", "4", "5"):
+        p = subprocess.run([sys.executable, "-c", code, "probe", "--dlc", str(tmp_path / "gen"), "--ref",
+                            str(tmp_path / "ref"), "--k", "2"], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed})
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout.strip().splitlines()[-1])["all_match"] == 1.0, seed
