@@ -15,18 +15,13 @@ and the authors' fork https://github.com/lavoiems/DiscreteLatentCode (mirror
 sarvghotra/DiscreteLatentCode, commit 64d4c8d, dinov2/dinov2/models/vision_transformer.py:
 DinoVisionTransformerWithSEM); the code here is written from those facts.
 
-Commands:
+Commands (more in docs/sem.md):
   python sem.py                                    # toy: shapes data, CPU, a few minutes
   python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
-  python evaluate.py probe --dlc runs/dlc-shapes --out runs/probe   # linear probe (Table 3) of the codes
-  python sem.py bench                              # img/s, peak memory, MFU
-  python sem.py import --authors DLC_512x256 --out runs/dlc512   # the authors' ImageNet DLCs (+ latents)
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
-  torchrun --nproc_per_node=8 sem.py --preset imagenet --run_name imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
-  torchrun --nproc_per_node=8 sem.py encode --preset imagenet --ckpt runs/sem-imagenet --data /imagenet/train --out DLC512
-  python sem.py convert --authors <run>/eval/training_124999/teacher_checkpoint.pth --out sem_authors.pt  # their teacher
-  python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # a local HF folder
-  python sem.py encode --ckpt sem_authors.pt --data /imagenet/val --out dlc_val [--soft_tau 0.001]
+  python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # their encoder
+  python sem.py import --authors DLC_512x256 --out runs/dlc512   # their ImageNet DLCs (+ latents)
+  python sem.py bench                              # img/s, peak memory, MFU
 """
 import dataclasses, json, math, os, re, shutil, sys, time
 from dataclasses import dataclass
@@ -41,34 +36,50 @@ import torch.nn.functional as F
 import utils
 
 
+#################################################################################
+#       Configs: the ViT, then one per sub-command (convert, import: below)     #
+#################################################################################
+
 @dataclass
-class Config:
-    run: str = "toy"              # run folder runs/sem-<run>/
-    resume: bool = False          # continue from the newest checkpoint of the run
-    overwrite: bool = False       # train: replace an earlier run in the same folder; encode: an existing --out set
-    seed: int = 0                 # base seed (per rank and per step)
-    device: str = "auto"          # auto | cpu | cuda | mps
-    steps: int = 500              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
-    schedule: int = 0             # length of the cosine schedules (lr, wd, momentum; 0: --steps); --resume keeps
-                                  # the checkpoint's, so a larger --steps goes on at their final values
-    batch_size: int = 32          # images per process (paper: 64 per GPU)
-    compile: bool = False         # torch.compile the student backbone
-    grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
-    data: str = "shapes"          # digits | shapes | ImageFolder path | img2dataset folder
-    n: int = 4000                 # images of the embedded shapes data
-    size: int = 32                # global crop / encoding resolution (paper: 224)
-    workers: int = 0              # DataLoader workers (0: augment in the main process)
-    threads: int = 0              # CPU threads for torch (0: torch's default; 1 on a busy machine)
+class ViTConfig:
+    """The SEM ViT and its input size: what SEMViT reads, and what encode takes from a checkpoint."""
     arch: str = "toy"             # toy | vit_s | vit_b | vit_l | vit_g (paper: vit_l)
     patch: int = 8                # patch size (paper: 14)
     pos_grid: int = 4             # grid of the stored pos-embed (DINOv2: 37 = 518 / 14)
     registers: int = 4            # register tokens (paper: 4)
     drop_path: float = 0.0        # stochastic depth (DINOv2 ViT-L: 0.4)
     ls_init: float = 0.1          # LayerScale init (DINOv2: 1e-5; the toy trains from scratch in minutes)
-    init: str = ""                # official DINOv2 backbone .pth to start from (strict load)
-    L: int = 64                   # SEM groups = code length (paper: 512; the toy: 64 x 16 probes near 128 x 16, at half its SEDD cost)
+    grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
+    L: int = 64                   # SEM groups = code length (paper: 512; the toy's 64: see docs/sem.md)
     V: int = 16                   # SEM vocabulary per group (paper: 256)
     tau: float = 1.0              # SEM softmax temperature while training (paper: 1.0)
+    size: int = 32                # global crop / encoding resolution (paper: 224)
+    POSITIVE = ("size", "patch", "L", "V")
+
+
+@dataclass
+class Base(ViTConfig):
+    """What train, encode and bench add to the ViT: the machine and the images."""
+    seed: int = 0                 # base seed (per rank and per step)
+    device: str = "auto"          # auto | cpu | cuda | mps
+    threads: int = 0              # CPU threads for torch (0: torch's default; 1 on a busy machine)
+    data: str = "shapes"          # digits | shapes | ImageFolder path | img2dataset folder
+    n: int = 4000                 # images of the embedded shapes data
+
+
+@dataclass
+class Config(Base):
+    """train: DINOv2 self-distillation of the SEM ViT; the paper's values in the comments."""
+    run: str = "toy"              # run folder runs/sem-<run>/
+    resume: bool = False          # continue from the newest checkpoint of the run
+    overwrite: bool = False       # replace an earlier run in the same folder
+    out: str = ""                 # unused by train; accepted, so that train and encode lines may share it
+    steps: int = 500              # optimiser steps (paper: 125k = 100 "epochs" of 1250)
+    schedule: int = 0             # lr / wd / momentum cosine length (0: --steps); --resume keeps the checkpoint's
+    batch_size: int = 32          # images per process (paper: 64 per GPU)
+    compile: bool = False         # torch.compile the student backbone
+    workers: int = 0              # DataLoader workers (0: augment in the main process)
+    init: str = ""                # official DINOv2 backbone .pth to start from (strict load)
     head_hidden: int = 256        # DINO head MLP width (paper: 2048)
     head_bottleneck: int = 64     # DINO head bottleneck (paper: 256)
     prototypes: int = 256         # DINO / iBOT prototypes (paper: 65536)
@@ -77,7 +88,7 @@ class Config:
     global_scale: float = 0.8     # global crop min scale (paper: 0.32; the toy keeps the whole shape); local up to this
     local_scale: float = 0.4      # local crop min scale (paper: 0.05: too small for 32 px shapes)
     jitter: float = 0.4           # brightness / contrast jitter (paper: 0.4), saturation half
-    hue: float = 0.1              # hue jitter (paper: 0.1; the toy's shape probe 0.82 -> 0.86-0.89 over 2 seeds)
+    hue: float = 0.1              # hue jitter (paper: 0.1)
     grayscale_p: float = 0.0      # grayscale probability (paper: 0.2; 0 for shapes)
     solarize_p: float = 0.0       # solarise probability on the 2nd global crop (paper: 0.2)
     blur_p: float = 0.0           # Gaussian blur probability (paper: 1.0 / 0.1 / 0.5; CPU-costly)
@@ -105,16 +116,23 @@ class Config:
     momentum: float = 0.992       # teacher EMA momentum start, cosine -> 1
     log_every: int = 1            # log line every N steps
     ckpt_every: int = 1000        # checkpoint every N steps (and at the end)
-    out: str = ""                 # encode: output DLC set folder
-    ckpt: str = ""                # encode: checkpoint file or run folder
-    continuous: bool = False      # encode: also write embeddings.npy (normalised CLS)
-    encode_batch: int = 256       # encode: images per batch
-    soft_tau: float = 0.0         # encode: also write probs.npy, the soft SEM softmax(z / soft_tau) (N, L, V); 0 = off
-    authors: str = ""             # convert: the authors' teacher .pth or a local Hugging Face folder
     POSITIVE = ("steps", "batch_size", "n", "size", "patch", "L", "V", "prototypes", "local_size", "log_every",
-                "ckpt_every", "encode_batch", "sinkhorn_iters")
+                "ckpt_every", "sinkhorn_iters")
 
 
+@dataclass
+class EncodeConfig(Base):
+    """encode: the DLC set of --data; the ViT fields and size of our checkpoint win over these defaults."""
+    ckpt: str = ""                # our checkpoint file or run folder, or an official DINOv2 .pth (fresh SEM head)
+    out: str = ""                 # output DLC set folder
+    overwrite: bool = False       # replace an existing DLC set at --out
+    continuous: bool = False      # also write embeddings.npy (normalised CLS)
+    encode_batch: int = 256       # images per batch
+    soft_tau: float = 0.0         # also write probs.npy, the soft SEM softmax(z / soft_tau) (N, L, V); 0 = off
+    POSITIVE = ("n", "size", "patch", "L", "V", "encode_batch")
+
+
+# Presets of train (bench, encode and convert take the fields they have, see presets_for)
 PRESETS = {
     "toy": {},
     "imagenet": dict(run="imagenet", steps=125_000, batch_size=64, size=224, workers=10,
@@ -123,9 +141,22 @@ PRESETS = {
                      local_crops=8, local_size=98, global_scale=0.32, local_scale=0.05, koleo_weight=0.1,
                      hue=0.1, grayscale_p=0.2, solarize_p=0.2, blur_p=0.5,
                      teacher_temp_steps=37_500, lr=1e-4, warmup=12_500, freeze_last=1250,
-                     ckpt_every=5000, log_every=10, encode_batch=128, compile=True, grad_ckpt=True,
-                     mask_mode="block"),
+                     ckpt_every=5000, log_every=10, compile=True, grad_ckpt=True, mask_mode="block"),
 }
+ENCODE_PRESETS = {"toy": {}, "imagenet": dict(encode_batch=128)}   # encode's and bench's own preset values
+
+
+def fields_of(cls, values):
+    """The entries of the dict `values` that are fields of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def presets_for(cls, own=None):
+    """PRESETS cut to the fields of `cls`, plus the sub-command's own values (`own`, by preset name)."""
+    return {name: fields_of(cls, {**p, **(own or {}).get(name, {})}) for name, p in PRESETS.items()}
+
+
 # name: (width, depth, heads, ffn); DINOv2 hub models (dinov2/hub/backbones.py)
 ARCHS = {"toy": (64, 4, 4, "mlp"), "vit_s": (384, 12, 6, "mlp"), "vit_b": (768, 12, 12, "mlp"),
          "vit_l": (1024, 24, 16, "mlp"), "vit_g": (1536, 40, 24, "swiglu")}
@@ -236,7 +267,8 @@ class SEMViT(nn.Module):
         if cfg.registers:  # reg4 checkpoints only; the no-register ones have no such key
             self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, D))
-        # on the CPU even under `with torch.device("meta")` (.tolist() needs real values)
+        # drop-path rates 0 -> drop_path over the blocks, DINOv2's float32 values; on the CPU even under
+        # `with torch.device("meta")` (convert), since .tolist() needs real values
         dpr = torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(D, heads, ffn, p, cfg.ls_init) for p in dpr)
         self.norm = nn.LayerNorm(D, eps=1e-6)
@@ -458,7 +490,7 @@ def make_augment(cfg, out, scale, solarize_p=0.0):
     of the three attributes that define an image: grayscale would make a red and a blue
     triangle two views of the same thing and teach the encoder to ignore colour, so the toy
     sets grayscale_p = 0. DINOv2's small hue jitter (0.1) stays: the five colours remain apart
-    and the exact colour values stop being a shortcut (shape probe up by 0.05, colour 0.99)."""
+    and the exact colour values stop being a shortcut."""
     from torchvision.transforms import v2
     jitter = v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter / 2, cfg.hue)
     ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
@@ -491,8 +523,9 @@ class MultiCropSteps(torch.utils.data.Dataset):
         idx = perm[self.rank::self.world][k * B:(k + 1) * B]
         torch.manual_seed((cfg.seed * 7919 + self.rank) * 1_000_003 + step)  # v2 uses the global RNG
         imgs = [self.images[int(i)] for i in idx]
-        g = torch.stack([torch.stack([self.g1(im) for im in imgs]), torch.stack([self.g2(im) for im in imgs])])  # (2, B, 3, S, S)
-        loc = [torch.stack([self.loc(im) for im in imgs]) for _ in range(cfg.local_crops)]             # n x (B, 3, s, s)
+        g = torch.stack([torch.stack([self.g1(im) for im in imgs]),
+                         torch.stack([self.g2(im) for im in imgs])])                    # (2, B, 3, S, S)
+        loc = [torch.stack([self.loc(im) for im in imgs]) for _ in range(cfg.local_crops)]  # n x (B, 3, s, s)
         return g, loc, ibot_masks(2 * B, cfg.size // cfg.patch, cfg.mask_prob, cfg.mask_ratio, cfg.mask_mode)
 
 
@@ -500,8 +533,8 @@ def ibot_masks(n, side, prob, ratio, mode="block"):
     """DINOv2's collate (mode "block"): int(n * prob) of the n global crops get a block mask, their
     target ratios spread evenly over the range (crop i draws from the i-th of n_masked equal
     slices), at most half the patches in one block; the rows are then shuffled. Mode "random"
-    (the toy's, with which its README numbers were measured): each crop is masked with
-    probability prob, that many patches scattered uniformly. (n, side^2) bool."""
+    (the toy's default): each crop is masked with probability prob, that many patches
+    scattered uniformly. (n, side^2) bool."""
     lo, hi = (float(v) for v in ratio.split(","))
     N, k = side * side, int(n * prob)
     masks = torch.zeros(n, N, dtype=torch.bool)
@@ -559,10 +592,11 @@ def param_groups(student, layer_decay):
     """One group per parameter: lr x decay^(depth+1 - layer), no weight decay on biases, norms,
     LayerScale, tokens and pos-embed (DINOv2 dinov2/utils/param_groups.py)."""
     depth, groups = len(student.backbone.blocks), []
+    embed = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")
     for name, p in student.named_parameters():
         if name.startswith("backbone.blocks."):
             layer = int(name.split(".")[2]) + 1
-        elif name.startswith("backbone.") and any(s in name for s in ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")):
+        elif name.startswith("backbone.") and any(s in name for s in embed):
             layer = 0
         else:  # final norm, SEM head, DINO head
             layer = depth + 1
@@ -589,7 +623,6 @@ class Student(nn.Module):
 def train_step(student, teacher, centers, batch, cfg, step, d):
     """The DINOv2 objective on one batch; returns the total loss and its parts."""
     g, loc, masks = batch
-    B = g.shape[1]
     g = g.flatten(0, 1).to(d.device)                                       # (2B, 3, S, S)
     loc, masks = [x.to(d.device) for x in loc], masks.to(d.device)
     # teacher temperature: linear warm-up warmup_teacher_temp -> teacher_temp, then constant (DINOv2)
@@ -625,7 +658,7 @@ def run_dir(cfg):
 
 
 def set_threads(cfg):
-    # why: on a shared CPU, torch's worker threads wait on each other; 1 thread can be 10x faster
+    # why: on a shared CPU, torch's worker threads wait on each other; 1 thread can be much faster
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
@@ -660,7 +693,8 @@ def save_state(out, step, student, teacher, opt, centers, cfg, d):
     if d.main:
         utils.save_checkpoint({"model": utils.unwrap(student).state_dict(), "ema": teacher.state_dict(),
                                "opt": opt.state_dict(), "step": step, "centers": centers,
-                               "config": dataclasses.asdict(cfg), "script": "sem", "versions": {"torch": torch.__version__}},
+                               "config": dataclasses.asdict(cfg), "script": "sem",
+                               "versions": {"torch": torch.__version__}},
                               os.path.join(out, "checkpoints", f"ckpt_{step:07d}.pt"))
     if d.world > 1:
         dist.barrier()
@@ -678,6 +712,18 @@ def set_schedules(opt, cfg, step, lr_base):
     return lr
 
 
+def log_step(log, step, loss, parts, lr, gnorm, t0, cfg, d):
+    """The step's log line: the losses averaged over ranks, lr, grad norm, ms/step and samples/s since t0."""
+    ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
+    if d.world > 1:
+        dist.all_reduce(ls)
+        ls /= d.world
+    utils.sync(d.device)
+    ms = (time.perf_counter() - t0) * 1000 / cfg.log_every
+    log(f"step {step:7d} | loss {ls[0]:.4f} (dino {ls[1]:.3f} ibot {ls[2]:.3f} koleo {ls[3]:.3f}) "
+        f"| lr {lr:.2e} | grad {gnorm:.3f} | {ms:.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:.0f} samples/s")
+
+
 def train(cfg):
     if cfg.mask_mode not in ("block", "random"):
         utils.fail(f"unknown --mask_mode {cfg.mask_mode!r}; use block or random")
@@ -693,8 +739,8 @@ def train(cfg):
     student, teacher, centers, opt, ck_path, ck = build_for_training(cfg, out, d)
     start = ck["step"] if ck else 0
     # the schedules keep the length they started with: a resumed run replays its past exactly
-    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or (ck and ck["config"].get("schedule", ck["config"]["steps"]))
-                              or cfg.steps)
+    saved = ck["config"].get("schedule", ck["config"]["steps"]) if ck else 0
+    cfg = dataclasses.replace(cfg, schedule=cfg.schedule or saved or cfg.steps)
     log = utils.Logger(out, d)  # the run folder appears only once every input has been read
     if ck:
         log(f"resumed from {ck_path} at step {start} (schedules over {cfg.schedule} steps)")
@@ -721,13 +767,7 @@ def train(cfg):
         finite.step(loss, step + 1)
         if (step + 1) % cfg.log_every == 0:
             finite.check()
-            ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
-            if d.world > 1:
-                dist.all_reduce(ls); ls /= d.world
-            utils.sync(d.device)
-            ms = (time.perf_counter() - t0) * 1000 / cfg.log_every
-            log(f"step {step + 1:7d} | loss {ls[0]:.4f} (dino {ls[1]:.3f} ibot {ls[2]:.3f} koleo {ls[3]:.3f}) "
-                f"| lr {lr:.2e} | grad {gnorm:.3f} | {ms:.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:.0f} samples/s")
+            log_step(log, step + 1, loss, parts, lr, gnorm, t0, cfg, d)
             t0 = time.perf_counter()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             finite.check(student.parameters())                             # never save a NaN model
@@ -841,48 +881,21 @@ def encode(cfg):
 
 
 #################################################################################
-#                     bench: img/s, peak memory, MFU                            #
-#################################################################################
-
-def bench(cfg):
-    """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
-    d = utils.setup_dist(cfg.device)
-    set_threads(cfg)
-    cfg = dataclasses.replace(cfg, steps=6)
-    images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))
-    student, teacher = Student(cfg).to(d.device), Student(cfg).to(d.device).eval().requires_grad_(False)
-    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
-    data = MultiCropSteps(images, cfg, 0, 1)
-    batches = [data[i] for i in range(cfg.steps)]
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    peak = utils.matmul_peak_flops(d.device, dtype)
-    order = iter(range(cfg.steps))                                      # step i trains on batches[i]
-
-    def step():
-        i = next(order)
-        loss, _ = train_step(student, teacher, centers, batches[i], cfg, i, d)
-        opt.zero_grad(); loss.backward(); opt.step()
-    dt, train_flops = utils.measure(step, d.device, cfg.steps - 2)      # counted on step 0, warm-up 1, timed 2..
-    print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
-          f"(step {train_flops / 1e9:.1f} GFLOP{' incl. recompute' if cfg.grad_ckpt else ''}, peak {peak / 1e12:.2f} "
-          f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
-    enc = student.backbone.eval()
-    x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
-    with torch.no_grad(), amp:
-        dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
-    print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
-          f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
-
-
-#################################################################################
-#      convert: the authors' released SEM encoder -> one of our checkpoints     #
+#                 THE AUTHORS' RELEASED FILES -> OURS (plumbing)                #
+#       convert: their SEM encoder -> one of our checkpoints (encode, resume)   #
 #################################################################################
 # Their teacher checkpoint (dinov2/dinov2/train/train.py, do_test) is {"teacher": state dict of
 # ModuleDict(backbone=DinoVisionTransformerWithSEM, dino_head=DINOHead)}. The backbone keys are
 # DINOv2's, which ours copy, plus sem_embed / sem_norm / sem_out and sem_cls_norm, a LayerNorm that
 # their forward never calls (it re-uses the backbone's `norm`), so it is dropped here.
+
+@dataclass
+class ConvertConfig(ViTConfig):
+    """convert: the ViT fields come from the file's shapes, L and V from its config or --L / --V;
+    a given --arch, --patch, --pos_grid or --registers must match the shapes, a given --size wins."""
+    authors: str = ""             # the authors' teacher .pth or a local Hugging Face folder
+    out: str = ""                 # our checkpoint .pt to write (refused if it exists)
+
 
 WRAPPERS = ("module.", "_orig_mod.", "model.", "teacher.", "sem.", "encoder.")  # DDP, compile, HF wrappers
 
@@ -905,7 +918,8 @@ def read_hf_folder(path):
     else:
         shards = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files][:1]
     if not shards or any(n not in files for n in shards):
-        utils.fail(f"{path} has no model.safetensors / pytorch_model.bin (or a shard is missing); download the whole folder")
+        utils.fail(f"{path} has no model.safetensors / pytorch_model.bin (or a shard is missing); "
+                   "download the whole folder")
     sd = {}
     for n in shards:
         if n.endswith(".safetensors"):
@@ -954,8 +968,9 @@ def authors_arch(sd, hints, cfg, given, path):
     need = ["cls_token", "pos_embed", "patch_embed.proj.weight", "sem_embed.weight", "blocks.0.norm1.weight"]
     if any(k not in sd for k in need):
         known = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.", "blocks.", "norm.", "sem_")
+        unexpected, missing = [k for k in sorted(sd) if not k.startswith(known)][:6], [k for k in need if k not in sd]
         utils.fail(f"{path} is not in the layout of the authors' DINOv2 SEM encoder: unexpected keys "
-                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, missing keys {[k for k in need if k not in sd]}")
+                   f"{unexpected}, missing keys {missing}")
     D, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
     archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]
@@ -999,41 +1014,45 @@ def convert(cfg):
         utils.fail("convert needs --authors PATH (teacher .pth or Hugging Face folder) and --out CKPT")
     if os.path.exists(cfg.out):
         utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
-    flags = utils.given(cfg)
     sd, head, hints = read_authors_sem(cfg.authors)
-    cfg = authors_arch(sd, hints, cfg, {k: getattr(cfg, k) for k in flags if hasattr(cfg, k)}, cfg.authors)
+    found = authors_arch(sd, hints, cfg, {k: getattr(cfg, k) for k in utils.given(cfg)}, cfg.authors)
     head_sd, why = authors_head(head, cfg.authors)
+    heads = {}
     if head_sd:  # head sizes from its shapes
-        cfg = dataclasses.replace(cfg, head_hidden=head_sd["head.mlp.0.weight"].shape[0],
-                                  head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
-                                  prototypes=head_sd["head.last_layer.weight"].shape[0])
+        heads = dict(head_hidden=head_sd["head.mlp.0.weight"].shape[0],
+                     head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
+                     prototypes=head_sd["head.last_layer.weight"].shape[0])
+    # the checkpoint holds a train config, as ours do: encode reads its ViT fields, --resume its schedule
+    model = Config(**fields_of(ViTConfig, dataclasses.asdict(found)), **heads)
     with torch.device("meta"):  # shapes only: every tensor comes from their file
-        ours = Student(cfg) if head_sd else SEMViT(cfg)
+        ours = Student(model) if head_sd else SEMViT(model)
     want = ours.state_dict()
     got = {**({f"backbone.{k}": v for k, v in sd.items()} if head_sd else sd), **(head_sd or {})}
     utils.check_layout(want, got, f"{cfg.authors} is not in the layout of the authors' training code")
     weights = {k: got[k].float().contiguous() for k in want}
     if not head_sd:  # encode reads backbone.* of the EMA
         weights = {f"backbone.{k}": v for k, v in weights.items()}
-    utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(cfg),
+    utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(model),
                            "converted_from": os.path.abspath(cfg.authors), "dino_head": not why,
                            "versions": {"torch": torch.__version__}}, cfg.out)
-    print(f"wrote {cfg.out}: {cfg.arch}/{cfg.patch} reg{cfg.registers} SEM L={cfg.L} V={cfg.V}, "
+    print(f"wrote {cfg.out}: {model.arch}/{model.patch} reg{model.registers} SEM L={model.L} V={model.V}, "
           f"{sum(v.numel() for v in weights.values()):,} weights"
           + ("" if head_sd else f"; DINO head not converted ({why}): encode only"), flush=True)
     return cfg.out
 
 
 def resume_converted(ck, path, student, teacher):
-    """--resume from a `convert` checkpoint: their teacher as both student and teacher
+    """train --resume from a `convert` checkpoint: their teacher as both student and teacher
     (DINOv2 starts the student as the teacher); optimiser and centres start fresh."""
     if not ck.get("dino_head"):
         utils.fail(f"{path} was converted without the DINO head, so training cannot continue from it; "
                    "it encodes (sem.py encode --ckpt)")
-    student.load_state_dict(ck["model"]); teacher.load_state_dict(ck["ema"])
+    student.load_state_dict(ck["model"])
+    teacher.load_state_dict(ck["ema"])
 
 
-#        Import: the authors' DLC dataset (lavoies/DLC_512x256) as a DLC set    #
+#################################################################################
+#        import: the authors' DLC dataset (lavoies/DLC_512x256) as a DLC set    #
 #################################################################################
 # What the columns hold, from https://github.com/lavoiems/DiscreteLatentCode (sedd/data.py trains
 # SEDD on `labels`; dit/train_diffusion.py feeds `features` to the DiT and `labels` to its SEM
@@ -1044,6 +1063,7 @@ def resume_converted(ck, path, student, teacher):
 
 @dataclass
 class ImportConfig:
+    """import: their rows (codes, classes, image ids, SD-VAE latents) as one of our DLC sets."""
     authors: str = ""             # a .parquet / .arrow file, or a folder of them (hub download, save_to_disk)
     out: str = ""                 # output DLC set folder
     split: str = "train"          # the split to read where the folder holds several
@@ -1089,6 +1109,16 @@ def authors_files(path, split):
     return files
 
 
+def ipc_reader(f):
+    """A pyarrow reader of the Arrow IPC file f: the stream format (what datasets writes) or the file format."""
+    pa = import_pyarrow()
+    src = pa.memory_map(f)
+    try:
+        return pa.ipc.open_stream(src)
+    except pa.ArrowInvalid:
+        return pa.ipc.open_file(src)
+
+
 def record_batches(files, columns, chunk):
     """Stream the rows of every file as pyarrow RecordBatches, `columns` only."""
     pa = import_pyarrow()
@@ -1096,26 +1126,17 @@ def record_batches(files, columns, chunk):
         if f.endswith(".parquet"):
             yield from pa.parquet.ParquetFile(f).iter_batches(batch_size=chunk, columns=columns)
             continue
-        src = pa.memory_map(f)
-        try:
-            reader = pa.ipc.open_stream(src)                       # what datasets writes
+        reader = ipc_reader(f)
+        if isinstance(reader, pa.ipc.RecordBatchStreamReader):
             batches = iter(reader)
-        except pa.ArrowInvalid:
-            reader = pa.ipc.open_file(src)
+        else:  # the file format: batches by index
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         for b in batches:
             yield b.select(columns)
 
 
 def file_schema(f):
-    pa = import_pyarrow()
-    if f.endswith(".parquet"):
-        return pa.parquet.read_schema(f)
-    src = pa.memory_map(f)
-    try:
-        return pa.ipc.open_stream(src).schema
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(src).schema
+    return import_pyarrow().parquet.read_schema(f) if f.endswith(".parquet") else ipc_reader(f).schema
 
 
 def count_rows(files):
@@ -1183,6 +1204,19 @@ def class_labels(classes, ids, cls_col, name_col):
     return None, None
 
 
+def store_codes(codes, c, i, tmp, N, V):
+    """Rows i.. of codes.npy uint16 [N, L] from a batch of 'labels' (n, L), checked against V;
+    the file is created at the first batch."""
+    if codes is None:
+        codes = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), "w+", np.uint16, (N, c.shape[1]))
+    if c.ndim != 2 or c.shape[1] != codes.shape[1]:
+        utils.fail(f"'labels' rows have shape {c.shape[1:]} after {i} rows of [{codes.shape[1]}]")
+    if len(c) and (c.min() < 0 or c.max() >= V):
+        utils.fail(f"'labels' holds codes outside [0, V={V}) (max {c.max()}); pass the right --V")
+    codes[i:i + len(c)] = c
+    return codes
+
+
 def store_latents(lat, f, i, tmp, N):
     """Rows i.. of latents.npy float16 [N, 1, 4, h, h] from a batch of 'features' (n, 4, h, h)
     (any layout with 4 h h values per row); the file is created at the first batch."""
@@ -1217,15 +1251,9 @@ def import_authors(cfg):
         codes = lat = None
         for b in record_batches(files, cols, cfg.chunk):
             c = column_to_numpy(b.column("labels"), "labels")                   # (n, L)
-            if codes is None:
-                L = c.shape[1]
-                V = vocab_from_names(cfg, files, L)
-                codes = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), "w+", np.uint16, (N, L))
-            if c.ndim != 2 or c.shape[1] != codes.shape[1]:
-                utils.fail(f"'labels' rows have shape {c.shape[1:]} after {i} rows of [{codes.shape[1]}]")
-            if len(c) and (c.min() < 0 or c.max() >= V):
-                utils.fail(f"'labels' holds codes outside [0, V={V}) (max {c.max()}); pass the right --V")
-            codes[i:i + len(c)] = c
+            if V is None:  # the first batch gives L
+                V = vocab_from_names(cfg, files, c.shape[1])
+            codes = store_codes(codes, c, i, tmp, N, V)
             if feat_col:
                 lat = store_latents(lat, column_to_numpy(b.column(feat_col), feat_col), i, tmp, N)
             if cls_col:
@@ -1244,7 +1272,8 @@ def import_authors(cfg):
             with open(os.path.join(tmp, "index.txt"), "w") as fh:
                 fh.writelines(f"{s}\n" for s in ids)
         meta = {"L": int(codes.shape[1]), "V": int(V), "N": int(N), "source": os.path.abspath(cfg.authors),
-                "dataset": "lavoies/DLC_512x256 (the authors' DLC dataset)", "files": [os.path.basename(f) for f in files],
+                "dataset": "lavoies/DLC_512x256 (the authors' DLC dataset)",
+                "files": [os.path.basename(f) for f in files],
                 "command": "python sem.py import " + " ".join(sys.argv[2:]), "labels": source, "index": name_col}
         if lat is not None:
             meta["latents"] = {"column": feat_col, "scale": 0.18215, "shape": list(lat.shape),
@@ -1256,8 +1285,55 @@ def import_authors(cfg):
     return cfg.out
 
 
-COMMANDS = {"train": (train, Config, PRESETS), "encode": (encode, Config, PRESETS),
-            "bench": (bench, Config, PRESETS), "convert": (convert, Config, PRESETS),
+#################################################################################
+#                     bench: img/s, peak memory, MFU                            #
+#################################################################################
+
+@dataclass
+class BenchConfig(Config):
+    """bench: 6 training steps of the train config (timed from the 3rd), then encoding batches."""
+    encode_batch: int = 256       # images per timed encoding batch
+    POSITIVE = (*Config.POSITIVE, "encode_batch")
+
+
+def bench(cfg):
+    """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
+    d = utils.setup_dist(cfg.device)
+    set_threads(cfg)
+    cfg = dataclasses.replace(cfg, steps=6)
+    images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))
+    student, teacher = Student(cfg).to(d.device), Student(cfg).to(d.device).eval().requires_grad_(False)
+    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
+    data = MultiCropSteps(images, cfg, 0, 1)
+    batches = [data[i] for i in range(cfg.steps)]
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    peak = utils.matmul_peak_flops(d.device, dtype)
+    order = iter(range(cfg.steps))                                      # step i trains on batches[i]
+
+    def step():
+        i = next(order)
+        loss, _ = train_step(student, teacher, centers, batches[i], cfg, i, d)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    dt, train_flops = utils.measure(step, d.device, cfg.steps - 2)      # counted on step 0, warm-up 1, timed 2..
+    print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
+          f"(step {train_flops / 1e9:.1f} GFLOP{' incl. recompute' if cfg.grad_ckpt else ''}, peak {peak / 1e12:.2f} "
+          f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
+    enc = student.backbone.eval()
+    x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    with torch.no_grad(), amp:
+        dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
+    print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
+          f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
+
+
+COMMANDS = {"train": (train, Config, PRESETS),
+            "encode": (encode, EncodeConfig, presets_for(EncodeConfig, ENCODE_PRESETS)),
+            "bench": (bench, BenchConfig, presets_for(BenchConfig, ENCODE_PRESETS)),
+            "convert": (convert, ConvertConfig, presets_for(ConvertConfig)),
             "import": (import_authors, ImportConfig, None)}
 
 

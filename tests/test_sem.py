@@ -479,7 +479,7 @@ def test_convert_authors_teacher_matches_their_forward(tmp_path):
             torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
         torch.testing.assert_close(logits, ref["logits"], atol=1e-5, rtol=1e-5)
     # encode / probe read it as usual (and at its own resolution: --size comes from the checkpoint)
-    enc, ecfg, _, head = sem.load_encoder(sem.Config(ckpt=out))
+    enc, ecfg, _, head = sem.load_encoder(sem.EncodeConfig(ckpt=out))
     assert ecfg.size == 40 and head == "trained"
 
 
@@ -493,7 +493,7 @@ def test_convert_hf_folder_and_g_not_one(tmp_path):
     (hf / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
     out = str(tmp_path / "hf.pt")
     sem.main(["convert", "--authors", str(hf), "--out", out])
-    enc, cfg, _, _ = sem.load_encoder(sem.Config(ckpt=out))
+    enc, cfg, _, _ = sem.load_encoder(sem.EncodeConfig(ckpt=out))
     x = torch.randn(2, 3, 40, 40)
     ref = reference_sem(sd, x, 4, 8, heads=4, temp=1.0)
     with torch.no_grad():
