@@ -1,24 +1,14 @@
 """Evaluation: FID / sFID / IS / precision-recall (ADM protocol), Vendi, linear probe, novelty,
-and small "judge" classifiers for the toy data (paper Tables 1 and 3, Figures 6-7, Appendix D).
+and small "judge" classifiers for the toy data (paper Tables 1 and 3, Figures 6-8, Appendix D).
 
-Sub-commands (argv[0]; all options are --key=value fields of Config):
-  fid      ADM metrics of a samples batch vs a reference batch on the FID-Inception network
-           (FID, sFID, Inception Score, precision, recall; Vendi on pool features).
-  judge    toy metrics: judge-FID vs real data, attribute accuracy vs target attributes,
-           rate of novel attribute combinations, Vendi on judge features.
-  probe    linear probe of a DLC set (one-hot codes) and of its continuous embeddings.
-  novelty  distance of each sample to its nearest training image + a retrieval grid (App. D).
-  table    merge metrics.json files into one Markdown table.
-  plot     one metric of several metrics.json files against x values (Fig. 8: FID vs eta) + its table.
-  bench    feature-extraction throughput (Inception with random weights, and the judge).
-
-Commands:
-  laptop toy:  python evaluate.py judge --samples runs/dit-toy/samples.npz --data shapes --out runs/eval-dit
-               python evaluate.py probe --dlc runs/sem-toy/dlc --out runs/eval-probe
-               python evaluate.py table --inputs runs/eval-dit/metrics.json,runs/eval-probe/metrics.json --out results.md
-  one GPU:     python evaluate.py fid --preset imagenet --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
-                   --inception weights/pt_inception-2015-12-05-6726825d.pth --out runs/eval-imagenet
-  N GPUs:      feature extraction is cheap next to sampling; evaluate.py runs as one process.
+A sub-command is always required (`python evaluate.py CMD --help` lists its options):
+fid | judge | probe | novelty | table | plot | report | bench; docs/evaluate.md says what each
+writes and the protocol in full.
+  python evaluate.py judge --samples runs/dit-toy/samples.npz --data shapes --out runs/eval-dit
+  python evaluate.py probe --dlc runs/sem-toy/dlc --out runs/eval-probe
+  python evaluate.py table --inputs runs/eval-dit/metrics.json,runs/eval-probe/metrics.json --out results.md
+  python evaluate.py fid --preset imagenet --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
+      --inception weights/pt_inception-2015-12-05-6726825d.pth --out runs/eval-imagenet
 
 The ADM protocol (github.com/openai/guided-diffusion/blob/main/evaluations/evaluator.py, read
 for facts): uint8 images -> Inception-v3 of the 2015-12-05 TF graph; FID on pool_3 (2048-d),
@@ -26,7 +16,7 @@ sFID on the first 7 channels of `mixed_6/conv` (17 x 17 x 7 = 2023-d, flattened 
 IS = softmax of pool_3 @ W (the logits layer *without bias*) in splits of 5000, precision and
 recall with k = 3 nearest-neighbour radii on pool_3 (Kynkaanniemi et al. 2019).
 """
-import dataclasses, json, math, os, sys, time
+import json, os, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,39 +30,91 @@ INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
 
 
+#################################################################################
+#            Configs: one per sub-command (--key=value fields)                  #
+#################################################################################
+
 @dataclass
-class Config:
+class Config:  # what fid, judge and novelty share: a batch of samples in, a metrics folder out
     samples: str = ""          # samples: ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder
-    ref: str = ""              # reference batch (.npz or folder) for `fid` / training images for `novelty`
-    inception: str = "weights/" + INCEPTION_FILE  # local path of the FID-Inception weights ("random": untrained, plumbing tests only)
+    max_samples: int = 0       # 0 = all
+    out: str = "runs/evaluate" # output folder (metrics.json, metrics.md, figures)
+
+
+@dataclass
+class FidConfig(Config):  # fid: the ADM metrics on the FID-Inception network
+    ref: str = ""              # reference batch (.npz or folder); ADM's carries mu / sigma statistics
+    inception: str = "weights/" + INCEPTION_FILE  # FID-Inception weights ("random": untrained, plumbing tests)
     resize: str = "tf1"        # "tf1": the TF graph's bilinear (ADM, exact); "torch": pytorch-fid's
-    data: str = "shapes"       # embedded data for the judge: digits | shapes
-    target_attrs: str = ""     # .npy of target attributes ([N,3] shapes, [N] digits) for `judge`
-    ref_attrs: str = ""        # .npy of attribute triples that count as "seen" (default: the train split)
-    dlc: str = ""              # DLC set folder for `probe`
-    inputs: str = ""           # comma-separated metrics.json files for `table` / `plot`
-    x: str = ""                # plot: comma-separated x values, one per input (e.g. the remasking etas)
-    xlabel: str = "x"          # plot: x-axis name
-    y: str = "fid"             # plot: the metric on the y axis
-    out: str = "runs/evaluate" # output folder (metrics.json, metrics.md, figures) or .md file for `table`
-    judge: str = ""            # judge weights file; default runs/evaluate-judge-<data>/judge.pt
-    judge_steps: int = 400     # optimiser steps to train a judge (cached afterwards)
     splits: int = 10           # Inception Score splits (ADM: 10 splits of 5000 for 50k samples)
     k: int = 3                 # nearest neighbours for the precision/recall radii
     allow_low_rank: bool = False  # allow FID with N <= feature dim (singular covariance; biased)
     batch_size: int = 50       # images per forward pass
-    max_samples: int = 0       # 0 = all
-    seed: int = 0              # seed for the judge, the probe splits and the novelty grid
-    pipeline: str = ""         # `report`: the pipeline's output folder (eval/*/metrics.json, s/*.npz, DLC sets)
-    gmm: str = ""              # `report`: the toy_gmm run's results.json
-    seconds: int = 0           # `report`: the pipeline's wall time, printed in the title
-    probe_dense_max: int = 2 ** 24  # probe: largest N*L*V one-hot built dense; above, a scipy CSR (L*V = 131072)
-    probe_solver: str = "sklearn"  # probe of the DLC: sklearn (lbfgs) | torch (minibatch Adam on --device: ImageNet)
-    probe_epochs: int = 20     # probe_solver torch: passes over the training split
     device: str = "auto"       # cpu | cuda | mps | auto
 
 
-PRESETS = {"toy": {}, "imagenet": {"batch_size": 250, "data": ""}}
+@dataclass
+class JudgeModelConfig(Config):  # the toy judge of judge and novelty
+    data: str = "shapes"       # embedded data the judge knows: digits | shapes
+    judge: str = ""            # judge weights file; default runs/evaluate-judge-<data>/judge.pt
+    judge_steps: int = 400     # optimiser steps to train a judge (cached afterwards)
+    seed: int = 0              # seed of the judge's training (and of novelty's retrieval grid)
+
+
+@dataclass
+class JudgeConfig(JudgeModelConfig):  # judge: judge-FID, attributes, combinations, Vendi
+    target_attrs: str = ""     # .npy of target attributes ([N,3] shapes, [N] digits); default: the npz's
+    ref_attrs: str = ""        # .npy of attribute triples that count as "seen" (default: the train split)
+    allow_low_rank: bool = False  # allow judge-FID with N <= 128 (singular covariance; biased)
+
+
+@dataclass
+class NoveltyConfig(JudgeModelConfig):  # novelty: nearest training images (Appendix D)
+    ref: str = ""              # training images (.npz or folder); default: the embedded --data
+
+
+@dataclass
+class ProbeConfig:  # probe: linear probe of a DLC set (Table 3)
+    dlc: str = ""              # DLC set folder written by sem.py encode
+    out: str = "runs/evaluate" # output folder (metrics.json, metrics.md)
+    seed: int = 0              # seed of the 60/20/20 split (and of the torch solver's batches)
+    probe_dense_max: int = 2 ** 24  # largest N*L*V one-hot built dense; above, a scipy CSR (L*V = 131072)
+    probe_solver: str = "sklearn"  # sklearn (lbfgs) | torch (minibatch Adam on --device: ImageNet)
+    probe_epochs: int = 20     # probe_solver torch: passes over the training split
+    device: str = "auto"       # cpu | cuda | mps | auto (the torch solver only)
+
+
+@dataclass
+class TableConfig:  # table: metrics.json files as one Markdown table
+    inputs: str = ""           # comma-separated metrics.json files
+    out: str = "runs/evaluate" # the .md file, or a folder to hold results.md
+
+
+@dataclass
+class PlotConfig:  # plot: a metric against x values (Fig. 8: FID vs eta)
+    inputs: str = ""           # comma-separated metrics.json files
+    x: str = ""                # comma-separated x values, one per input (e.g. the remasking etas)
+    xlabel: str = "x"          # x-axis name
+    y: str = "fid"             # the metric on the y axis
+    out: str = "runs/evaluate" # the .png (its table goes next to it as .md)
+
+
+@dataclass
+class ReportConfig:  # report: the toy pipeline's results.md and figures
+    pipeline: str = ""         # the pipeline's output folder (eval/*/metrics.json, s/*.npz, DLC sets)
+    gmm: str = ""              # the toy_gmm run's results.json
+    seconds: int = 0           # the pipeline's wall time, printed in the title
+
+
+@dataclass
+class BenchConfig:  # bench: feature-extraction throughput
+    resize: str = "tf1"        # as FidConfig.resize
+    batch_size: int = 50       # Inception batch on CUDA (4 on a CPU)
+    device: str = "auto"       # cpu | cuda | mps | auto
+
+
+TOY = {"toy": {}}                                        # the toy sizes are the defaults
+PRESETS = {**TOY, "imagenet": {"batch_size": 250}}       # fid and bench at ADM's 50k samples
 
 
 #################################################################################
@@ -88,7 +130,7 @@ def gaussian_stats(feats, allow_low_rank=False, what="features"):
     if n < 2 or (n <= d and not allow_low_rank):
         utils.fail(f"{n} samples give a rank-deficient {d}x{d} covariance of {what}; FID needs more than "
                    f"{d} samples (pass --allow_low_rank to compute a biased value anyway)")
-    return feats.mean(0), np.cov(feats, rowvar=False, ddof=1)
+    return feats.mean(0), np.cov(feats, rowvar=False, ddof=1)          # (D,), (D, D)
 
 
 def frechet_distance(mu1, s1, mu2, s2):
@@ -127,7 +169,7 @@ def pairwise_sq_dists(a, b):
 
 def manifold_radii(feats, k=3):
     """Squared distance of each point to its k-th nearest neighbour, itself excluded."""
-    d = pairwise_sq_dists(feats, feats)
+    d = pairwise_sq_dists(feats, feats)                                   # (N, N)
     return np.partition(d, k, axis=1)[:, k]      # column 0 is the point itself (distance 0)
 
 
@@ -147,29 +189,61 @@ def vendi_score(feats):
     Dieng 2023; github.com/vertaix/Vendi-Score). K / n = X X^T / n shares its non-zero
     eigenvalues with X^T X / n, the cheaper one when D < N."""
     x = np.asarray(feats, dtype=np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)         # rows on the unit sphere
     n = len(x)
-    gram = x.T @ x / n if x.shape[1] < n else x @ x.T / n
+    gram = x.T @ x / n if x.shape[1] < n else x @ x.T / n                # (D, D) or (N, N)
     lam = np.clip(np.linalg.eigvalsh(gram), 0, None)
-    lam = lam[lam > 1e-12]
+    lam = lam[lam > 1e-12]                                               # 0 log 0 = 0
     return float(np.exp(-(lam * np.log(lam)).sum()))
 
 
+#################################################################################
+#      Linear probe of the DLC (Table 3): one protocol, two solvers             #
+#################################################################################
+# The protocol: a seeded 60/20/20 train / validation / test split; columns standardised with the
+# training statistics; logistic regression with an L2 penalty 1 / C; C chosen on validation, the
+# test accuracy of that C reported. sklearn solves it on the CPU; at ImageNet size (1.28M rows x
+# 131072 one-hot columns) minibatch Adam on the GPU solves the same objective.
+
+def probe_split(n, seed):
+    """Row indices of the train, validation and test parts (60/20/20) of n rows."""
+    idx = np.random.RandomState(seed).permutation(n)
+    return np.split(idx, [int(0.6 * n), int(0.8 * n)])
+
+
+def choose_C(fit, accuracy, Cs, va, te):
+    """Fit every C in order, keep the best on the validation rows, fit it again, score the test rows."""
+    val = {C: accuracy(fit(C), va) for C in Cs}
+    best = max(val, key=val.get)
+    return {"acc": float(accuracy(fit(best), te)), "C": best, "val_acc": float(val[best])}
+
+
+def one_hot(codes, V, sparse=False):
+    """Flattened one-hot (N, L*V) of codes (N, L): dense float32, or a scipy CSR matrix with
+    exactly L ones per row (ImageNet at 512 x 256: 1.28M x 131072, 655M non-zeros)."""
+    N, L = codes.shape
+    cols = (np.arange(L) * V + codes).ravel()                           # (N*L,) column of each one
+    if sparse:
+        from scipy import sparse as sp
+        return sp.csr_matrix((np.ones(N * L, dtype=np.float32), cols.astype(np.int32), np.arange(0, N * L + 1, L)),
+                             shape=(N, L * V))                          # row i: entries i*L .. i*L + L - 1
+    x = np.zeros((N, L * V), dtype=np.float32)
+    x[np.repeat(np.arange(N), L), cols] = 1
+    return x
+
+
 def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), tol=1e-4, max_iter=500):
-    """Standardise, logistic regression; C chosen on a held-out validation split (60/20/20);
-    returns test accuracy of the chosen C (paper Table 3 probes the one-hot DLC).
+    """The probe by sklearn on [N, D] features; returns the test accuracy of the chosen C.
     `feats` may be a scipy.sparse matrix (the one-hot at L*V = 131072): then each column is
     only scaled by 1 / sd. The same minimiser: w.(x - mu)/sd + b = w.x/sd + (b - w.mu/sd), the
     intercept is not penalised, so centring only moves b, and sparsity is kept."""
     from scipy import sparse
     from sklearn.linear_model import LogisticRegression
     y = np.asarray(labels)
-    n = feats.shape[0]
-    idx = np.random.RandomState(seed).permutation(n)
-    tr, va, te = np.split(idx, [int(0.6 * n), int(0.8 * n)])
+    tr, va, te = probe_split(feats.shape[0], seed)
     if sparse.issparse(feats):
         x = sparse.csr_matrix(feats, dtype=np.float64)
-        mu = np.asarray(x[tr].mean(0)).ravel()
+        mu = np.asarray(x[tr].mean(0)).ravel()                          # (D,) train column means
         var = np.asarray(x[tr].multiply(x[tr]).mean(0)).ravel() - mu ** 2
         sd = np.sqrt(np.where(var > 1e-12, var, 0))    # why: E[x^2] - mu^2 of a constant column is ~1e-16, not 0
         scale = np.where(sd > 0, 1 / (sd + 1e-8), 0.0)  # a column constant on train: weight 0 either way
@@ -179,39 +253,39 @@ def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), tol=1e-4, max
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8        # train statistics only
         x = (x - mu) / sd
     fit = lambda C: LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(x[tr], y[tr])
-    val = {C: fit(C).score(x[va], y[va]) for C in Cs}
-    best = max(val, key=val.get)
-    return {"acc": float(fit(best).score(x[te], y[te])), "C": best, "val_acc": float(val[best])}
+    return choose_C(fit, lambda model, rows: model.score(x[rows], y[rows]), Cs, va, te)
 
 
 def onehot_probe_torch(codes, V, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), device="cpu", epochs=20,
                        batch_size=4096, lr=1e-2):
     """linear_probe's objective on the one-hot DLC (mean cross-entropy + ||W||^2 / (2 C n_train),
-    columns scaled by 1 / sd, the same 60/20/20 split and choice of C), minimised by minibatch
-    Adam on `device`. W . onehot(c) = sum_l W[l V + c_l]: an EmbeddingBag lookup, so no one-hot
-    is built (ImageNet at 512 x 256: 1.28M rows, W is 131072 x 1000)."""
-    codes, y = torch.as_tensor(np.asarray(codes, dtype=np.int64)), torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    columns scaled by 1 / sd, the same split and choice of C), minimised by minibatch Adam on
+    `device`. W . onehot(c) = sum_l W[l V + c_l]: an EmbeddingBag lookup, so no one-hot is
+    built (ImageNet at 512 x 256: 1.28M rows, W is 131072 x 1000)."""
+    codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     N, L = codes.shape
     K = int(y.max()) + 1
-    idx = np.random.RandomState(seed).permutation(N)
-    tr, va, te = (torch.from_numpy(a) for a in np.split(idx, [int(0.6 * N), int(0.8 * N)]))
+    tr, va, te = (torch.from_numpy(a) for a in probe_split(N, seed))
     cols = codes + torch.arange(L) * V                                       # (N, L) column of each one
     freq = torch.bincount(cols[tr].flatten(), minlength=L * V).double() / len(tr)   # column means on train
     sd = (freq * (1 - freq)).sqrt()                                          # one-hot column sd (ddof 0)
-    scale = torch.where(sd > 0, 1 / (sd + 1e-8), torch.zeros_like(sd)).float().to(device)
-    g = torch.Generator().manual_seed(seed)
+    scale = torch.where(sd > 0, 1 / (sd + 1e-8), torch.zeros_like(sd)).float().to(device)   # (L*V,)
+    g = torch.Generator().manual_seed(seed)    # one stream through every fit, in choose_C's order
 
-    def logits(bag, bias, rows):
-        x = cols[rows].to(device)
+    def logits(model, rows):
+        bag, bias = model
+        x = cols[rows].to(device)                                            # (B, L)
         return bag(x, per_sample_weights=scale[x]) + bias                    # (B, K)
 
-    def accuracy(bag, bias, rows):
+    def accuracy(model, rows):
         with torch.no_grad():
-            return sum(int((logits(bag, bias, rows[i:i + batch_size]).argmax(1).cpu() == y[rows[i:i + batch_size]]).sum())
-                       for i in range(0, len(rows), batch_size)) / max(1, len(rows))
+            hits = sum(int((logits(model, rows[i:i + batch_size]).argmax(1).cpu() == y[rows[i:i + batch_size]]).sum())
+                       for i in range(0, len(rows), batch_size))
+        return hits / max(1, len(rows))
 
     def fit(C):
-        bag = nn.EmbeddingBag(L * V, K, mode="sum").to(device)
+        bag = nn.EmbeddingBag(L * V, K, mode="sum").to(device)               # W: (L*V, K)
         nn.init.zeros_(bag.weight)
         bias = torch.zeros(K, device=device, requires_grad=True)
         opt = torch.optim.Adam([bag.weight, bias], lr=lr)
@@ -219,13 +293,13 @@ def onehot_probe_torch(codes, V, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), devi
             order = tr[torch.randperm(len(tr), generator=g)]
             for i in range(0, len(order), batch_size):
                 rows = order[i:i + batch_size]
-                loss = F.cross_entropy(logits(bag, bias, rows), y[rows].to(device))
+                loss = F.cross_entropy(logits((bag, bias), rows), y[rows].to(device))
                 loss = loss + bag.weight.pow(2).sum() / (2 * C * len(tr))    # sklearn's L2, per sample
-                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
         return bag, bias
-    val = {C: accuracy(*fit(C), va) for C in Cs}
-    best = max(val, key=val.get)
-    return {"acc": float(accuracy(*fit(best), te)), "C": best, "val_acc": float(val[best])}
+    return choose_C(fit, accuracy, Cs, va, te)
 
 
 #################################################################################
@@ -244,6 +318,8 @@ def _avg_pool(x):  # why: the TF graph's average pools ignore the zero padding a
 
 
 class FIDInceptionA(InceptionA):
+    """Mixed_5b-d: torchvision's branches, the TF graph's average pool."""
+
     def _forward(self, x):
         b5 = self.branch5x5_2(self.branch5x5_1(x))
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
@@ -251,6 +327,8 @@ class FIDInceptionA(InceptionA):
 
 
 class FIDInceptionC(InceptionC):
+    """Mixed_6b-e (17 x 17): factorised 7 x 7 branches, the TF graph's average pool."""
+
     def _forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = x
@@ -260,15 +338,17 @@ class FIDInceptionC(InceptionC):
 
 
 class FIDInceptionE(InceptionE):
+    """Mixed_7b-c (8 x 8): split 1x3 / 3x1 branches; the last block max-pools."""
+
     def __init__(self, in_channels, max_pool):
         super().__init__(in_channels)
         self.max_pool = max_pool  # Mixed_7c max-pools its pool branch in the TF graph
 
     def _forward(self, x):
         b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
+        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)          # (B, 768, 8, 8)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)
+        bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)    # (B, 768, 8, 8)
         pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
         return [self.branch1x1(x), b3, bd, self.branch_pool(pool)]
 
@@ -308,6 +388,7 @@ class FIDInception(nn.Module):
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: setattr(self, "_spatial", o))
 
     def load(self, path):
+        """The official weights file into torchvision's layout (strict: every key, every shape)."""
         if path == "random":  # why: lets the whole FID chain run in tests without the 92 MB file
             utils.print0("warning: FID-Inception with random weights: the numbers mean nothing")
             return self
@@ -316,7 +397,8 @@ class FIDInception(nn.Module):
                        f"{INCEPTION_URL} and put it there (or pass --inception PATH)")
         sd = utils.load_checkpoint(path)                                   # unreadable / truncated: one line
         if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-            utils.fail(f"{path} is not a state dict of the FID Inception; download {INCEPTION_FILE} from {INCEPTION_URL}")
+            utils.fail(f"{path} is not a state dict of the FID Inception; download {INCEPTION_FILE} "
+                       f"from {INCEPTION_URL}")
         utils.load_weights(self.net, sd, path)  # strict; BatchNorm fills the absent num_batches_tracked
         return self
 
@@ -327,6 +409,7 @@ class FIDInception(nn.Module):
         else:                      # pytorch-fid: F.interpolate, then 2 * x / 255 - 1
             x = F.interpolate(x / 255, size=(299, 299), mode="bilinear", align_corners=False) * 2 - 1
         n = self.net
+        # torchvision's _forward through Mixed_7c -> (B, 2048, 8, 8); no dropout (eval), fc below
         for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
                       n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a,
                       n.Mixed_6b, n.Mixed_6c, n.Mixed_6d, n.Mixed_6e, n.Mixed_7a, n.Mixed_7b, n.Mixed_7c):
@@ -338,14 +421,18 @@ class FIDInception(nn.Module):
 
 @torch.no_grad()
 def inception_features(model, images, batch_size, device):
+    """uint8 [N, H, W, 3] -> float64 pool_3 [N, 2048] and spatial [N, 2023] features, in batches."""
     pools, spatials = [], []
     from tqdm import tqdm
     for i in tqdm(range(0, len(images), batch_size), desc="inception", disable=len(images) <= batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):  # fp32 for metrics
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):  # why: fp32 for metrics
             p, s, _ = model(batch)
-        pools.append(p.double().cpu().numpy()); spatials.append(s.double().cpu().numpy())
+        pools.append(p.double().cpu().numpy())
+        spatials.append(s.double().cpu().numpy())
     return np.concatenate(pools), np.concatenate(spatials)
+
+
 
 
 #################################################################################
@@ -365,14 +452,16 @@ def load_images(path, max_samples=0):
         names = names[:max_samples or None]
         arrs = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
         if len({a.shape for a in arrs}) > 1:
-            utils.fail(f"images in {path} have different sizes {sorted({a.shape for a in arrs})[:3]}; resize them first")
-        return np.stack(arrs)
+            utils.fail(f"images in {path} have different sizes {sorted({a.shape for a in arrs})[:3]}; "
+                       f"resize them first")
+        return np.stack(arrs)                                              # (N, H, W, 3)
     if not os.path.isfile(path):
         utils.fail(f"{path} does not exist; pass an ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder")
     try:
         arr = np.load(path, allow_pickle=False)["arr_0"]
-    except Exception as e:
-        utils.fail(f"could not read arr_0 from {path} ({type(e).__name__}); expected an ADM .npz of uint8 [N,H,W,C] images")
+    except Exception as e:     # why: a missing key, a pickle, a truncated zip: all the same one line
+        utils.fail(f"could not read arr_0 from {path} ({type(e).__name__}); "
+                   f"expected an ADM .npz of uint8 [N,H,W,C] images")
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3):
         utils.fail(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N,H,W,C] with C = 1 or 3")
     if len(arr) == 0:
@@ -394,12 +483,14 @@ def load_attrs(path, flag):
 
 
 def check_same_size(a, b, na, nb):
+    """Stop unless the two image sets share one resolution."""
     if a.shape[1:] != b.shape[1:]:
         utils.fail(f"{na} images are {a.shape[1:]} but {nb} images are {b.shape[1:]}; "
                    f"compare sets of the same resolution (the protocol resizes both to 299 only inside Inception)")
 
 
 def to_rgb(arr):
+    """Grey [N, H, W, 1] repeated to [N, H, W, 3] (Inception takes RGB); RGB unchanged."""
     return np.repeat(arr, 3, axis=3) if arr.shape[3] == 1 else arr
 
 
@@ -415,7 +506,7 @@ def judge_heads(data):
 class Judge(nn.Module):
     """Three conv layers (8 px -> 2 x 2, 32 px -> 4 x 4) -> 128-d penultimate features (the
     judge-FID space) -> one linear head per attribute. Trains in seconds on a CPU. The map is
-    flattened, not averaged: a global average pool left the shape head at chance level."""
+    flattened, not averaged (why: with a global average pool the shape head stays at chance)."""
 
     def __init__(self, channels, heads):
         super().__init__()
@@ -428,8 +519,8 @@ class Judge(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(128, k) for k in heads)
 
     def forward(self, x):
-        f = self.body(x)
-        return f, [h(f) for h in self.heads]
+        f = self.body(x)                                                  # (B, 128) judge features
+        return f, [h(f) for h in self.heads]                              # and (B, k) logits per head
 
 
 def judge_data(data, split):
@@ -446,6 +537,7 @@ def judge_data(data, split):
 
 
 def train_judge(data, steps=400, seed=0, log=print):
+    """Adam on the summed cross-entropy of the heads, batches of 128, one-cycle lr up to 3e-3."""
     torch.manual_seed(seed)
     x, y = judge_data(data, "train")
     model = Judge(x.shape[1], judge_heads(data))
@@ -459,7 +551,10 @@ def train_judge(data, steps=400, seed=0, log=print):
             xb = torch.roll(xb, tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
         _, logits = model(xb)
         loss = sum(F.cross_entropy(l, y[i, j]) for j, l in enumerate(logits))
-        opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
         if step % 200 == 0 or step == steps - 1:
             log(f"judge {data} step {step} loss {loss.item():.4f}")
     return model.eval()
@@ -494,37 +589,51 @@ def load_or_train_judge(cfg, log=print):
 
 
 @torch.no_grad()
-def judge_outputs(model, images_uint8, data, batch_size=500, with_confidence=False):
-    """uint8 [N, H, W, C] -> penultimate features [N, 128] and predictions [N, n_heads] (and the
-    top softmax probability of each head [N, n_heads] with_confidence)."""
-    want = (1, 8) if data == "digits" else (3, 32)
+def judge_outputs(model, images_uint8, data, batch_size=500):
+    """uint8 [N, H, W, C] -> penultimate features [N, 128], predictions [N, n_heads] and the top
+    softmax probability of each head [N, n_heads] (how sure the judge is)."""
+    want = (1, 8) if data == "digits" else (3, 32)                        # (channels, side) it was trained on
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
     if x.shape[1] != want[0]:
         x = x.mean(1, keepdim=True) if want[0] == 1 else x.expand(-1, 3, -1, -1)
     if x.shape[2] == x.shape[3] and x.shape[2] < want[1] and want[1] % x.shape[2] == 0:
         x = F.interpolate(x, size=(want[1], want[1]), mode="bilinear", align_corners=False)  # e.g. 16 px DiT samples
     if x.shape[2:] != (want[1], want[1]):
-        utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images (or a divisor of {want[1]}), got {tuple(x.shape[2:])}")
+        utils.fail(f"the {data} judge takes {want[1]}x{want[1]} images (or a divisor of {want[1]}), "
+                   f"got {tuple(x.shape[2:])}")
     feats, preds, conf = [], [], []
     for i in range(0, len(x), batch_size):
         f, logits = model(x[i:i + batch_size])
-        feats.append(f.double()); preds.append(torch.stack([l.argmax(1) for l in logits], 1))
-        conf.append(torch.stack([l.softmax(1).amax(1) for l in logits], 1))   # (b, heads) top probability
-    if with_confidence:
-        return torch.cat(feats).numpy(), torch.cat(preds).numpy(), torch.cat(conf).numpy()
-    return torch.cat(feats).numpy(), torch.cat(preds).numpy()
+        feats.append(f.double())
+        preds.append(torch.stack([l.argmax(1) for l in logits], 1))              # (b, heads) judged attributes
+        conf.append(torch.stack([l.softmax(1).amax(1) for l in logits], 1))      # (b, heads) top probability
+    return torch.cat(feats).numpy(), torch.cat(preds).numpy(), torch.cat(conf).numpy()
 
 
 #################################################################################
-#                                 Sub-commands                                  #
+#                     Output files: metrics, tables, figures                    #
 #################################################################################
 
-def write_metrics(metrics, out, title):
-    utils.save_json(metrics, os.path.join(out, "metrics.json"))
-    with utils.atomic_path(os.path.join(out, "metrics.md")) as tmp:
+def write_text(path, text):
+    """A text file written atomically (a reader never sees half a table)."""
+    with utils.atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            f.write(markdown_table([(title, metrics)]))
-    print(json.dumps(metrics, indent=2))
+            f.write(text)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported late: most commands draw nothing)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi):
+    """A matplotlib figure written atomically as a PNG, then closed."""
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    pyplot().close(fig)
 
 
 def markdown_table(rows):
@@ -538,7 +647,30 @@ def markdown_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def cmd_fid(cfg, device):
+def write_metrics(metrics, out, title):
+    """<out>/metrics.json, <out>/metrics.md (the same as a one-row table) and the JSON on stdout."""
+    utils.save_json(metrics, os.path.join(out, "metrics.json"))
+    write_text(os.path.join(out, "metrics.md"), markdown_table([(title, metrics)]))
+    print(json.dumps(metrics, indent=2))
+
+
+def read_inputs(paths):
+    """The metrics.json files named by --inputs, each required to exist."""
+    out = []
+    for p in paths:
+        if not os.path.isfile(p):
+            utils.fail(f"{p} does not exist; run the evaluate.py command that writes it first")
+        out.append(json.load(open(p)))
+    return out
+
+
+#################################################################################
+#                                 Sub-commands                                  #
+#################################################################################
+
+def cmd_fid(cfg):
+    """FID, sFID, IS, precision / recall of --samples against --ref by the ADM protocol (Table 1)."""
+    device = torch.device(utils.pick_device(cfg.device))
     smp, ref = load_images(cfg.samples, cfg.max_samples), load_images(cfg.ref, cfg.max_samples)
     check_same_size(smp, ref, "sample", "reference")
     if min(len(smp), len(ref)) <= 2048 and not cfg.allow_low_rank:  # fail before the slow part
@@ -554,9 +686,9 @@ def cmd_fid(cfg, device):
         ref_spatial = gaussian_stats(s_r, cfg.allow_low_rank, "spatial features (reference)")
     fid = frechet_distance(*gaussian_stats(p_s, cfg.allow_low_rank, "pool_3 features (sample)"), *ref_pool)
     sfid = frechet_distance(*gaussian_stats(s_s, cfg.allow_low_rank, "spatial features (sample)"), *ref_spatial)
-    w = model.net.fc.weight.detach().double().cpu().numpy()                       # (1008, 2048)
-    probs = torch.softmax(torch.from_numpy(p_s @ w.T), 1).numpy()         # ADM: logits without bias
-    prec, rec = precision_recall(p_r, p_s, cfg.k)
+    w = model.net.fc.weight.detach().double().cpu().numpy()               # (1008, 2048)
+    probs = torch.softmax(torch.from_numpy(p_s @ w.T), 1).numpy()         # (N, 1008); ADM: logits without bias
+    prec, rec = precision_recall(p_r, p_s, cfg.k)                         # on the reference's own arr_0
     m = {"fid": fid, "sfid": sfid, "inception_score": inception_score(probs, cfg.splits),
          "precision": prec, "recall": rec, "vendi_inception": vendi_score(p_s),
          "n_samples": len(smp), "n_ref": len(ref), "resize": cfg.resize, "low_rank": bool(low),
@@ -564,16 +696,11 @@ def cmd_fid(cfg, device):
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
 
 
-def novel_rate(attrs, seen):
-    """Fraction of attribute triples not in `seen` (a set of tuples)."""
-    return float(np.mean([tuple(a) not in seen for a in attrs.tolist()]))
-
-
 def recombination(pred, sources):
     """Composition of two sources a, b (Sec. 5.2) judged per sample: pred (N, 3) judged
     (shape, colour, background), sources (N, 2, 3). A recombination takes every attribute from
     a or b, is neither a nor b, and is a valid image (colour != background)."""
-    a, b = sources[:, 0], sources[:, 1]
+    a, b = sources[:, 0], sources[:, 1]                                   # (N, 3) each
     from_sources = ((pred == a) | (pred == b)).all(1)
     is_a, is_b = (pred == a).all(1), (pred == b).all(1)
     valid = pred[:, 1] != pred[:, 2]
@@ -581,39 +708,42 @@ def recombination(pred, sources):
             "source_copy_rate": float((is_a | is_b).mean())}
 
 
-def cmd_judge(cfg, device):
+def cmd_judge(cfg):
+    """The toy metrics of a samples batch (Tables 1, 3, Sec. 5.2 on the shapes): judge-FID against
+    the real training images, attribute accuracy against targets, combination rates, Vendi."""
     smp = load_images(cfg.samples, cfg.max_samples)
     given = load_attrs(cfg.target_attrs, "--target_attrs") if cfg.target_attrs else None   # before any work
     ref = load_attrs(cfg.ref_attrs, "--ref_attrs") if cfg.ref_attrs else None
     model, acc = load_or_train_judge(cfg)
-    f_s, pred, conf = judge_outputs(model, smp, cfg.data, with_confidence=True)
-    real = utils.load_embedded(cfg.data) if cfg.data == "digits" else utils.load_embedded("shapes")
-    x_r = real["images"]
+    f_s, pred, conf = judge_outputs(model, smp, cfg.data)                 # (N, 128), (N, heads), (N, heads)
+    x_r = utils.load_embedded(cfg.data)["images"]                         # the image models' training data
     if smp.shape[1] < x_r.shape[-1]:   # low-resolution samples: the real images take the same path
         x_r = F.interpolate(x_r, size=smp.shape[1:3], mode="area")         # (area down, as dit.py trains)
-    f_r, _ = judge_outputs(model, utils.to_uint8(x_r), cfg.data)                # the model's training data
-    low = len(f_s) <= f_s.shape[1]
+    f_r = judge_outputs(model, utils.to_uint8(x_r), cfg.data)[0]
     m = {"judge_fid": frechet_distance(*gaussian_stats(f_s, cfg.allow_low_rank, "judge features (sample)"),
                                        *gaussian_stats(f_r, cfg.allow_low_rank, "judge features (real)")),
-         "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(low),
+         "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(len(f_s) <= f_s.shape[1]),
          "judge_heldout_acc": float(min(acc)), "resolution": int(smp.shape[1]), "samples": cfg.samples}
     npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
     if "cfg_scale" in npz:                                   # dit.py sample records its guidance scale
         m["cfg_scale"] = float(npz["cfg_scale"])
     target = given if given is not None else next(
         (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)
-    if target is not None:
-        target = np.asarray(target).reshape(len(target), -1)[:len(pred)]
+    if target is not None:     # the shapes' labels are their shape index
+        target = np.asarray(target).reshape(len(target), -1)[:len(pred)]  # (N, 1 or heads)
         if len(target) != len(pred) or target.shape[1] not in (1, pred.shape[1]):
-            utils.fail(f"target attributes have shape {target.shape}; expected [{len(pred)}] or [{len(pred)}, {pred.shape[1]}]")
+            utils.fail(f"target attributes have shape {target.shape}; "
+                       f"expected [{len(pred)}] or [{len(pred)}, {pred.shape[1]}]")
         names = ["digit"] if cfg.data == "digits" else ["shape", "colour", "background"]
-        hit = pred[:, :target.shape[1]] == target
+        hit = pred[:, :target.shape[1]] == target                         # (N, k) attribute kept
         m.update({f"acc_{n}": float(hit[:, j].mean()) for j, n in enumerate(names[:target.shape[1]])})
         m["acc_all"] = float(hit.all(1).mean())
     if cfg.data == "shapes":
-        seen = {tuple(a) for a in ref.reshape(len(ref), -1).tolist()} if ref is not None else set(utils.shape_combinations())
+        triples = utils.shape_combinations() if ref is None else ref.reshape(len(ref), -1).tolist()
+        seen = {tuple(a) for a in triples}        # the training split's triples, unless --ref_attrs
         valid = pred[:, 1] != pred[:, 2]                    # colour == background is no image at all
-        m["novel_combination_rate"] = novel_rate(pred[valid], seen) if valid.any() else 0.0
+        novel = [tuple(a) not in seen for a in pred[valid].tolist()]     # valid triples never trained on
+        m["novel_combination_rate"] = float(np.mean(novel)) if valid.any() else 0.0
         m["invalid_rate"] = float(1 - valid.mean())
         # a valid image: colour != background and a shape the judge recognises (top probability >= 0.5)
         m["valid_rate"] = float((valid & (conf[:, 0] >= 0.5)).mean())
@@ -623,23 +753,11 @@ def cmd_judge(cfg, device):
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
 
 
-def one_hot(codes, V, sparse=False):
-    """Flattened one-hot (N, L*V) of codes (N, L): dense float32, or a scipy CSR matrix with
-    exactly L ones per row (ImageNet at 512 x 256: 1.28M x 131072, 655M non-zeros)."""
-    N, L = codes.shape
-    cols = (np.arange(L) * V + codes).ravel()                           # (N*L,) column of each one
-    if sparse:
-        from scipy import sparse as sp
-        return sp.csr_matrix((np.ones(N * L, dtype=np.float32), cols.astype(np.int32), np.arange(0, N * L + 1, L)),
-                             shape=(N, L * V))
-    x = np.zeros((N, L * V), dtype=np.float32)
-    x[np.repeat(np.arange(N), L), cols] = 1
-    return x
-
-
-def cmd_probe(cfg, device):
+def cmd_probe(cfg):
+    """Linear probe of a DLC set, per target: its one-hot codes and its embeddings.npy (Table 3)."""
+    device = torch.device(utils.pick_device(cfg.device))
     s = utils.load_dlc_set(cfg.dlc)
-    codes, meta = np.asarray(s["codes"]).astype(np.int64), s["meta"]
+    codes, meta = np.asarray(s["codes"]).astype(np.int64), s["meta"]      # (N, L)
     L, V = int(meta["L"]), int(meta["V"])
     if "sampler" in meta:  # generated sets keep their source's "data" but are not aligned with it
         utils.fail(f"{cfg.dlc} holds generated codes (meta has 'sampler'); probe a set written by sem.py encode")
@@ -652,9 +770,10 @@ def cmd_probe(cfg, device):
         utils.fail(f"DLC set {cfg.dlc} has neither labels.npy nor a shapes 'data' entry in meta.json; nothing to probe")
     if cfg.probe_solver not in ("sklearn", "torch"):
         utils.fail(f"--probe_solver must be sklearn or torch, got {cfg.probe_solver!r}")
+    # the torch solver never builds the one-hot; sklearn's is sparse past probe_dense_max entries
     onehot = None if cfg.probe_solver == "torch" else one_hot(codes, V, sparse=len(codes) * L * V > cfg.probe_dense_max)
     m = {"n": len(codes), "L": L, "V": V}
-    emb_path = os.path.join(cfg.dlc, "embeddings.npy")
+    emb_path = os.path.join(cfg.dlc, "embeddings.npy")                   # (N, D) float16, if sem.py wrote it
     for t, y in targets.items():
         if onehot is None:
             m[f"probe_dlc_{t}"] = onehot_probe_torch(codes, V, y[:len(codes)], cfg.seed, device=device,
@@ -666,112 +785,73 @@ def cmd_probe(cfg, device):
     write_metrics(m, cfg.out, os.path.basename(os.path.normpath(cfg.dlc)))
 
 
-def cmd_novelty(cfg, device):
+def cmd_novelty(cfg):
     """Nearest training image of each sample in judge feature space (Appendix D). Baseline: the
     distance of each training image to its nearest *other* training image; a sample closer to a
     training image than 99% of those pairs counts as a copy."""
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     smp = load_images(cfg.samples, cfg.max_samples)
     model, _ = load_or_train_judge(cfg)
     train = utils.to_uint8(utils.load_embedded(cfg.data)["images"]) if not cfg.ref else load_images(cfg.ref)
-    f_tr, _ = judge_outputs(model, train, cfg.data)
-    f_s, _ = judge_outputs(model, smp, cfg.data)
+    f_tr = judge_outputs(model, train, cfg.data)[0]                      # (Ntrain, 128)
+    f_s = judge_outputs(model, smp, cfg.data)[0]                          # (Ns, 128)
     d_s = np.sqrt(pairwise_sq_dists(f_s, f_tr))                           # (Ns, Ntrain)
     d_loo = np.sqrt(np.partition(pairwise_sq_dists(f_tr, f_tr), 1, axis=1)[:, 1])  # column 0 is itself
-    nn_idx = np.argsort(d_s, 1)[:, :5]
+    nn_idx = np.argsort(d_s, 1)[:, :5]                                    # (Ns, 5) nearest training images
     m = {"nn_dist_mean": float(d_s.min(1).mean()), "nn_dist_median": float(np.median(d_s.min(1))),
          "nn_dist_train_to_train_mean": float(d_loo.mean()),
          "copy_rate": float((d_s.min(1) <= np.percentile(d_loo, 1)).mean()), "n_samples": len(smp)}
     rows = np.random.RandomState(cfg.seed).choice(len(smp), min(8, len(smp)), replace=False)
-    fig, axes = plt.subplots(len(rows), 6, figsize=(6, len(rows)), squeeze=False)
+    fig, axes = pyplot().subplots(len(rows), 6, figsize=(6, len(rows)), squeeze=False)
     for r, i in enumerate(rows):  # column 0: the sample; then its 5 nearest training images
         for c, img in enumerate([smp[i]] + [train[j] for j in nn_idx[i]]):
-            axes[r, c].imshow(img.squeeze(), cmap="gray" if img.shape[2] == 1 else None); axes[r, c].axis("off")
-    axes[0, 0].set_title("sample", fontsize=7); axes[0, 1].set_title("nearest training images", fontsize=7, loc="left")
-    with utils.atomic_path(os.path.join(cfg.out, "retrieval.png")) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+            axes[r, c].imshow(img.squeeze(), cmap="gray" if img.shape[2] == 1 else None)
+            axes[r, c].axis("off")
+    axes[0, 0].set_title("sample", fontsize=7)
+    axes[0, 1].set_title("nearest training images", fontsize=7, loc="left")
+    save_figure(fig, os.path.join(cfg.out, "retrieval.png"), dpi=80)
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
 
 
-def cmd_table(cfg, device):
+def cmd_table(cfg):
+    """metrics.json files -> one Markdown table, a row per file named by its folder."""
     if not cfg.inputs:
         utils.fail("table needs --inputs a/metrics.json,b/metrics.json")
-    rows = []
-    for p in cfg.inputs.split(","):
-        if not os.path.isfile(p):
-            utils.fail(f"{p} does not exist; run an evaluate.py command that writes it first")
-        name = os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith("metrics.json") else p
-        rows.append((name, json.load(open(p))))
-    out = cfg.out if cfg.out.endswith(".md") else os.path.join(cfg.out, "results.md")
-    with utils.atomic_path(out) as tmp:
-        with open(tmp, "w") as f:
-            f.write(markdown_table(rows))
-    print(open(out).read())
+    paths = cfg.inputs.split(",")
+    names = [os.path.basename(os.path.dirname(os.path.abspath(p))) if p.endswith("metrics.json") else p for p in paths]
+    text = markdown_table(list(zip(names, read_inputs(paths))))
+    write_text(cfg.out if cfg.out.endswith(".md") else os.path.join(cfg.out, "results.md"), text)
+    print(text)
 
 
-def cmd_plot(cfg, device):
+def cmd_plot(cfg):
     """One metric of several metrics.json files against given x values (Fig. 8: FID vs eta):
     a PNG at --out and the same numbers as a Markdown table next to it (.md)."""
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     files, xs = [p for p in cfg.inputs.split(",") if p], [v for v in cfg.x.split(",") if v]
     if not files or len(files) != len(xs):
         utils.fail(f"plot needs --inputs and --x with one value per input ({len(files)} inputs, {len(xs)} x values)")
-    for p in files:
-        if not os.path.isfile(p):
-            utils.fail(f"{p} does not exist; run the evaluate.py command that writes it first")
-    ys = [json.load(open(p)).get(cfg.y) for p in files]
+    ys = [m.get(cfg.y) for m in read_inputs(files)]
     if any(not isinstance(v, (int, float)) for v in ys):
         utils.fail(f"some of {cfg.inputs} have no numeric {cfg.y!r}")
-    fig, ax = plt.subplots(figsize=(4, 3))
+    fig, ax = pyplot().subplots(figsize=(4, 3))
     ax.plot([float(v) for v in xs], ys, "o-")
-    if all(float(v) > 0 for v in xs):
+    if all(float(v) > 0 for v in xs):  # why: a log axis cannot show eta = 0, the no-remasking point
         ax.set_xscale("log")
-    ax.set_xlabel(cfg.xlabel); ax.set_ylabel(cfg.y)
+    ax.set_xlabel(cfg.xlabel)
+    ax.set_ylabel(cfg.y)
     fig.tight_layout()
-    with utils.atomic_path(cfg.out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, cfg.out, dpi=100)
     rows = [f"| {cfg.xlabel} | {cfg.y} |", "|---|---|"] + [f"| {x} | {y:.4g} |" for x, y in zip(xs, ys)]
-    with utils.atomic_path(os.path.splitext(cfg.out)[0] + ".md") as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(rows) + "\n")
+    write_text(os.path.splitext(cfg.out)[0] + ".md", "\n".join(rows) + "\n")
     print("\n".join(rows))
-
-
-def cmd_bench(cfg, device):
-    """Images/s of feature extraction: FID-Inception (random weights) at 299 px and the judge."""
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = FIDInception(cfg.resize).to(device)
-    bs = cfg.batch_size if device.type == "cuda" else 4
-    imgs = torch.randint(0, 256, (bs, 64, 64, 3), dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        model(imgs); utils.sync(device)
-        t, iters = time.perf_counter(), (10 if device.type == "cuda" else 2)
-        for _ in range(iters):
-            model(imgs)
-        utils.sync(device)
-        inc = bs * iters / (time.perf_counter() - t)
-        judge = Judge(3, judge_heads("shapes")).to(device).eval()
-        x = torch.randn(1024, 3, 32, 32, device=device)
-        judge(x); utils.sync(device); t = time.perf_counter()
-        for _ in range(5):
-            judge(x)
-        utils.sync(device)
-        jud = 5 * 1024 / (time.perf_counter() - t)
-    print(f"bench device {device} | inception (64 px -> 299, batch {bs}) {inc:.1f} img/s | "
-          f"judge (32 px, batch 1024) {jud:.0f} img/s | peak memory {utils.peak_memory_mb(device):.0f} MB")
 
 
 #################################################################################
 #       report: the toy pipeline's tables, its claims next to the paper's        #
 #################################################################################
 
-# The claims of the paper that the toy pipeline checks: (section, what, paper's number, our value
-# from the metrics `m`, the bar it must clear). A claim is met when value >= bar.
 def pipeline_claims(m, g):
+    """The claims of the paper that the toy pipeline checks: (section, what, paper's number, our
+    value from the metrics m and the GMM results g, the bar it must clear); met when value >= bar."""
     off = lambda n, v: g[str(n)][v]["off_mode"]
     fid = lambda n: m[n]["judge_fid"]
     comp, avg = m["compose-dlc"], m["compose-embedding"]
@@ -807,7 +887,7 @@ def pipeline_claims(m, g):
     ]
 
 
-def cmd_report(cfg, device):
+def cmd_report(cfg):
     """results.md of the toy pipeline (bash pipeline.sh): each stage's table, then every claim
     with our number, the bar and the paper's number, from the metrics the pipeline wrote."""
     out = cfg.pipeline
@@ -830,9 +910,7 @@ def cmd_report(cfg, device):
     L += [f"| {sec} | {what} | {paper} | {v:.3f} | >= {bar:g} | {'yes' if v >= bar else 'NO'} |"
           for sec, what, paper, v, bar in claims]
     L += ["", f"Judge held-out accuracy on real 32 px images (worst attribute): {m['real-16px']['judge_heldout_acc']:.3f}"]
-    with utils.atomic_path(os.path.join(out, "results.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write("\n".join(L) + "\n")
+    write_text(os.path.join(out, "results.md"), "\n".join(L) + "\n")
     pipeline_figures(out)
     print("\n".join(L))
 
@@ -848,7 +926,7 @@ def stage_tables(m, g, names):
                  + " | ".join(f3(r[v]["kde_kl"]) for v in ("baseline", "uncond", "oracle")) + " |")
     L += ["", "## 2. DiT samples (Tables 1, 3): judge-FID on the shapes (lower is better), attributes judged", "",
           "| samples | judge-FID | Vendi | all 3 kept | shape | colour | background | valid |", "|---" * 8 + "|"]
-    for n in names[:7]:
+    for n in names[:7]:                                                    # real images and the 6 DiT runs
         r = m[n]
         name = n + (f" (CFG {r['cfg_scale']:g})" if r.get("cfg_scale", 1.0) != 1.0 else "")
         L.append(f"| {name} | {r['judge_fid']:.2f} | {r['vendi_judge']:.2f} | " + " | ".join(
@@ -881,6 +959,7 @@ def sedd_tv_table(out):
     for n, lab in (("dlc-sedd", "SEDD, remasking (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
         gen = np.asarray(utils.load_dlc_set(os.path.join(out, n))["codes"], dtype=np.int64)
         L.append(f"| {lab} | {len(gen)} | {utils.tv_marginals(ref, gen, V):.4f} | {utils.tv_pairs(ref, gen, V):.4f} |")
+    # why: a subset as large as a generated set carries the same sampling noise in its TV
     sub = ref[np.random.RandomState(0).choice(len(ref), len(gen), replace=False)]
     L.append(f"| encoded codes themselves (a random subset: the sampling-noise floor) | {len(sub)} | "
              f"{utils.tv_marginals(ref, sub, V):.4f} | {utils.tv_pairs(ref, sub, V):.4f} |")
@@ -889,22 +968,22 @@ def sedd_tv_table(out):
 
 def image_rows_figure(rows, path, title, left=0.22):
     """One labelled strip of images per row (uint8 [k, H, W, 3], label), written as a PNG."""
-    import matplotlib; matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 0.62 * len(rows) + 0.5))
+    fig, axes = pyplot().subplots(len(rows), 1, figsize=(9, 0.62 * len(rows) + 0.5))
     for ax, (imgs, label) in zip(np.atleast_1d(axes), rows):
         h, w = imgs.shape[1:3]
         strip = np.full((h, len(imgs) * (w + 2) - 2, 3), 255, np.uint8)      # 2 px white gaps
         for k, im in enumerate(imgs):
             strip[:, k * (w + 2):k * (w + 2) + w] = im
-        ax.imshow(strip, interpolation="nearest"); ax.set_xticks([]); ax.set_yticks([])
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
         for side in ax.spines.values():
             side.set_visible(False)
-    fig.suptitle(title, fontsize=10); fig.tight_layout(h_pad=0.2); fig.subplots_adjust(left=left)
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(h_pad=0.2)
+    fig.subplots_adjust(left=left)                 # room for the row labels, left of the strips
+    save_figure(fig, path, dpi=110)
 
 
 def pipeline_figures(out, k=12):
@@ -917,7 +996,7 @@ def pipeline_figures(out, k=12):
         ("unconditional", "unconditional"))], os.path.join(out, "pipeline_samples.png"),
         "DiT samples, 16 px (first three rows: the same training images / their codes, column by column)")
     c, e, real = s("compose"), s("compose_embavg"), s("real-16px")
-    K, rows = len(c["arr_0"]) // len(c["pairs"]), []
+    K, rows = len(c["arr_0"]) // len(c["pairs"]), []                       # K samples per source pair
     srcs = dict(zip(map(tuple, real["attrs"].tolist()), real["arr_0"]))     # a real image per attribute triple
     for j in range(min(3, len(c["pairs"]))):
         a, b = (tuple(v) for v in c["source_attrs"][j * K].tolist())
@@ -930,20 +1009,37 @@ def pipeline_figures(out, k=12):
     for split in ("seen", "heldout"):
         t = s(f"text-{split}")
         prompts = [l.strip() for l in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts", f"{split}.txt")) if l.strip()]
-        per = len(t["arr_0"]) // len(prompts)
+        per = len(t["arr_0"]) // len(prompts)                              # samples per prompt, in order
         rows += [(t["arr_0"][i * per:i * per + 10], ("held out: " if split == "heldout" else "") + p.replace(" background", ""))
                  for i, p in enumerate(prompts)]
     image_rows_figure(rows, os.path.join(out, "pipeline_text.png"), "Text -> DLC (text2dlc.py) -> image (dit.py)", left=0.33)
 
 
-def on_device(fn):
-    """A sub-command that also gets the torch device named by --device."""
-    return lambda cfg: fn(cfg, torch.device(utils.pick_device(cfg.device)))
+
+#################################################################################
+#                 bench: feature-extraction throughput                          #
+#################################################################################
+
+def cmd_bench(cfg):
+    """Images/s of feature extraction: FID-Inception (random weights) at 299 px and the judge."""
+    device = torch.device(utils.pick_device(cfg.device))
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = FIDInception(cfg.resize).to(device)
+    bs = cfg.batch_size if device.type == "cuda" else 4
+    imgs = torch.randint(0, 256, (bs, 64, 64, 3), dtype=torch.uint8, device=device)
+    with torch.no_grad():   # each: one untimed call (the warm-up, FLOPs counted), then `iters` timed
+        inc, _ = utils.measure(lambda: model(imgs), device, iters=10 if device.type == "cuda" else 2, warmup=0)
+        judge = Judge(3, judge_heads("shapes")).to(device).eval()
+        x = torch.randn(1024, 3, 32, 32, device=device)
+        jud, _ = utils.measure(lambda: judge(x), device, iters=5, warmup=0)
+    print(f"bench device {device} | inception (64 px -> 299, batch {bs}) {bs / inc:.1f} img/s | "
+          f"judge (32 px, batch 1024) {1024 / jud:.0f} img/s | peak memory {utils.peak_memory_mb(device):.0f} MB")
 
 
-COMMANDS = {name: (on_device(fn), Config, PRESETS) for name, fn in (
-    ("fid", cmd_fid), ("judge", cmd_judge), ("probe", cmd_probe), ("novelty", cmd_novelty),
-    ("table", cmd_table), ("report", cmd_report), ("plot", cmd_plot), ("bench", cmd_bench))}
+COMMANDS = {"fid": (cmd_fid, FidConfig, PRESETS), "judge": (cmd_judge, JudgeConfig, TOY),
+            "probe": (cmd_probe, ProbeConfig, TOY), "novelty": (cmd_novelty, NoveltyConfig, TOY),
+            "table": (cmd_table, TableConfig, TOY), "report": (cmd_report, ReportConfig, TOY),
+            "plot": (cmd_plot, PlotConfig, TOY), "bench": (cmd_bench, BenchConfig, PRESETS)}
 
 
 def main(argv=None):

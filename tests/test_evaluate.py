@@ -179,7 +179,7 @@ def judges(tmp_path_factory):
     out = {}
     for data in ("digits", "shapes"):
         path = str(d / f"judge-{data}.pt")
-        cfg = ev.Config(data=data, judge=path)
+        cfg = ev.JudgeModelConfig(data=data, judge=path)
         model, acc = ev.load_or_train_judge(cfg, log=lambda s: None)
         out[data] = (path, acc)
     return out
