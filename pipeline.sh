@@ -14,14 +14,14 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; SEM=(); SEDD=(--steps 1200); DIT=(--steps 2000); T2D=(--steps 1000)
+  NDATA=4000; SEM=(); SEDD=(--steps 1200); SAMPLE_SEDD=(--steps 512); DIT=(--steps 2000); T2D=(--steps 1000)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)
   NDATA=200; SEM=(--steps 2 --batch_size 8 --local_crops 1 --prototypes 32 --head_hidden 32 --head_bottleneck 16
        --warmup 1 --freeze_last 1 --teacher_temp_steps 2)
   SEDD=(--steps 4 --batch_size 16 --eval_every 4 --ckpt_every 4); DIT=(--steps 4 --batch_size 16 --ckpt_every 4 --sample_every 4)
-  T2D=(--steps 4 --batch_size 8 --d_model 32 --n_layers 1); NS=40; STEPS=4; NPAIRS=6; K=4; NP=4
+  T2D=(--steps 4 --batch_size 8 --d_model 32 --n_layers 1); SAMPLE_SEDD=(); NS=40; STEPS=4; NPAIRS=6; K=4; NP=4
   JUDGE=(--judge_steps 30 --allow_low_rank)
 else
   echo "error: SCALE must be full or tiny, got '$SCALE'" >&2; exit 2
@@ -41,8 +41,8 @@ $PY "$D/evaluate.py" probe --dlc "$OUT/dlc" --out "$OUT/eval/probe"
 
 stage "3. SEDD over the DLCs, then generated DLCs"
 $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"
-$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd" --overwrite
-$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0" --overwrite   # no remasking
+$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline "${SAMPLE_SEDD[@]}" --n $NS --out "$OUT/dlc-sedd" --overwrite
+$PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline "${SAMPLE_SEDD[@]}" --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0" --overwrite   # no remasking
 
 stage "4. DiT with each conditioning (same size, same budget), generated embeddings for the baseline"
 # two trainings at a time, one thread each (faster than one after the other with two threads)
