@@ -298,7 +298,7 @@ def test_probe_breaks_ties_by_the_nearest_code_whatever_the_hash_seed(tmp_path):
     utils.save_dlc_set(str(tmp_path / "gen"), np.array([[0, 0, 0, 0], [1, 1, 1, 1]]),
                        {"L": 4, "V": 4, "prompt": ref_caps[0]}, captions=ref_caps)
     code = "import sys, text2dlc; text2dlc.main(sys.argv[1:])"
-    for seed in ("0", "1", "2", "3", "4", "5"):
+    for seed in ("0", "1", "2"):
         p = subprocess.run([sys.executable, "-c", code, "probe", "--dlc", str(tmp_path / "gen"), "--ref",
                             str(tmp_path / "ref"), "--k", "2"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONHASHSEED": seed})
