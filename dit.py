@@ -119,7 +119,7 @@ class ComposeConfig(Common):
     images: list[str] = field(default_factory=list)  # image files to encode and mix (instead of --pairs)
     sem_ckpt: str = ""              # --images: the SEM checkpoint that encodes them (sem.py)
     temp: float = 0.0               # --images: SEM temperature; 0 = a uniformly chosen source per position
-    vae: str = ""                   # --images of a latent model: the SD-VAE folder that decodes
+    vae: str = ""                   # a latent model (--pairs or --images): the SD-VAE folder that decodes
     out: str = "samples.npz"        # compositions (arr_0, codes, pairs, sources) + a PNG grid next to it
     POSITIVE = Common.POSITIVE + ("n_per_pair",)
 
@@ -797,6 +797,8 @@ def trained_diffusion(state):
     """The noise schedule a checkpoint was trained with, from its saved training config (older
     checkpoints hold the whole former config dict; one with no schedule: linear, T = 1000)."""
     c = state.get("config", {})
+    if "converted_from" in state:      # the authors' DiT, trained on DiT's linear schedule, whatever its config says
+        return GaussianDiffusion.linear(1000)
     return GaussianDiffusion.make(c.get("schedule", "linear"), c.get("diffusion_steps", 1000))
 
 
@@ -970,7 +972,7 @@ def compose(cfg):
     if model.cond != "dlc":
         utils.fail(f"--ckpt is a {model.cond!r} model; compose needs a DLC-conditioned one")
     if cfg.images:
-        return compose_images(cfg, model, d.device)
+        return compose_images(cfg, model, state, d.device)
     pairs, targets, attrs = composition_sources(cfg)
     codes, _ = load_conditions("dlc", cfg.dlc, model.sem_embedder.L, model.sem_embedder.V)
     if max(max(p) for p in pairs) >= len(codes):
@@ -1008,7 +1010,7 @@ def compose(cfg):
              pairs=np.array(pairs), sources=sources, cfg_scale=np.float64(cfg.cfg_scale), **extra)
     if avg_imgs:                                                           # the baseline's images, same pairs
         save_npz(os.path.splitext(cfg.out)[0] + "_embavg.npz", arr_0=np.concatenate(avg_imgs), pairs=np.array(pairs),
-                 **extra)
+                 cfg_scale=np.float64(cfg.cfg_scale), **extra)
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
@@ -1057,19 +1059,19 @@ def encode_image_files(cfg, L, V):
     return codes, probs
 
 
-def compose_images(cfg, model, device):
+def compose_images(cfg, model, state, device):
     """N-way composition of image files: encode, mix position by position, decode. Rows of the
     grid: each source decoded from its own DLC, then the compositions."""
     L, V, k = model.sem_embedder.L, model.sem_embedder.V, cfg.n_per_pair
     codes, probs = encode_image_files(cfg, L, V)
     mixed = sample_mixed_codes(mixing_distribution(codes, V, probs), k, torch.Generator().manual_seed(cfg.seed))
     decode = latent_decoder(cfg, model, device)
-    diffusion = GaussianDiffusion.linear(cfg.diffusion_steps).respace(cfg.sample_steps)
+    diffusion = trained_diffusion(state).respace(cfg.sample_steps)        # the schedule the model trained on
     seeds = sample_seeds(cfg.seed, range(k))
     run = lambda y: generate(model, diffusion, y.to(device), cfg, seeds, device, decode=decode)
     rows = [run(c[None].repeat(k, 1)) for c in codes] + [run(mixed)]
     save_npz(cfg.out, arr_0=rows[-1], codes=mixed.numpy().astype(np.uint16), sources=codes.numpy().astype(np.uint16),
-             images=np.array(cfg.images))
+             images=np.array(cfg.images), cfg_scale=np.float64(cfg.cfg_scale))
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     how = f"soft SEMs at temperature {cfg.temp}" if cfg.temp > 0 else "uniform choice of a source per position"
     utils.print0(f"rows: {len(codes)} sources decoded from their DLCs, then {k} compositions ({how}); "

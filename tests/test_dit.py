@@ -603,6 +603,28 @@ def test_compose_pairs_of_a_latent_model_decodes_through_the_vae(tmp_path, monke
     assert z["arr_0"].shape == (4, 64, 64, 3) and z["arr_0"].dtype == np.uint8
     assert decoded and all(s[1:] == (4, 8, 8) for s in decoded)
     assert float(z["cfg_scale"]) == 1.0                    # recorded, as `sample` does
+    # a checkpoint converted when convert still recorded the toy's cosine schedule samples on the linear one
+    state = utils.load_checkpoint(out)
+    state["config"]["schedule"] = "cosine"
+    np.testing.assert_array_equal(dit.trained_diffusion(state).abar, dit.GaussianDiffusion.linear(1000).abar)
+
+
+def test_compose_images_runs_on_the_schedule_the_model_trained_on(tmp_path, monkeypatch):
+    """compose --images respaces the model's own schedule (the toy's cosine here), as --pairs does."""
+    monkeypatch.chdir(tmp_path)
+    s = make_set(tmp_path / "set", L=4, V=8)
+    dit.main(["train", "--cond", "dlc", "--dlc", s, *TINY, "--steps", "1", "--run", "c"])
+    model, state = dit.load_for_sampling("runs/dit-c", torch.device("cpu"))
+    assert state["config"]["schedule"] == "cosine"
+    monkeypatch.setattr(dit, "encode_image_files", lambda cfg, L, V: (torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), None))
+    used = []
+    real_respace = dit.GaussianDiffusion.respace
+    monkeypatch.setattr(dit.GaussianDiffusion, "respace", lambda self, n: used.append(self.abar) or real_respace(self, n))
+    cfg = utils.parse_config(dit.ComposeConfig, ["--images", "a.png", "b.png", "--n_per_pair", "2", "--sample_steps", "2",
+                                                 "--cfg_scale", "2", "--out", "m.npz"])
+    dit.compose_images(cfg, model, state, torch.device("cpu"))
+    np.testing.assert_array_equal(used[-1], dit.GaussianDiffusion.cosine(state["config"]["diffusion_steps"]).abar)
+    assert float(np.load("m.npz")["cfg_scale"]) == 2.0
 
 
 def test_convert_hf_folder(tmp_path):
