@@ -140,13 +140,6 @@ PRESETS["imagenet-cfg1.7"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_s
 PRESETS["imagenet-remask"] = {**PRESETS["imagenet"], "sample_steps": 256, "cfg_scale": 1.0, "bf16": False}
 
 
-def presets_for(cls):
-    """PRESETS restricted to the fields of one sub-command's config, so that every sub-command takes
-    every preset: `sample` gets its sampling keys, `extract` its image size and batch, and so on."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {name: {k: v for k, v in over.items() if k in names} for name, over in PRESETS.items()}
-
-
 # name -> (depth, hidden, heads); the paper's names with the patch size after the slash
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "toy": (4, 128, 4)}
 DIT_MODELS = {f"DiT-{s}/{p}": (*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
@@ -1330,8 +1323,8 @@ def convert(cfg):
     # the training config of the model, as sample / compose read it (trained_diffusion)
     pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)
     # their DiT trains on DiT's linear schedule (the imagenet preset), not the toy's cosine one
-    config = dataclasses.asdict(Config(**{**presets_for(Config)["imagenet"], "model": margs["model"],
-                                          "image_size": pixels}))
+    imagenet = utils.presets_for(PRESETS, Config)["imagenet"]
+    config = dataclasses.asdict(Config(**{**imagenet, "model": margs["model"], "image_size": pixels}))
     utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
                            "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}},
                           cfg.out)
@@ -1376,7 +1369,7 @@ def bench(cfg):
                  f"({cfg.sample_steps} steps, CFG)")
 
 
-COMMANDS = {name: (fn, cls, presets_for(cls)) for name, fn, cls in (
+COMMANDS = {name: (fn, cls, utils.presets_for(PRESETS, cls)) for name, fn, cls in (
     ("train", train, Config), ("sample", sample, SampleConfig), ("compose", compose, ComposeConfig),
     ("embgen", embgen, EmbgenConfig), ("extract", extract, ExtractConfig), ("real", real, RealConfig),
     ("bench", bench, Config), ("convert", convert, ConvertConfig))}

@@ -132,7 +132,7 @@ class EncodeConfig(Base):
     POSITIVE = ("n", "size", "patch", "L", "V", "encode_batch")
 
 
-# Presets of train (bench, encode and convert take the fields they have, see presets_for)
+# Presets of train (bench, encode and convert take the fields they have, see utils.presets_for)
 PRESETS = {
     "toy": {},
     "imagenet": dict(run="imagenet", steps=125_000, batch_size=64, size=224, workers=10,
@@ -144,17 +144,6 @@ PRESETS = {
                      ckpt_every=5000, log_every=10, compile=True, grad_ckpt=True, mask_mode="block"),
 }
 ENCODE_PRESETS = {"toy": {}, "imagenet": dict(encode_batch=128)}   # encode's and bench's own preset values
-
-
-def fields_of(cls, values):
-    """The entries of the dict `values` that are fields of the dataclass `cls`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in values.items() if k in names}
-
-
-def presets_for(cls, own=None):
-    """PRESETS cut to the fields of `cls`, plus the sub-command's own values (`own`, by preset name)."""
-    return {name: fields_of(cls, {**p, **(own or {}).get(name, {})}) for name, p in PRESETS.items()}
 
 
 # name: (width, depth, heads, ffn); DINOv2 hub models (dinov2/hub/backbones.py)
@@ -1023,7 +1012,7 @@ def convert(cfg):
                      head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
                      prototypes=head_sd["head.last_layer.weight"].shape[0])
     # the checkpoint holds a train config, as ours do: encode reads its ViT fields, --resume its schedule
-    model = Config(**fields_of(ViTConfig, dataclasses.asdict(found)), **heads)
+    model = Config(**utils.fields_of(ViTConfig, dataclasses.asdict(found)), **heads)
     with torch.device("meta"):  # shapes only: every tensor comes from their file
         ours = Student(model) if head_sd else SEMViT(model)
     want = ours.state_dict()
@@ -1331,9 +1320,9 @@ def bench(cfg):
 
 
 COMMANDS = {"train": (train, Config, PRESETS),
-            "encode": (encode, EncodeConfig, presets_for(EncodeConfig, ENCODE_PRESETS)),
-            "bench": (bench, BenchConfig, presets_for(BenchConfig, ENCODE_PRESETS)),
-            "convert": (convert, ConvertConfig, presets_for(ConvertConfig)),
+            "encode": (encode, EncodeConfig, utils.presets_for(PRESETS, EncodeConfig, ENCODE_PRESETS)),
+            "bench": (bench, BenchConfig, utils.presets_for(PRESETS, BenchConfig, ENCODE_PRESETS)),
+            "convert": (convert, ConvertConfig, utils.presets_for(PRESETS, ConvertConfig)),
             "import": (import_authors, ImportConfig, None)}
 
 

@@ -99,6 +99,18 @@ def parse_config(cls, argv, presets=None):
     return cfg
 
 
+def fields_of(cls, values):
+    """The entries of the dict `values` that are fields of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def presets_for(presets, cls, own=None):
+    """A script's presets cut to the fields of one sub-command's config `cls`, plus that
+    sub-command's own values (`own`, by preset name): every sub-command takes every preset."""
+    return {name: fields_of(cls, {**p, **(own or {}).get(name, {})}) for name, p in presets.items()}
+
+
 def main(commands, doc, argv=None, default="train"):
     """Every script's command line: `python X.py [CMD] [--preset NAME] [--key=value ...]`.
 
