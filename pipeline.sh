@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (about 56 minutes on 2 cores)
+#   bash pipeline.sh              # the README's numbers (about 29 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
-# A plain chain of the scripts' own command lines; each step's files feed the next
-# (--overwrite: a second run replaces the first one's runs/*-pipeline and DLC sets):
+# A plain chain of the scripts' own command lines, each step's files feed the next (--overwrite):
 #   toy_gmm (Sec. 3) | sem train -> encode (DLCs + embeddings) | sedd train -> sample (p(c))
 #   dit train x 4 conditionings -> sample | dit compose | text2dlc train -> sample -> dit sample
-#   evaluate judge / probe on everything -> evaluate report -> $OUT/results.md + figures
+#   evaluate judge / probe (its own 30000 images) on everything -> evaluate report -> $OUT/results.md
 set -euo pipefail
 SCALE=${SCALE:-full}
 OUT=${OUT:-runs/pipeline}
@@ -14,11 +13,11 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; SEM=(); SEDD=(--steps 1200); SAMPLE_SEDD=(--steps 512); DIT=(--steps 2000); T2D=(--steps 1000)
+  NDATA=4000; NPROBE=30000; SEM=(); SEDD=(--steps 1200); SAMPLE_SEDD=(--steps 512); DIT=(--steps 2000); T2D=(--steps 3000)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)
-  NDATA=200; SEM=(--steps 2 --batch_size 8 --local_crops 1 --prototypes 32 --head_hidden 32 --head_bottleneck 16
+  NDATA=200; NPROBE=300; SEM=(--steps 2 --batch_size 8 --local_crops 1 --prototypes 32 --head_hidden 32 --head_bottleneck 16
        --warmup 1 --freeze_last 1 --teacher_temp_steps 2)
   SEDD=(--steps 4 --batch_size 16 --eval_every 4 --ckpt_every 4); DIT=(--steps 4 --batch_size 16 --ckpt_every 4 --sample_every 4)
   T2D=(--steps 4 --batch_size 8 --d_model 32 --n_layers 1); SAMPLE_SEDD=(); NS=40; STEPS=4; NPAIRS=6; K=4; NP=4
@@ -37,7 +36,8 @@ $PY "$D/toy_gmm.py" --run=pipeline --overwrite --variants=uncond,oracle "${GMM[@
 stage "2. SEM encoder (self-distillation) on shapes, then DLCs + continuous embeddings of the training images"
 $PY "$D/sem.py" --run pipeline --overwrite --n $NDATA "${SEM[@]}"
 $PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NDATA --out "$OUT/dlc" --continuous --overwrite
-$PY "$D/evaluate.py" probe --dlc "$OUT/dlc" --out "$OUT/eval/probe"
+$PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NPROBE --out "$OUT/dlc-probe" --continuous --overwrite  # on 4000 the probe is sample-limited
+$PY "$D/evaluate.py" probe --dlc "$OUT/dlc-probe" --out "$OUT/eval/probe"
 
 stage "3. SEDD over the DLCs, then generated DLCs"
 $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"

@@ -50,7 +50,7 @@ class ViTConfig:
     drop_path: float = 0.0        # stochastic depth (DINOv2 ViT-L: 0.4)
     ls_init: float = 0.1          # LayerScale init (DINOv2: 1e-5; the toy trains from scratch in minutes)
     grad_ckpt: bool = False       # activation checkpointing per block (ViT-L at batch 64 needs it in 80 GB)
-    L: int = 64                   # SEM groups = code length (paper: 512; the toy's 64: see docs/sem.md)
+    L: int = 128                  # SEM groups = code length (paper: 512; the toy's 128: see docs/sem.md)
     V: int = 16                   # SEM vocabulary per group (paper: 256)
     tau: float = 1.0              # SEM softmax temperature while training (paper: 1.0)
     size: int = 32                # global crop / encoding resolution (paper: 224)

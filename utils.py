@@ -770,9 +770,13 @@ def make_shapes(n, size=32, seed=0, split="train"):
     r = rng.uniform(0.30, 0.34, (n, 1, 1)) * size                # size jitter
     yy, xx = np.mgrid[0:size, 0:size][:, None] + 0.5            # (2, 1, S, S) pixel centres
     dx, dy = xx - cx, yy - cy                                   # (N, S, S)
-    masks = [dx ** 2 + dy ** 2 <= r ** 2,                                     # circle
-             (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r),             # square
-             (dy <= 0.8 * r) & (2 * np.abs(dx) <= (dy + r)) & (dy >= -r),     # triangle
+    # the square's half-side is the full radius: its corners (at 1.41 r) are what sets it apart from
+    # the circle in 8 px patches; an area-matched square (half-side 0.85 r) left the SEM encoder
+    # mistaking circles for squares (docs/LOG.md)
+    # the last mask is the cross: two bars 0.7 r wide, 2 r long, area 2.31 r^2
+    masks = [dx ** 2 + dy ** 2 <= r ** 2,                                     # circle, area pi r^2
+             (np.abs(dx) <= r) & (np.abs(dy) <= r),                           # square, area 4 r^2
+             (dy <= 0.8 * r) & (2 * np.abs(dx) <= (dy + r)) & (dy >= -r),     # triangle, 1.62 r^2
              ((np.abs(dx) <= 0.35 * r) | (np.abs(dy) <= 0.35 * r)) & (np.maximum(np.abs(dx), np.abs(dy)) <= r)]
     mask = np.choose(attrs[:, 0, None, None], masks)                          # (N, S, S)
     palette = np.array(list(COLOURS.values()), dtype=np.float32) / 127.5 - 1  # (5, 3) in [-1, 1]

@@ -66,6 +66,9 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     held = np.load(out / "s/compose-heldout.npz")["target_attrs"]
     assert {tuple(a) for a in held.tolist()} == {(utils.SHAPES.index(sh), names.index(c), names.index(b))
                                                 for sh, c, b in utils.HELD_OUT}
+    # the probe reads its own, larger DLC set (the probe is sample-limited on the training set's 200)
+    probe, dlc = json.load(open(out / "eval/probe/metrics.json")), utils.load_dlc_set(str(out / "dlc"))
+    assert probe["n"] == len(utils.load_dlc_set(str(out / "dlc-probe"))["codes"]) == 300 != len(dlc["codes"])
     m = json.load(open(out / "eval/text-heldout/metrics.json"))
     assert m["resolution"] == 16 and 0 <= m["acc_all"] <= 1
 

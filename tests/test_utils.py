@@ -1,5 +1,5 @@
 """Tests for utils.py: config parsing, atomic checkpoints, torchrun, DLC sets, embedded data."""
-import json, os, textwrap
+import json, math, os, textwrap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -241,6 +241,18 @@ def test_shapes_deterministic_and_well_formed():
         s, c, bg = a["attrs"][i].tolist()
         torch.testing.assert_close(x[i, :, 0, 0], palette[bg])
         assert ((x[i] - palette[c][:, None, None]).abs().sum(0) < 1e-5).sum() > 4
+
+
+def test_shapes_areas_match_their_closed_forms():
+    """At 256 px each shape covers k r^2 pixels, r in [0.30, 0.34] of the side: circle pi, square 4
+    (half-side r), triangle 1.62 (height 1.8 r, base 1.8 r), cross 2.31 (two 0.7 r x 2 r bars)."""
+    d, size = utils.make_shapes(200, size=256, seed=0, split="all"), 256
+    palette = torch.tensor(list(utils.COLOURS.values())) / 127.5 - 1
+    k = {"circle": math.pi, "square": 4.0, "triangle": 1.62, "cross": 2.31}
+    for x, (s, c, _) in zip(d["images"], d["attrs"].tolist()):
+        frac = float(((x - palette[c][:, None, None]).abs().sum(0) < 1e-5).float().mean())
+        lo, hi = k[utils.SHAPES[s]] * 0.30 ** 2, k[utils.SHAPES[s]] * 0.34 ** 2
+        assert lo * 0.99 <= frac <= hi * 1.01, (utils.SHAPES[s], frac, lo, hi)
 
 
 def test_shapes_held_out_exclusion():
