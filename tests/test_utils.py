@@ -246,7 +246,7 @@ def test_shapes_deterministic_and_well_formed():
 def test_shapes_areas_match_their_closed_forms():
     """At 256 px each shape covers k r^2 pixels, r in [0.30, 0.34] of the side: circle pi, square 4
     (half-side r), triangle 1.62 (height 1.8 r, base 1.8 r), cross 2.31 (two 0.7 r x 2 r bars)."""
-    d, size = utils.make_shapes(200, size=256, seed=0, split="all"), 256
+    d = utils.make_shapes(200, size=256, seed=0, split="all")
     palette = torch.tensor(list(utils.COLOURS.values())) / 127.5 - 1
     k = {"circle": math.pi, "square": 4.0, "triangle": 1.62, "cross": 2.31}
     for x, (s, c, _) in zip(d["images"], d["attrs"].tolist()):
