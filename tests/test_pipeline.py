@@ -77,7 +77,9 @@ def test_pipeline_passes_an_out_folder_with_a_space_intact(tmp_path):
     """Every command line of pipeline.sh, recorded by a stand-in for python (no work done):
     an OUT holding a space reaches every script as one argument."""
     log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
-    fake.write_text('#!/usr/bin/env bash\n{ for a in "$@"; do printf \'%s\\037\' "$a"; done; printf \'\\n\'; } >> "$FAKE_LOG"\n')
+    # one write per call: the pipeline's two lanes call python at the same time
+    fake.write_text('#!/usr/bin/env bash\nline=; for a in "$@"; do line+="$a"$\'\\037\'; done\n'
+                    'printf \'%s\\n\' "$line" >> "$FAKE_LOG"\n')
     fake.chmod(0o755)
     out = str(tmp_path / "my runs" / "p")
     env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log), "OUT": out}
@@ -91,3 +93,21 @@ def test_pipeline_passes_an_out_folder_with_a_space_intact(tmp_path):
         assert c[c.index("--judge") + 1] == out + "/judge.pt" and c[-2:] == ["--data", "shapes"], c
     for c in calls:                                          # no argument split at the space
         assert not any(a.endswith(str(tmp_path / "my")) for a in c), c
+
+
+def test_pipeline_stops_when_a_step_in_a_lane_fails(tmp_path):
+    """A step that fails inside one of the two side-by-side lanes stops the pipeline with one error line
+    and a non-zero exit; no later stage (the report) runs."""
+    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
+    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
+                    'case "$1" in *sedd.py) [ "${2:-}" = sample ] && { echo "boom" >&2; exit 3; } ;; esac; exit 0\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log)}
+    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "error: a step failed" in p.stderr and "boom" in p.stderr
+    calls = open(log).read()
+    assert "sedd.py sample" in calls and "text2dlc.py" in calls      # both lanes ran up to the failure
+    assert "dit.py train --cond label" not in calls                  # lane a stopped at its failed step
+    assert " report " not in calls
