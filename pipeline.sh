@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (about 20 minutes on 2 cores)
+#   bash pipeline.sh              # the README's numbers (about 25 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
 # A plain chain of the scripts' own command lines; each step's files feed the next (--overwrite):
 #   sem -> encode | toy_gmm, sedd -> sample, dit x 4 conditionings -> sample / compose | text2dlc -> sample -> dit
@@ -12,7 +12,7 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; NPROBE=30000; SEM=(); SEDD=(--steps 800); DIT=(--steps 2000); T2D=(--steps 3000)
+  NDATA=4000; NPROBE=30000; SEM=(); SEDD=(--steps 1600); DIT=(--steps 2000); T2D=(--steps 1500 --lr 2e-3)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)
@@ -53,18 +53,18 @@ lane_a() {
   $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"
   $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd" --overwrite
   $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0" --overwrite
-  stage "2a. DiT conditioned on the shape label, and on nothing; their samples"
-  dit_train label; dit_train none
+  stage "2a. DiT conditioned on the shape label; its samples"
+  dit_train label
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" "${G[@]}" --out "$OUT/s/label.npz"; judge label
-  $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-none "${S[@]}" --out "$OUT/s/unconditional.npz"; judge unconditional
 }
 lane_b() {
   stage "2b. DLCs of 30000 more images for the linear probe (on 4000 the probe is sample-limited)"
   $PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NPROBE --out "$OUT/dlc-probe" --continuous --overwrite
   $PY "$D/evaluate.py" probe --dlc "$OUT/dlc-probe" --out "$OUT/eval/probe"
-  stage "2b. text2dlc (captions -> DLCs); DiT conditioned on the DLC and on the continuous embedding (same size, same budget)"
+  stage "2b. text2dlc (captions -> DLCs); DiT conditioned on the DLC, the continuous embedding, nothing (same size, budget)"
   $PY "$D/text2dlc.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${T2D[@]}"
-  dit_train dlc; dit_train embedding
+  dit_train dlc; dit_train embedding; dit_train none
+  $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-none "${S[@]}" --out "$OUT/s/unconditional.npz"; judge unconditional
   $PY "$D/dit.py" embgen --dlc "$OUT/dlc" --n $NS --out "$OUT/emb-gen.npy"   # generated embeddings for the baseline
   stage "2b. Samples from encoded DLCs / embeddings (judge-FID, Table 3 left)"
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc" "${S[@]}" "${G[@]}" --out "$OUT/s/dlc-encoded.npz"
@@ -88,7 +88,7 @@ lane_b() {
     judge text-$split --target_attrs "$OUT/t2d-$split/attrs.npy"
   done
 }
-stage "2. Two lanes: (a) Section 3, SEDD, label / unconditional DiTs; (b) probe, text2dlc, DLC / embedding DiTs"
+stage "2. Two lanes: (a) Section 3, SEDD, label DiT; (b) probe, text2dlc, DLC / embedding / unconditional DiTs"
 lanes lane_a lane_b
 
 stage "3. The DLC DiT on SEDD's generated codes (Table 1)"
