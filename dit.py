@@ -44,7 +44,7 @@ class Common:
     model: str = "DiT-toy/4"        # size key: DiT-{S,B,L,XL}/{2,4,8}, DiT-toy/{2,4,8} (paper: DiT-XL/2)
     image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
     batch_size: int = 64            # per process: training batch (paper: 256 global), samples per forward
-    bf16: bool = True               # bf16 autocast on CUDA (CPU runs in fp32; the authors use fp16)
+    bf16: bool = True               # bf16 autocast on CUDA and AMX CPUs (utils.fast_bf16; the authors use fp16)
     # the sampler (train: its progress grids)
     diffusion_steps: int = 1000     # T of the noise schedule
     sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)
@@ -248,7 +248,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        x = F.scaled_dot_product_attention(q, k, v)                       # (B, H, T, hd)
+        x = utils.attention(q, k, v)                       # (B, H, T, hd)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))              # (B, T, D)
 
 
@@ -705,7 +705,7 @@ def train(cfg):
     utils.start_run(run_dir, cfg, d, ("samples_*.png",))
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
     net = utils.distribute(model, d, cfg.compile)                         # DDP / compile; saves use model
-    use_bf16, finite = cfg.bf16 and d.device.type == "cuda", utils.FiniteCheck(d.device)
+    finite = utils.FiniteCheck(d.device)
     log(f"DiT {cfg.model} cond={cfg.cond} params={sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"data={len(x)} x {in_ch}x{size}x{size} world={d.world} device={d.device}")
     while step < cfg.steps:
@@ -714,7 +714,7 @@ def train(cfg):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
         xb, yb, t, noise, drop = draw_batch(x, y, gen, cfg, diffusion.T, latent, d.device)
         model.train()
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with utils.autocast(d.device, cfg.bf16):
             loss, mse, vb = diffusion.training_losses(net, xb, t, yb, drop, noise)
             loss = loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -779,7 +779,7 @@ def generate(model, diffusion, y, cfg, seeds, device, progress=False, decode=Non
     x = x.to(device)
     fn = lambda xt, t: model.forward_with_cfg(xt, t, y, cfg.cfg_scale, cfg.cfg_channels,
                                               cfg.cfg_interval or None, cfg.diffusion_steps)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"):
+    with utils.autocast(device, cfg.bf16):
         out = diffusion.sample(fn, x, lambda i: z[i], clip=decode is None, ddim=cfg.ddim, progress=progress)
     if decode is not None:                                                 # latents -> pixels
         out = decode(out)
@@ -1346,8 +1346,8 @@ def bench(cfg):
     net = torch.compile(model) if cfg.compile else model
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
-    B, use_bf16 = cfg.batch_size, cfg.bf16 and d.device.type == "cuda"
-    amp = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    B, use_bf16 = cfg.batch_size, cfg.bf16 and utils.fast_bf16(d.device)
+    amp = lambda: utils.autocast(d.device, use_bf16)
     x = torch.randn(B, in_ch, size, size, device=d.device)
     y = torch.randint(0, 64, (B, 32), device=d.device)                     # random L = 32, V = 64 codes
     no_drop, t = torch.zeros(B, dtype=torch.bool, device=d.device), torch.randint(0, 1000, (B,), device=d.device)

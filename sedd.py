@@ -225,7 +225,7 @@ class DDiTBlock(nn.Module):
         q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, -1)  # 3 x (B, L, D)
         q, k, v = (a.view(B, L, self.heads, D // self.heads).transpose(1, 2) for a in (q, k, v))  # (B, H, L, d)
         q, k = rotary(q), rotary(k)
-        a = F.scaled_dot_product_attention(q, k, v)                         # (B, H, L, d), non-causal
+        a = utils.attention(q, k, v)                         # (B, H, L, d), non-causal
         a = a.transpose(1, 2).reshape(B, L, D)                              # (B, L, D)
         x = x + g1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), sh2, sc2))
@@ -265,8 +265,9 @@ class DDiT(nn.Module):
 
 
 def autocast(device):
-    """bf16 matmuls on CUDA (the network output and the loss stay float32); a no-op elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """bf16 matmuls on CUDA and AMX CPUs (utils.autocast; the network output and the loss stay
+    float32); a no-op elsewhere."""
+    return utils.autocast(device)
 
 
 def bf16_raw(model, device):
@@ -859,7 +860,7 @@ def bench(cfg):
     it()                                                                   # warm-up (and compilation)
     secs, flops = utils.measure(it, d.device, cfg.bench_iters, count=lambda: it(model))
     tok_s = cfg.batch_size * L / secs
-    peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
+    peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32)
     print(f"train: size={cfg.size} L={L} V={V} batch={cfg.batch_size} | {tok_s:,.0f} tokens/s | "
           f"{secs * 1000:.1f} ms/step | peak mem {utils.peak_memory_mb(d.device):,.0f} MB | "
           f"MFU {flops / secs / peak:.1%} of measured peak {peak / 1e12:.2f} TFLOP/s", flush=True)

@@ -173,7 +173,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
-        x = F.scaled_dot_product_attention(q, k, v)          # fused (flash / mem-efficient on GPU)
+        x = utils.attention(q, k, v)          # fused (flash / mem-efficient on GPU)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -617,7 +617,7 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
     # teacher temperature: linear warm-up warmup_teacher_temp -> teacher_temp, then constant (DINOv2)
     T0, T, W = cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps
     temp = T if step >= W else T0 + (T - T0) * step / W
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    amp = utils.autocast(d.device)
     with torch.no_grad(), amp:  # the teacher never gets a gradient
         t = teacher.backbone(g)
         t_cls = teacher.head(t["cls"]).float()                             # (2B, K)
@@ -813,7 +813,7 @@ def encode_images(enc, images, cfg, d, idx, continuous=False, soft_tau=0.0):
     norm = v2.Normalize(MEAN, STD)
     enc.eval().to(d.device)
     codes, embs = [], []
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    amp = utils.autocast(d.device)
     for s in tqdm(range(0, len(idx), cfg.encode_batch), disable=not d.main, desc="encode", leave=False):
         x = torch.stack([norm(adm_center_crop(images[int(i)], cfg.size)) for i in idx[s:s + cfg.encode_batch]])
         with amp:
@@ -1296,7 +1296,7 @@ def bench(cfg):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
     data = MultiCropSteps(images, cfg, 0, 1)
     batches = [data[i] for i in range(cfg.steps)]
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32
     peak = utils.matmul_peak_flops(d.device, dtype)
     order = iter(range(cfg.steps))                                      # step i trains on batches[i]
 
@@ -1312,7 +1312,7 @@ def bench(cfg):
           f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
     enc = student.backbone.eval()
     x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=d.device.type == "cuda")
+    amp = utils.autocast(d.device)
     with torch.no_grad(), amp:
         dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
     print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "

@@ -270,7 +270,7 @@ class Block(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads)   # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, T, Dh)
-        a = F.scaled_dot_product_attention(q, k, v)                       # (B, H, T, Dh), fused on GPU
+        a = utils.attention(q, k, v)                       # (B, H, T, Dh), fused on GPU
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))             # (B, T, D)
         return x + self.mlp(self.ln2(x))
 
@@ -723,9 +723,8 @@ class TrainState:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         self.cfg, self.d, self.model, self.ema, self.opt, self.fsdp = cfg, d, model, ema, opt, fsdp
-        # bf16 autocast for DDP / one GPU; FSDP's MixedPrecisionPolicy casts by itself
-        cuda_amp = d.device.type == "cuda" and not fsdp
-        self.amp = torch.autocast("cuda", torch.bfloat16) if cuda_amp else torch.autocast("cpu", enabled=False)
+        # bf16 autocast for DDP / one device (GPU or AMX CPU); FSDP's MixedPrecisionPolicy casts by itself
+        self.amp = utils.autocast(d.device, enabled=not fsdp)
 
     def update_ema(self):
         """After each optimizer step: the tiny model's EMA (the weights `sample` uses); LLaDA has none."""
@@ -870,14 +869,18 @@ def bench(cfg):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     nparam = sum(p.numel() for p in model.parameters()) * max(1, d.world if cfg.model == "llama_shaped" else 1)
     x0 = torch.randint(0, vocab, (B, T), device=d.device)
+    tiny_amp = cfg.model != "llama_shaped" and utils.fast_bf16(d.device)    # FSDP casts by its own policy
+
     def step():
         xt, m, p = forward_process(x0, 2, 1e-3, torch.ones_like(x0, dtype=torch.bool))
-        masked_diffusion_loss(model_logits(model, xt), x0, m, p, x0.numel()).backward()
+        with utils.autocast(d.device, tiny_amp):
+            logits = model_logits(model, xt)
+        masked_diffusion_loss(logits, x0, m, p, x0.numel()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()                                                                # warm-up
     dt, flops = utils.measure(step, d.device, 10)
-    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if tiny_amp or (cfg.model == "llama_shaped" and d.device.type == "cuda") else torch.float32
     peak = utils.matmul_peak_flops(d.device, dtype)
     print(f"bench {cfg.model} on {d.device}: params {nparam / 1e6:.2f}M, batch {B} x {T} tokens, "
           f"{1000 * dt:.1f} ms/step, {B * T / dt:.0f} tokens/s, peak memory {utils.peak_memory_mb(d.device):.0f} MB, "
