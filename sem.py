@@ -617,7 +617,9 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
     # teacher temperature: linear warm-up warmup_teacher_temp -> teacher_temp, then constant (DINOv2)
     T0, T, W = cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps
     temp = T if step >= W else T0 + (T - T0) * step / W
-    amp = utils.autocast(d.device)
+    # bf16 on CUDA only: on an AMX CPU the toy step is slower in bf16 (88 against 71 ms per step),
+    # its matmuls being too small to pay for the casts; encoding does gain (see encode)
+    amp = utils.autocast(d.device, enabled=d.device.type == "cuda")
     with torch.no_grad(), amp:  # the teacher never gets a gradient
         t = teacher.backbone(g)
         t_cls = teacher.head(t["cls"]).float()                             # (2B, K)
@@ -1296,7 +1298,7 @@ def bench(cfg):
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
     data = MultiCropSteps(images, cfg, 0, 1)
     batches = [data[i] for i in range(cfg.steps)]
-    dtype = torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32   # as train_step
     peak = utils.matmul_peak_flops(d.device, dtype)
     order = iter(range(cfg.steps))                                      # step i trains on batches[i]
 
@@ -1315,6 +1317,8 @@ def bench(cfg):
     amp = utils.autocast(d.device)
     with torch.no_grad(), amp:
         dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
+    if utils.fast_bf16(d.device) and d.device.type != "cuda":             # encoding runs in bf16 there
+        peak = utils.matmul_peak_flops(d.device, torch.bfloat16)
     print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
           f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
 

@@ -463,9 +463,10 @@ def sample_cmd(s):
         prompt = be.encode([text]).to(d.device)                           # (1, C)
         for i in range(0, s.n, s.batch_size):
             b = min(s.batch_size, s.n - i)
-            out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
-                                  be.start_id, be.mask_id, steps, s.temperature, s.cfg, g,
-                                  remasking=s.remasking).cpu())
+            with utils.autocast(d.device):                                # bf16 forwards; the sampler casts to fp64
+                out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
+                                      be.start_id, be.mask_id, steps, s.temperature, s.cfg, g,
+                                      remasking=s.remasking).cpu())
         captions += [text] * s.n
     codes = torch.cat(out).numpy()                                        # (len(prompts) * n, L)
     meta = {"L": L, "V": V, "prompt": prompts[0] if len(prompts) == 1 else prompts,

@@ -275,3 +275,42 @@ def test_digits_and_unknown_dataset():
     assert d["labels"].tolist()[:3] == [0, 1, 2]
     with pytest.raises(SystemExit, match="unknown embedded dataset"):
         utils.load_embedded("cifar")
+
+
+# ----------------------------------------------------------------------------- mixed precision
+def explicit_attention(q, k, v):
+    """softmax(Q K^T / sqrt(d)) V in float64: the reference of utils.attention."""
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), -1) @ v
+
+
+def test_attention_matches_explicit_and_stays_fp32_under_cpu_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8, generator=g, requires_grad=True) for _ in range(3))
+    ref = explicit_attention(q, k, v)
+    assert torch.allclose(utils.attention(q, k, v).double(), ref, atol=1e-5)
+    # under CPU autocast plain SDPA runs in bf16 (about 1e-2 off); utils.attention keeps fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = utils.attention(q, k, v)
+        plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert plain.dtype == torch.bfloat16 and (plain.double() - ref).abs().max() > 1e-3
+    assert out.dtype == torch.float32 and torch.allclose(out.double(), ref, atol=1e-5)
+    out.sum().backward()                                                   # the gradient is fp32 as well
+    (gq,) = torch.autograd.grad(ref.sum(), q)
+    assert torch.allclose(q.grad, gq, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                      # bf16 in, bf16 out
+        assert utils.attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).dtype == torch.bfloat16
+
+
+def test_autocast_only_where_bf16_is_fast(monkeypatch):
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert utils.fast_bf16("cpu") is amx
+        with utils.autocast("cpu"):
+            assert torch.is_autocast_enabled("cpu") is amx
+            y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+        assert y.dtype == (torch.bfloat16 if amx else torch.float32)
+        with utils.autocast("cpu", enabled=False):                         # a config's --bf16=false
+            assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")              # an older torch: fp32
+    assert utils.fast_bf16("cpu") is False and utils.fast_bf16("meta") is False
