@@ -248,7 +248,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        x = utils.attention(q, k, v)                       # (B, H, T, hd)
+        x = utils.attention(q, k, v)                                          # (B, H, T, hd); fp32 on the CPU (utils)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))              # (B, T, D)
 
 

@@ -225,7 +225,7 @@ class DDiTBlock(nn.Module):
         q, k, v = self.qkv(modulate(self.norm1(x), sh1, sc1)).chunk(3, -1)  # 3 x (B, L, D)
         q, k, v = (a.view(B, L, self.heads, D // self.heads).transpose(1, 2) for a in (q, k, v))  # (B, H, L, d)
         q, k = rotary(q), rotary(k)
-        a = utils.attention(q, k, v)                         # (B, H, L, d), non-causal
+        a = utils.attention(q, k, v)                                          # (B, H, L, d), non-causal
         a = a.transpose(1, 2).reshape(B, L, D)                              # (B, L, D)
         x = x + g1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
         h = self.mlp(modulate(self.norm2(x), sh2, sc2))

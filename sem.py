@@ -173,7 +173,7 @@ class Attention(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
-        x = utils.attention(q, k, v)          # fused (flash / mem-efficient on GPU)
+        x = utils.attention(q, k, v)                                          # fused (flash / mem-efficient on GPU)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 

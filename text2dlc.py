@@ -270,7 +270,7 @@ class Block(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, D // self.heads)   # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, T, Dh)
-        a = utils.attention(q, k, v)                       # (B, H, T, Dh), fused on GPU
+        a = utils.attention(q, k, v)                                      # (B, H, T, Dh), fused on GPU
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))             # (B, T, D)
         return x + self.mlp(self.ln2(x))
 
