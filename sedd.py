@@ -264,16 +264,11 @@ class DDiT(nn.Module):
         return absorb_log_score(self.raw(x, sigma), x, sigma, self.V)
 
 
-def autocast(device):
-    """bf16 matmuls on CUDA and AMX CPUs (utils.autocast; the network output and the loss stay
-    float32); a no-op elsewhere."""
-    return utils.autocast(device)
-
-
 def bf16_raw(model, device):
-    """raw_fn(x, sigma) for the sampler: model.raw under autocast(device)."""
+    """raw_fn(x, sigma) for the sampler: model.raw under utils.autocast(device) (bf16 matmuls on
+    CUDA and AMX CPUs; the network output stays float32)."""
     def raw_fn(x, sigma):
-        with autocast(device):
+        with utils.autocast(device):
             return model.raw(x, sigma)
     return raw_fn
 
@@ -504,7 +499,7 @@ def train(cfg):
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))            # linear warm-up, then constant
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast(d.device):
+        with utils.autocast(d.device):
             loss = sedd_loss(net, x0, cfg.V, cfg.eps).mean()               # per sequence, as in SEDD
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -515,7 +510,7 @@ def train(cfg):
         log_step(log, step, loss, gnorm, lr, t_start, cfg, d, finite)
         last = step + 1 == cfg.steps
         if len(held) and d.main and ((step + 1) % cfg.eval_every == 0 or last):
-            with autocast(d.device):
+            with utils.autocast(d.device):
                 log(f"held-out loss (EMA) {heldout_loss(ema, held, cfg.V, cfg.eps, d.device):.4f} nats/token")
         if (step + 1) % cfg.ckpt_every == 0 or last:
             finite.check(model.parameters())                               # never save a NaN model
@@ -852,7 +847,7 @@ def bench(cfg):
     x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
 
     def it(net=net):  # one training step
-        with autocast(d.device):
+        with utils.autocast(d.device):
             loss = sedd_loss(net, x0, V, cfg.eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1317,8 +1317,9 @@ def bench(cfg):
     amp = utils.autocast(d.device)
     with torch.no_grad(), amp:
         dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
-    if utils.fast_bf16(d.device) and d.device.type != "cuda":             # encoding runs in bf16 there
-        peak = utils.matmul_peak_flops(d.device, torch.bfloat16)
+    enc_dtype = torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32  # encode's autocast
+    if enc_dtype != dtype:                                                 # an AMX CPU: train fp32, encode bf16
+        peak = utils.matmul_peak_flops(d.device, enc_dtype)
     print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
           f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")
 
