@@ -79,6 +79,7 @@ class Config(Common):
     init_from: str = ""             # an official DiT checkpoint (DiT-XL-2-256x256.pt) to start from
     latents: str = ""               # folder written by `extract`; training then reads latents only (paper scale)
     schedule: str = "cosine"        # cosine (IDDPM eq. 17, the toy) | linear (DDPM / DiT / paper)
+    gelu: str = "exact"             # exact (erf, the toy: 3x faster on CPUs) | tanh (DiT, imagenet, the authors)
     # optimisation
     lr: float = 2e-3                # AdamW learning rate (paper / DiT: 1e-4; the toy: 2e-3, see README)
     ema: float = 0.995              # EMA decay (paper: 0.9999; far too slow for a few hundred toy steps)
@@ -129,7 +130,7 @@ PRESETS = {
     "imagenet": dict(model="DiT-XL/2", image_size=256, batch_size=32, steps=4_000_000, lr=1e-4,
                      ema=0.9999, num_classes=1000, ckpt_every=50_000, sample_every=50_000,
                      log_every=100, cfg_channels=4, schedule="linear", dlc_pool="mean",
-                     label_std=0.02),
+                     label_std=0.02, gelu="tanh"),
 }
 # Table 1 as the authors sampled it (scripts/gen_50k_sedd-1024_cfg-1.7.sh and
 # scripts/gen_50k_sedd-4096-remask.sh -> dit/sample_ddp_parallelized_dlc_hf.py -> pipeline_dlc_dit.py):
@@ -151,7 +152,8 @@ DIT_MODELS = {f"DiT-{s}/{p}": (*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding of (possibly fractional) timesteps, ordered [cos, sin] as in DiT."""
-    half = dim // 2
+    half = dim // 2                                                         # dim/2 cosines, then dim/2 sines
+    # (half,) frequencies max_period^(-k / half), k = 0..half-1
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]                        # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)   # (B, dim)
@@ -164,7 +166,7 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, t):
-        return self.mlp(timestep_embedding(t))
+        return self.mlp(timestep_embedding(t))                              # (B,) -> (B, 256) -> (B, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -192,14 +194,16 @@ class DLCEmbedder(nn.Module):
         super().__init__()
         if pool not in ("mean", "sum"):
             utils.fail(f"--dlc_pool must be mean or sum, got {pool!r}")
-        self.L, self.V, self.scale = L, V, float(L) if pool == "sum" else 1.0
-        table = torch.randn(L, V, hidden) * hidden ** -0.5
-        drop = (torch.randn(1, 1, hidden) * hidden ** -0.5).expand(L, 1, hidden)
+        self.L, self.V, self.scale = L, V, float(L) if pool == "sum" else 1.0  # sum = L x mean
+        table = torch.randn(L, V, hidden) * hidden ** -0.5                  # (L, V, D), N(0, 1/D)
+        drop = (torch.randn(1, 1, hidden) * hidden ** -0.5).expand(L, 1, hidden)  # (L, 1, D): one shared vector
         self.embedding_table = nn.Parameter(torch.cat([table, drop], 1))   # (L, V+1, D)
 
     def forward(self, codes, drop):                  # codes (B, L) int64 or (B, L, V) float, drop (B,) bool
         if codes.is_floating_point():                # soft SEM: weights over the V tokens of each position
+            # rows[b, l] = sum_v p[b, l, v] E[l, v]: (B, L, V) x (L, V, D) -> (B, L, D)
             rows = torch.einsum("blv,lvd->bld", codes.to(self.embedding_table.dtype), self.embedding_table[:, :self.V])
+            # dropped: the mean of the L drop rows (D,); else the mean over positions: (B, D)
             return self.scale * torch.where(drop[:, None], self.embedding_table[:, self.V].mean(0), rows.mean(1))
         codes = torch.where(drop[:, None], self.V, codes)          # drop the WHOLE code
         pos = torch.arange(self.L, device=codes.device)[None]      # (1, L)
@@ -211,8 +215,8 @@ class ContEmbedder(nn.Module):
     condition is replaced by a learned null vector in the input space (authors' ContEmbedder)."""
     def __init__(self, in_dim, hidden):
         super().__init__()
-        self.null = nn.Parameter(torch.randn(1, in_dim) * 0.02)
-        self.proj = nn.Linear(in_dim, hidden, bias=False)
+        self.null = nn.Parameter(torch.randn(1, in_dim) * 0.02)             # (1, E): the learned null condition
+        self.proj = nn.Linear(in_dim, hidden, bias=False)                   # (B, E) -> (B, D)
 
     def forward(self, e, drop):                      # e (B, E) float, drop (B,) bool
         return self.proj(torch.where(drop[:, None], self.null.to(e.dtype), e))
@@ -225,16 +229,16 @@ class ContEmbedder(nn.Module):
 def sincos_pos_embed_2d(dim, grid):
     """Fixed 2-D sin-cos position embedding (MAE / DiT): first half encodes the column,
     second half the row; each half is [sin, cos] of pos * 10000^(-k / (dim/4))."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,), float64
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     def one_d(pos):                                   # (T,) -> (T, dim/2)
-        a = pos.reshape(-1, 1).double() * omega[None]
+        a = pos.reshape(-1, 1).double() * omega[None]                       # (T, 1) * (1, dim/4) -> (T, dim/4)
         return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
     return torch.cat([one_d(cols), one_d(rows)], dim=1).float()[None]   # (1, T, dim)
 
 
 def modulate(x, shift, scale):                        # adaLN: x * (1 + scale) + shift
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + scale[:, None]) + shift[:, None]  # (B, D) -> (B, 1, D): broadcast over the T tokens
 
 
 class Attention(nn.Module):
@@ -242,7 +246,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim)                                  # D -> 3D: q, k, v in one matmul
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
@@ -253,36 +257,40 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
+    """fc1 -> GELU -> fc2. gelu "tanh" is DiT's tanh approximation of GELU, "exact" the erf form:
+    the two differ by at most 5e-4, and torch's erf kernel is about 3x faster on CPUs."""
+    def __init__(self, dim, hidden, gelu="tanh"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.approximate = {"tanh": "tanh", "exact": "none"}[gelu]          # F.gelu's names of the two forms
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: LayerNorm without affine, shift / scale / gate from the condition."""
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, gelu="tanh"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.mlp = Mlp(dim, 4 * dim, gelu)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # c (B, D) -> (B, 6D)
 
     def forward(self, x, c):                                              # x (B, T, D), c (B, D)
-        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
+        sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)  # 6 x (B, D)
+        # gated residuals; the gates are 0 at init (adaLN-Zero), so each block starts as the identity
         x = x + g1[:, None] * self.attn(modulate(self.norm1(x), sh1, sc1))
-        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))
+        return x + g2[:, None] * self.mlp(modulate(self.norm2(x), sh2, sc2))  # the same for the MLP branch
 
 
 class FinalLayer(nn.Module):
     def __init__(self, dim, patch, out_ch):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch * patch * out_ch)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch * patch * out_ch)                # each token -> its p x p x 2C output patch
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # shift and scale, no gate
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -292,7 +300,7 @@ class FinalLayer(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, patch, in_ch, dim):
         super().__init__()
-        self.proj = nn.Conv2d(in_ch, dim, patch, stride=patch)
+        self.proj = nn.Conv2d(in_ch, dim, patch, stride=patch)              # one token per p x p patch
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)                   # (B, C, H, W) -> (B, T, D)
@@ -303,8 +311,11 @@ class DiT(nn.Module):
     `cond` picks the conditioner: dlc (sem_embedder, the authors' key), label (y_embedder,
     the official key), embedding (cont_embedder) or none."""
     def __init__(self, model="DiT-toy/2", input_size=16, in_channels=3, cond="none",
-                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean", label_std=0.02):
+                 num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean", label_std=0.02,
+                 gelu="tanh"):
         super().__init__()
+        if gelu not in ("tanh", "exact"):
+            utils.fail(f"unknown --gelu {gelu!r}; use exact or tanh")
         depth, dim, heads, patch = DIT_MODELS[model]
         self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
         self.input_size = input_size                                         # pixels or latent cells per side
@@ -319,9 +330,9 @@ class DiT(nn.Module):
             self.cont_embedder = ContEmbedder(emb_dim, dim)
         elif cond != "none":
             utils.fail(f"unknown --cond {cond!r}; use dlc, label, embedding or none")
-        grid = input_size // patch
+        grid = input_size // patch                                          # patches per side; T = grid^2 tokens
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(dim, grid), requires_grad=False)  # (1, T, D), fixed
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, gelu) for _ in range(depth))
         self.final_layer = FinalLayer(dim, patch, self.out_channels)
         self.initialize_weights()
 
@@ -336,7 +347,7 @@ class DiT(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))  # conv weight (D, C, p, p) as a (D, C*p*p) linear
         nn.init.zeros_(self.x_embedder.proj.bias)
         if self.cond == "label":
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=self.label_std)   # DiT: 0.02
@@ -354,11 +365,11 @@ class DiT(nn.Module):
             return self.sem_embedder(y, drop)
         if self.cond == "embedding":
             return self.cont_embedder(y, drop)
-        return 0.0
+        return 0.0                                                          # none: the timestep embedding alone
 
     def unpatchify(self, x):
-        B, T, _ = x.shape
-        h, p, c = int(T ** 0.5), self.patch, self.out_channels
+        B, T, _ = x.shape                                                   # x (B, T, p*p*2C)
+        h, p, c = int(T ** 0.5), self.patch, self.out_channels              # h = w = sqrt(T) patches per side
         x = x.reshape(B, h, h, p, p, c).permute(0, 5, 1, 3, 2, 4)          # (B, C, h, p, w, p)
         return x.reshape(B, c, h * p, h * p)                               # (B, 2C, H, W)
 
@@ -366,12 +377,12 @@ class DiT(nn.Module):
         """x (B, C, H, W), t (B,) timesteps of the 1000-step chain, y the condition, drop (B,)
         bool = use the null condition (training draws it, CFG sets it)."""
         if drop is None:
-            drop = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            drop = torch.zeros(len(x), dtype=torch.bool, device=x.device)   # no drop: the conditional model
         x = self.x_embedder(x) + self.pos_embed                            # (B, T, D)
         c = self.t_embedder(t) + self.embed_condition(y, drop)             # (B, D)
         for block in self.blocks:
             if self.grad_ckpt and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)  # recomputed in backward
             else:
                 x = block(x, c)
         return self.unpatchify(self.final_layer(x, c))                     # (B, 2C, H, W)
@@ -386,13 +397,13 @@ class DiT(nn.Module):
         B = len(x)
         drop = torch.arange(2 * B, device=x.device) >= B                   # second half: null condition
         out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), drop)  # (2B, 2C, H, W)
-        cond, uncond = out[:B], out[B:]
-        k = min(channels, self.in_channels)
-        guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
+        cond, uncond = out[:B], out[B:]                                     # each (B, 2C, H, W)
+        k = min(channels, self.in_channels)                                 # at most the C epsilon channels
+        guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])      # eps_u + s (eps_c - eps_u)
         if interval:
-            inside = ((t >= interval[0] * T) & (t <= interval[1] * T)).view(-1, 1, 1, 1)
-            guided = torch.where(inside, guided, cond[:, :k])
-        return torch.cat([guided, cond[:, k:]], dim=1)
+            inside = ((t >= interval[0] * T) & (t <= interval[1] * T)).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+            guided = torch.where(inside, guided, cond[:, :k])               # outside the interval: the conditional eps
+        return torch.cat([guided, cond[:, k:]], dim=1)  # (B, 2C, H, W): k guided, then conditional channels
 
 
 def load_official(model, state_dict, path="the official checkpoint"):
@@ -404,7 +415,7 @@ def load_official(model, state_dict, path="the official checkpoint"):
     if model.cond == "label":
         utils.load_weights(model, state_dict, path)
         return [], []
-    sd = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}
+    sd = {k: v for k, v in state_dict.items() if not k.startswith("y_embedder.")}  # the label table: not ours to load
     missing, unexpected = utils.load_weights(model, sd, path, strict=False)
     bad = [k for k in missing if not k.startswith(("sem_embedder.", "cont_embedder."))] + list(unexpected)
     if bad:
@@ -428,17 +439,18 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     """DDPM eq. 13: log-probability of the 8-bit bin of x (in [-1, 1], bin width 2/255) under
     N(mean, e^(2 log_scale)); the edge bins extend to -inf / +inf. (IDDPM uses a tanh
     approximation of the normal CDF; we use the exact one, torch.special.ndtr.)"""
-    inv = torch.exp(-log_scale)
-    cdf_plus = torch.special.ndtr(inv * (x - mean + 1 / 255))
-    cdf_min = torch.special.ndtr(inv * (x - mean - 1 / 255))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    inv = torch.exp(-log_scale)                                             # 1 / sigma
+    cdf_plus = torch.special.ndtr(inv * (x - mean + 1 / 255))               # Phi at the bin's upper edge, x + 1/255
+    cdf_min = torch.special.ndtr(inv * (x - mean - 1 / 255))                # Phi at its lower edge, x - 1/255
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # the clamps keep the logs finite where a CDF underflows
     log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    # x = -1: mass of (-inf, upper edge]; x = 1: of [lower edge, +inf); else of the bin
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def mean_flat(x):
-    return x.mean(dim=list(range(1, x.ndim)))
+    return x.mean(dim=list(range(1, x.ndim)))  # mean over all but the batch: (B, ...) -> (B,)
 
 
 def space_timesteps(T, n):
@@ -446,8 +458,8 @@ def space_timesteps(T, n):
     (a single section); 0 and T-1 are always kept."""
     if n >= T:
         return list(range(T))
-    stride = (T - 1) / (n - 1)
-    return sorted({round(i * stride) for i in range(n)})
+    stride = (T - 1) / (n - 1)  # fractional, so that the last kept step is T-1
+    return sorted({round(i * stride) for i in range(n)})                    # rounded, deduplicated, ascending
 
 
 class GaussianDiffusion:
@@ -455,17 +467,17 @@ class GaussianDiffusion:
     original timestep of chain step i (identity for the full chain); the network always sees
     the original timesteps."""
     def __init__(self, betas, timestep_map=None):
-        b = np.asarray(betas, dtype=np.float64)
+        b = np.asarray(betas, dtype=np.float64)  # float64: abar_t, 1 - abar_t and their ratios come close to 0 and 1
         self.T = len(b)
         self.betas = b
         self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(self.T))
         self.abar = np.cumprod(1 - b)                                      # alpha-bar_t
-        self.abar_prev = np.append(1.0, self.abar[:-1])
+        self.abar_prev = np.append(1.0, self.abar[:-1])                     # abar_{t-1}, with abar_{-1} = 1
         # DDPM eq. 7: posterior q(x_{t-1} | x_t, x_0) variance and mean coefficients
-        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)
+        self.post_var = b * (1 - self.abar_prev) / (1 - self.abar)          # beta~_t; 0 at t = 0
         self.post_logvar = np.log(np.append(self.post_var[1], self.post_var[1:]))  # clipped at t=0
-        self.post_c0 = b * np.sqrt(self.abar_prev) / (1 - self.abar)
-        self.post_ct = (1 - self.abar_prev) * np.sqrt(1 - b) / (1 - self.abar)
+        self.post_c0 = b * np.sqrt(self.abar_prev) / (1 - self.abar)        # coefficient of x_0 in the posterior mean
+        self.post_ct = (1 - self.abar_prev) * np.sqrt(1 - b) / (1 - self.abar)  # coefficient of x_t
 
     @classmethod
     def linear(cls, T=1000):
@@ -477,8 +489,8 @@ class GaussianDiffusion:
         """IDDPM eq. 17: abar_t = f(t) / f(0), f(t) = cos^2(pi/2 (t/T + s) / (1 + s)), and
         beta_t = 1 - abar_t / abar_(t-1) clipped at 0.999. The linear schedule destroys a 16-32 px
         image within the first ~half of its steps, so most of its steps are spent on pure noise."""
-        f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * np.pi / 2) ** 2
-        return cls(np.minimum(1 - f[1:] / f[:-1], 0.999))
+        f = np.cos((np.arange(T + 1, dtype=np.float64) / T + s) / (1 + s) * np.pi / 2) ** 2  # f(0..T): (T+1,)
+        return cls(np.minimum(1 - f[1:] / f[:-1], 0.999))                   # beta_t = 1 - abar_t / abar_{t-1}: (T,)
 
     @classmethod
     def make(cls, schedule, T=1000):
@@ -490,8 +502,8 @@ class GaussianDiffusion:
         """IDDPM sec. 4: keep n steps S and set beta_i = 1 - abar_{S_i} / abar_{S_(i-1)}, so
         alpha-bar is unchanged at the kept steps."""
         keep = space_timesteps(self.T, n)
-        abar = self.abar[keep]
-        betas = 1 - abar / np.append(1.0, abar[:-1])
+        abar = self.abar[keep]                                              # alpha-bar at the kept steps
+        betas = 1 - abar / np.append(1.0, abar[:-1])                        # beta_i = 1 - abar_{S_i} / abar_{S_(i-1)}
         return GaussianDiffusion(betas, self.timestep_map[keep].tolist())
 
     def _at(self, arr, t, x):                                               # gather, broadcast to x
@@ -515,13 +527,13 @@ class GaussianDiffusion:
         v' log beta_t + (1 - v') log beta~_t with v' = (v + 1) / 2, and the mean of eq. 11
         through x_0 = predict_x0(eps) plugged into the posterior mean (eq. 7)."""
         C = xt.shape[1]
-        eps, v = out[:, :C], out[:, C:]
-        frac = (v + 1) / 2
+        eps, v = out[:, :C], out[:, C:]  # each (B, C, H, W): epsilon, variance output v
+        frac = (v + 1) / 2                                                  # v' = (v + 1) / 2
         logvar = frac * self._at(np.log(self.betas), t, xt) + (1 - frac) * self._at(self.post_logvar, t, xt)
         x0 = self.predict_x0(xt, t, eps)
         if clip:
-            x0 = x0.clamp(-1, 1)
-        mean, _, _ = self.q_posterior(x0, xt, t)
+            x0 = x0.clamp(-1, 1)  # sampling pixel models: generate() clips when there is no VAE
+        mean, _, _ = self.q_posterior(x0, xt, t)  # mu = c0 x_0 + ct x_t with the predicted x_0
         return mean, logvar, x0, eps
 
     def vb_terms(self, out, x0, xt, t):
@@ -529,9 +541,9 @@ class GaussianDiffusion:
         discretised decoder NLL L_0 = -log p(x_0 | x_1) at t = 0; in bits per dimension."""
         true_mean, _, true_logvar = self.q_posterior(x0, xt, t)
         mean, logvar, _, _ = self.p_mean_variance(out, xt, t)
-        kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2)
+        kl = mean_flat(normal_kl(true_mean, true_logvar, mean, logvar)) / math.log(2)  # nats -> bits, (B,)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * logvar)) / math.log(2)
-        return torch.where(t == 0, nll, kl)
+        return torch.where(t == 0, nll, kl)                                 # (B,): L_0 at chain step 0, L_t after
 
     def training_losses(self, model, x0, t, y, drop, noise):
         """L_hybrid (IDDPM sec. 3.1, as in DiT): ||eps - eps_theta||^2 + L_vlb, where L_vlb sees
@@ -539,8 +551,8 @@ class GaussianDiffusion:
         xt = self.q_sample(x0, t, noise)
         out = model(xt, self.timestep_map.to(t.device)[t], y, drop).float()   # (B, 2C, H, W)
         C = x0.shape[1]
-        mse = mean_flat((noise - out[:, :C]) ** 2)
-        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)
+        mse = mean_flat((noise - out[:, :C]) ** 2)                          # L_simple, (B,)
+        frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1)  # stop-gradient on eps: the VLB trains v only
         vb = self.vb_terms(frozen, x0, xt, t)
         return mse + vb, mse, vb
 
@@ -550,21 +562,22 @@ class GaussianDiffusion:
         (DDIM eq. 12) over this (respaced) chain. noise (B, C, H, W) is x_T; step_noise(i)
         returns the noise added at chain step i, drawn per sample by the caller."""
         x = noise
-        steps = list(range(self.T))[::-1]
+        steps = list(range(self.T))[::-1]                                   # T-1, ..., 0 of this chain
         if progress:
             from tqdm import tqdm
             steps = tqdm(steps, desc="sampling", leave=False)
         for i in steps:
-            t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.timestep_map.to(x.device)[t]).float()
+            t = torch.full((len(x),), i, device=x.device, dtype=torch.long)  # (B,) chain step i
+            out = model_fn(x, self.timestep_map.to(x.device)[t]).float()    # fp32 update, even under bf16 autocast
             mean, logvar, x0, eps = self.p_mean_variance(out, x, t, clip)
             if ddim:
+                # DDIM (eta = 0): eps re-derived from x_0 (clipped for pixel models), then a deterministic x_{t-1}
                 eps = (self._at(np.sqrt(1 / self.abar), t, x) * x - x0) / self._at(np.sqrt(1 / self.abar - 1), t, x)
                 x = x0 * self._at(np.sqrt(self.abar_prev), t, x) + self._at(np.sqrt(1 - self.abar_prev), t, x) * eps
             elif i > 0:
-                x = mean + torch.exp(0.5 * logvar) * step_noise(i).to(x)
+                x = mean + torch.exp(0.5 * logvar) * step_noise(i).to(x)    # x_{t-1} = mu + sigma z
             else:
-                x = mean
+                x = mean                                                    # last step: no noise
         return x
 
 
@@ -585,7 +598,7 @@ def load_conditions(cond, dlc, L=None, V=None):
         utils.fail(f"--cond {cond} needs --dlc DIR (a DLC set from sem.py encode)")
     s = utils.load_dlc_set(dlc, L=L, V=V)
     if cond == "dlc":
-        return torch.from_numpy(np.asarray(s["codes"], dtype=np.int64)), s["meta"]
+        return torch.from_numpy(np.asarray(s["codes"], dtype=np.int64)), s["meta"]  # (N, L) int64
     path = os.path.join(dlc, "embeddings.npy")
     if not os.path.isfile(path):
         utils.fail(f"{dlc} has no embeddings.npy; run sem.py encode --continuous to write it")
@@ -610,7 +623,7 @@ def load_training_data(cfg):
                 os.path.isfile(os.path.join(cfg.latents, "progress.json")):
             utils.fail(f"--latents {cfg.latents} is not a finished extraction (no meta.json, or progress.json "
                        "left by an interrupted one); run dit.py extract with the same flags to finish it")
-        x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")
+        x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")  # float16 (N, 2, 4, h, w), read lazily
         lpath = os.path.join(cfg.latents, "labels.npy")  # absent where the classes are unknown (sem.py import)
         labels = torch.from_numpy(np.load(lpath)) if os.path.isfile(lpath) else None
     else:
@@ -623,7 +636,7 @@ def load_training_data(cfg):
         if labels is None:
             utils.fail(f"{cfg.latents} has no labels.npy: --cond label needs the class of every image")
         y = labels
-        info["num_classes"] = cfg.num_classes or int(labels.max()) + 1
+        info["num_classes"] = cfg.num_classes or int(labels.max()) + 1      # 0: from the largest label
     if y is not None and len(y) != len(x):
         utils.fail(f"{len(x)} images but {len(y)} conditions in {cfg.dlc or cfg.latents}; "
                    "the DLC set must be row-aligned with the images (re-encode them)")
@@ -636,7 +649,7 @@ def get_batch(x, y, idx, gen, latent):
         flip = torch.randint(0, x.shape[1], (len(idx),), generator=gen).numpy()  # 1 copy: sem.py import
         xb = torch.from_numpy(np.stack([x[i, f] for i, f in zip(idx.tolist(), flip)]).astype(np.float32))
     else:
-        xb = x[idx]
+        xb = x[idx]                                                         # (B, C, H, W)
     return xb, (y[idx] if y is not None else None)
 
 
@@ -647,6 +660,7 @@ def get_batch(x, y, idx, gen, latent):
 def model_args(cfg, info, in_ch, size):
     return dict(model=cfg.model, input_size=size, in_channels=in_ch, cond=cfg.cond,
                 num_classes=info["num_classes"], L=info["L"], V=info["V"], emb_dim=info["emb_dim"],
+                gelu=cfg.gelu,                                                 # absent: tanh (older checkpoints)
                 **({"dlc_pool": cfg.dlc_pool} if cfg.cond == "dlc" else {}),   # absent: mean (older checkpoints)
                 **({"label_std": cfg.label_std} if cfg.cond == "label" else {}))
 
@@ -659,13 +673,16 @@ def build_for_training(cfg, margs, run_dir, d):
     if cfg.init_from:
         load_official(model, utils.load_checkpoint(cfg.init_from), cfg.init_from)
     ema = DiT(**margs).to(d.device).eval().requires_grad_(False)          # EMA: a copy, always eval
-    ema.load_state_dict(model.state_dict())
+    ema.load_state_dict(model.state_dict())                                 # the EMA starts as the model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     ck, state = utils.resume_checkpoint(os.path.join(run_dir, "checkpoints")) if cfg.resume else (None, None)
     if not ck:
         note = f"--resume: no checkpoint in {run_dir}/checkpoints, starting from scratch" if cfg.resume else ""
         return model, ema, opt, 0, note
     state = utils.check_checkpoint(state, ck, "dit", ("model", "ema", "opt", "step"))
+    was = state.get("model_args", {}).get("gelu", "tanh")
+    if was != margs["gelu"]:
+        utils.fail(f"{ck} was trained with --gelu {was}; resume with --gelu {was}")
     for part, key in ((model, "model"), (ema, "ema"), (opt, "opt")):
         utils.load_weights(part, state[key], ck)
     return model, ema, opt, state["step"], f"resumed from {ck} at step {state['step']}"
@@ -675,11 +692,11 @@ def draw_batch(x, y, gen, cfg, T, latent, device):
     """One training batch, every draw from `gen`: images x0 (and their conditions), timesteps
     t ~ U{0..T-1}, noise eps ~ N(0, I) and the CFG drop mask (the condition replaced by the null
     token with probability drop_prob, so that the same network also learns p(x))."""
-    idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+    idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)        # uniform rows, with replacement
     xb, yb = get_batch(x, y, idx, gen, latent)
-    t = torch.randint(0, T, (cfg.batch_size,), generator=gen)
-    noise = torch.randn(xb.shape, generator=gen)
-    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.drop_prob
+    t = torch.randint(0, T, (cfg.batch_size,), generator=gen)               # t ~ U{0..T-1}
+    noise = torch.randn(xb.shape, generator=gen)                            # eps ~ N(0, I), on the CPU generator
+    drop = torch.rand(cfg.batch_size, generator=gen) < cfg.drop_prob        # CFG dropout: True = null condition
     yb = yb.to(device) if yb is not None else None
     return xb.to(device), yb, t.to(device), noise.to(device), drop.to(device)
 
@@ -696,6 +713,7 @@ def train(cfg):
     utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     x, y, info = load_training_data(cfg)
     latent = bool(cfg.latents)
+    # latents (N, 2, C, h, w); images (N, C, H, W)
     in_ch, size = (x.shape[2], x.shape[-1]) if latent else (x.shape[1], x.shape[-1])
     margs = model_args(cfg, info, in_ch, size)
     model, ema, opt, step, note = build_for_training(cfg, margs, run_dir, d)
@@ -713,19 +731,19 @@ def train(cfg):
         # every random draw of a step comes from (seed, step, rank): resuming replays exactly
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
         xb, yb, t, noise, drop = draw_batch(x, y, gen, cfg, diffusion.T, latent, d.device)
-        model.train()
-        with utils.autocast(d.device, cfg.bf16):
+        model.train()  # training mode each step (the EMA stays in eval)
+        with utils.autocast(d.device, cfg.bf16):  # bf16 autocast; the losses are taken in fp32
             loss, mse, vb = diffusion.training_losses(net, xb, t, yb, drop, noise)
-            loss = loss.mean()
+            loss = loss.mean()                                              # (B,) -> scalar
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # max_norm inf: only measures the norm
         opt.step()
         # EMA with a warm-up, min(decay, (1 + step) / (10 + step)): the EMA of the first hundreds of
         # steps would otherwise keep a large share of the zero-output init, whose samples stay noise
         utils.ema_update(ema, model, min(cfg.ema, (1 + step) / (10 + step)))
         step += 1
-        finite.step(loss, step)
+        finite.step(loss, step)  # records a NaN / inf loss without a host sync
         if step % cfg.log_every == 0 or step == cfg.steps:
             finite.check()
             stats = torch.stack([loss.detach(), mse.mean().detach(), vb.mean().detach()]).float()
@@ -755,7 +773,7 @@ def train(cfg):
 
 def sample_seeds(seed, ids):
     """The seed of each sample: a function of the run's seed and the sample's index only."""
-    return [seed * 10_000_019 + i for i in ids]
+    return [seed * 10_000_019 + i for i in ids]                             # the same whatever batch or rank draws it
 
 
 def per_sample_noise(seeds, shape, steps):
@@ -763,8 +781,8 @@ def per_sample_noise(seeds, shape, steps):
     sample is the same whatever the batch or the process it lands in."""
     xs, zs = [], []
     for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        xs.append(torch.randn(shape, generator=g))
+        g = torch.Generator().manual_seed(int(s))                           # one generator per sample
+        xs.append(torch.randn(shape, generator=g))                          # x_T (C, H, W)
         zs.append(torch.randn((steps, *shape), generator=g))              # (steps, C, H, W)
     return torch.stack(xs), torch.stack(zs, 1)                             # (B, ...), (steps, B, ...)
 
@@ -775,9 +793,9 @@ def generate(model, diffusion, y, cfg, seeds, device, progress=False, decode=Non
     says. --cfg_interval is a fraction of cfg.diffusion_steps (the respaced chain maps its steps
     back to the original timesteps, which the network sees)."""
     shape = (model.in_channels, model.input_size, model.input_size)
-    x, z = per_sample_noise(seeds, shape, diffusion.T)
+    x, z = per_sample_noise(seeds, shape, diffusion.T)  # x_T (B, C, H, W); z (steps, B, C, H, W) on the CPU
     x = x.to(device)
-    fn = lambda xt, t: model.forward_with_cfg(xt, t, y, cfg.cfg_scale, cfg.cfg_channels,
+    fn = lambda xt, t: model.forward_with_cfg(xt, t, y, cfg.cfg_scale, cfg.cfg_channels,  # t: original timesteps
                                               cfg.cfg_interval or None, cfg.diffusion_steps)
     with utils.autocast(device, cfg.bf16):
         out = diffusion.sample(fn, x, lambda i: z[i], clip=decode is None, ddim=cfg.ddim, progress=progress)
@@ -812,7 +830,7 @@ def vae_decoder(cfg, device):
     except ImportError:
         utils.fail("the VAE needs diffusers: pip install -r requirements.txt (diffusers>=0.30,<0.36)")
     vae = AutoencoderKL.from_pretrained(cfg.vae, low_cpu_mem_usage=False).to(device).eval()
-    return vae, (lambda z: vae.decode(z / 0.18215).sample)
+    return vae, (lambda z: vae.decode(z / 0.18215).sample)                  # undo the SD latent scale
 
 
 def latent_decoder(cfg, model, device):
@@ -838,7 +856,7 @@ def sample_conditions(cfg, model, n):
         return y[cfg.start:cfg.start + n]
     if model.cond == "label":
         labels = cfg.labels or list(range(model.y_embedder.num_classes))
-        return torch.tensor([labels[i % len(labels)] for i in range(n)])
+        return torch.tensor([labels[i % len(labels)] for i in range(n)])    # (n,) labels, cycled
     return None
 
 
@@ -854,12 +872,12 @@ def save_grid(images, path, ncol=8):
     import matplotlib.image
     n, h, w, c = images.shape
     nrow = math.ceil(n / ncol)
-    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, np.uint8)
+    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, 3), 255, np.uint8)  # white: the gaps and the empty cells
     for i, im in enumerate(images):
-        r, q = divmod(i, ncol)
+        r, q = divmod(i, ncol)                                              # grid row r, column q
         grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im if c == 3 else im[..., :1]
     scale = max(1, 512 // (ncol * (w + 1)))                                # upscale tiny toy images
-    grid = grid.repeat(scale, 0).repeat(scale, 1)
+    grid = grid.repeat(scale, 0).repeat(scale, 1)                           # nearest-neighbour upscale
     with utils.atomic_path(path) as tmp:
         matplotlib.image.imsave(tmp, grid, format="png")
 
@@ -875,13 +893,13 @@ def sample(cfg):
     for b in range(0, len(mine), cfg.batch_size):
         ids = mine[b:b + cfg.batch_size]
         y = y_all[ids].to(d.device) if y_all is not None else None
-        seeds = sample_seeds(cfg.seed, ids)
+        seeds = sample_seeds(cfg.seed, ids)  # by global index: same images for any --batch_size or world size
         parts.append(generate(model, diffusion, y, cfg, seeds, d.device, progress=d.main, decode=decode))
     imgs = np.concatenate(parts) if parts else np.zeros((0, model.input_size, model.input_size, 3), np.uint8)
     if d.world > 1:                                                        # gather to rank 0 in order
         gathered = [None] * d.world
-        dist.all_gather_object(gathered, (mine, imgs))
-        order = np.concatenate([g[0] for g in gathered]).argsort()
+        dist.all_gather_object(gathered, (mine, imgs))                      # (indices, images) of every rank
+        order = np.concatenate([g[0] for g in gathered]).argsort()          # back to the global sample order
         imgs = np.concatenate([g[1] for g in gathered])[order]
     if d.main:
         extra = {"cfg_scale": np.float64(cfg.cfg_scale)}                 # the report names guided rows
@@ -902,8 +920,8 @@ def sample(cfg):
 
 def compose_codes(a, b, n, p, gen):
     """n codes whose position l takes a[l] with probability p, else b[l]. (n, L)"""
-    take_a = torch.rand((n, len(a)), generator=gen) < p
-    return torch.where(take_a, a[None], b[None])
+    take_a = torch.rand((n, len(a)), generator=gen) < p                     # (n, L) bool, each position independently
+    return torch.where(take_a, a[None], b[None])                            # (1, L) broadcast against (n, L)
 
 
 def parse_pairs(text):
@@ -928,11 +946,12 @@ def pick_pairs(attrs, how, n, seed=0):
     for k in range(n * 1000):
         if len(pairs) == n:
             break
-        a, b = rng.randint(len(attrs), size=2)
-        if (attrs[a] == attrs[b]).any():
+        a, b = rng.randint(len(attrs), size=2)                              # a == b is rejected just below
+        if (attrs[a] == attrs[b]).any():                                    # they share an attribute
             continue
         if how == "heldout":
             h = np.array(held[len(pairs) % len(held)])                        # the next target in turn
+            # h must take each attribute from a or from b, and be neither source itself
             if not ((h == attrs[a]) | (h == attrs[b])).all() or (h == attrs[a]).all() or (h == attrs[b]).all():
                 continue
             targets.append(h)
@@ -981,14 +1000,14 @@ def compose(cfg):
     rows, comps, all_imgs, avg_imgs = [], [], [], []
     for j, (a, b) in enumerate(pairs):
         mixed = compose_codes(codes[a], codes[b], k, cfg.mix_p, gen)       # (k, L)
-        seeds = sample_seeds(cfg.seed, range(j * 1000, j * 1000 + k))
+        seeds = sample_seeds(cfg.seed, range(j * 1000, j * 1000 + k))       # same for A, B and mix
         run = lambda m, y: generate(m, diffusion, y.to(d.device), cfg, seeds, d.device,
                                     decode=decode if m.in_channels == 4 else None)
         src_a, src_b = run(model, codes[a][None].repeat(k, 1)), run(model, codes[b][None].repeat(k, 1))
         out = run(model, mixed)
         rows += [src_a, src_b, out]
         if emb_model is not None:                                          # baseline: average the embeddings
-            rows.append(run(emb_model, ((embs[a] + embs[b]) / 2)[None].repeat(k, 1)))
+            rows.append(run(emb_model, ((embs[a] + embs[b]) / 2)[None].repeat(k, 1)))  # (k, E) averaged embedding
             avg_imgs.append(rows[-1])
         comps.append(mixed.numpy()); all_imgs.append(out)
     # per sample: the attributes of its two sources (evaluate.py judge scores recombinations) and,
@@ -1016,12 +1035,12 @@ def mixing_distribution(codes, V, probs=None):
     authors' sample_comp_imgs.py does (temp -> 0 gives the one-hot mean again).
     codes (N, L) int64; probs (N, L, V) or None."""
     p = F.one_hot(codes, V).double() if probs is None else probs.double()   # (N, L, V)
-    return p.mean(0)
+    return p.mean(0)                                                        # (L, V): each row sums to 1
 
 
 def sample_mixed_codes(mix, n, gen):
     """n codes, each position drawn independently from its row of mix (L, V). (n, L)"""
-    return torch.multinomial(mix, n, replacement=True, generator=gen).T
+    return torch.multinomial(mix, n, replacement=True, generator=gen).T     # (L, n) -> .T -> (n, L)
 
 
 def encode_image_files(cfg, L, V):
@@ -1060,9 +1079,9 @@ def compose_images(cfg, model, state, device):
     mixed = sample_mixed_codes(mixing_distribution(codes, V, probs), k, torch.Generator().manual_seed(cfg.seed))
     decode = latent_decoder(cfg, model, device)
     diffusion = trained_diffusion(state).respace(cfg.sample_steps)        # the schedule the model trained on
-    seeds = sample_seeds(cfg.seed, range(k))
+    seeds = sample_seeds(cfg.seed, range(k))                                # the same seeds for every row
     run = lambda y: generate(model, diffusion, y.to(device), cfg, seeds, device, decode=decode)
-    rows = [run(c[None].repeat(k, 1)) for c in codes] + [run(mixed)]
+    rows = [run(c[None].repeat(k, 1)) for c in codes] + [run(mixed)]        # one row per source, then the mixed row
     save_npz(cfg.out, arr_0=rows[-1], codes=mixed.numpy().astype(np.uint16), sources=codes.numpy().astype(np.uint16),
              images=np.array(cfg.images), cfg_scale=np.float64(cfg.cfg_scale))
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
@@ -1126,7 +1145,7 @@ def extract(cfg):
     for xb, _ in tqdm(loader, desc="extract", initial=done // cfg.batch_size):
         xb = xb.to(d.device)
         with torch.no_grad():
-            for f, im in enumerate((xb, xb.flip(-1))):
+            for f, im in enumerate((xb, xb.flip(-1))):  # f = 0: the crop, f = 1: its horizontal flip
                 mm[i:i + len(xb), f] = (vae.encode(im).latent_dist.sample() * 0.18215).cpu().numpy()
         i += len(xb)
         mm.flush()                                                         # on disk before it counts as done
@@ -1186,7 +1205,7 @@ def embgen(cfg):
         utils.fail(f"--out {cfg.out!r} must be a .npy file for embgen")
     e, _ = load_conditions("embedding", cfg.dlc)
     gm = GaussianMixture(min(cfg.gmm_components, len(e)), covariance_type="full", reg_covar=1e-4,
-                         random_state=cfg.seed).fit(e.numpy().astype(np.float64))
+                         random_state=cfg.seed).fit(e.numpy().astype(np.float64))  # fit in float64
     draws = gm.sample(cfg.n)[0][np.random.RandomState(cfg.seed).permutation(cfg.n)]  # sample() groups by component
     with utils.atomic_path(cfg.out) as tmp:
         with open(tmp, "wb") as f:
@@ -1237,7 +1256,7 @@ HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytor
 def strip_wrappers(sd):
     """Remove each wrapper prefix that every key carries, as often as it appears."""
     while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
-        sd = {k[len(p):]: v for k, v in sd.items()}
+        sd = {k[len(p):]: v for k, v in sd.items()}                         # strip the prefix p from every key
     return sd
 
 
@@ -1285,9 +1304,9 @@ def authors_model_args(sd, hints, path):
         utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
                    f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, "
                    f"missing keys {[k for k in need if k not in sd]}")
-    D, C, patch, _ = sd["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]
+    D, C, patch, _ = sd["x_embedder.proj.weight"].shape                     # patch conv weight (D, C, p, p)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))  # blocks.<i>.*: the largest i + 1
+    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]   # size names of that depth and width
     if not sizes:
         utils.fail(f"{path}: depth {depth} x width {D} is none of the DiT sizes {', '.join(SIZES)}")
     L, V1, _ = sd["sem_embedder.embedding_table"].shape                    # (L, V+1, D): V+1 with the drop token
@@ -1318,10 +1337,10 @@ def convert(cfg):
         if sd is None:
             continue
         utils.check_layout(want, sd, f"{cfg.authors} ({name}) is not in the layout of the authors' DiTSEM")
-    ema = {k: ema[k].float().contiguous() for k in want}
-    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema
+    ema = {k: ema[k].float().contiguous() for k in want}                    # fp32, our keys only
+    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema  # else: the EMA
     # the training config of the model, as sample / compose read it (trained_diffusion)
-    pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)
+    pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)  # latent models: the SD-VAE downsamples 8x
     # their DiT trains on DiT's linear schedule (the imagenet preset), not the toy's cosine one
     imagenet = utils.presets_for(PRESETS, Config)["imagenet"]
     config = dataclasses.asdict(Config(**{**imagenet, "model": margs["model"], "image_size": pixels}))
@@ -1342,13 +1361,13 @@ def bench(cfg):
     """Training img/s, MFU (FLOPs counted by torch) and peak memory; sampling img/s with CFG."""
     d = utils.setup_dist(cfg.device)
     in_ch, size = (4, cfg.image_size // 8) if cfg.image_size >= 64 else (3, cfg.image_size)
-    model = DiT(cfg.model, size, in_ch, "dlc", L=32, V=64, grad_ckpt=cfg.grad_ckpt).to(d.device)
+    model = DiT(cfg.model, size, in_ch, "dlc", L=32, V=64, grad_ckpt=cfg.grad_ckpt, gelu=cfg.gelu).to(d.device)
     net = torch.compile(model) if cfg.compile else model
     diffusion = GaussianDiffusion.make(cfg.schedule, cfg.diffusion_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0, fused=d.device.type == "cuda")
     B, use_bf16 = cfg.batch_size, cfg.bf16 and utils.fast_bf16(d.device)
     amp = lambda: utils.autocast(d.device, use_bf16)
-    x = torch.randn(B, in_ch, size, size, device=d.device)
+    x = torch.randn(B, in_ch, size, size, device=d.device)                  # fixed inputs: only the speed is measured
     y = torch.randint(0, 64, (B, 32), device=d.device)                     # random L = 32, V = 64 codes
     no_drop, t = torch.zeros(B, dtype=torch.bool, device=d.device), torch.randint(0, 1000, (B,), device=d.device)
 
@@ -1360,7 +1379,7 @@ def bench(cfg):
     secs, flops = utils.measure(step, d.device, 3 if d.device.type == "cpu" else 20, count=lambda: step(model))
     peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if use_bf16 else torch.float32)
     model.eval()
-    tt = torch.full((B,), 500, device=d.device)
+    tt = torch.full((B,), 500, device=d.device)                             # a mid-chain timestep
     with torch.no_grad(), amp():                                           # one chain step with CFG
         chain, _ = utils.measure(lambda: model.forward_with_cfg(x, tt, y, 1.5, cfg.cfg_channels), d.device, 5)
     utils.print0(f"bench {cfg.model} {in_ch}x{size}x{size} batch {B} on {d.device}: train {B / secs:.1f} img/s, "

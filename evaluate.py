@@ -125,7 +125,7 @@ def gaussian_stats(feats, allow_low_rank=False, what="features"):
     """mu and the unbiased covariance (ddof 1, as np.cov in the ADM evaluator) of [N, D] features.
     With N <= D the covariance is singular: FID is still defined but biased upwards, so this
     is an error unless allow_low_rank (then it is computed and flagged by the caller)."""
-    feats = np.asarray(feats, dtype=np.float64)
+    feats = np.asarray(feats, dtype=np.float64)  # float64: FID subtracts large, nearly equal traces
     n, d = feats.shape
     if n < 2 or (n <= d and not allow_low_rank):
         utils.fail(f"{n} samples give a rank-deficient {d}x{d} covariance of {what}; FID needs more than "
@@ -138,7 +138,7 @@ def frechet_distance(mu1, s1, mu2, s2):
     Eigenvalue form: S1 S2 is similar to the PSD matrix S1^(1/2) S2 S1^(1/2), so its eigenvalues
     are real and >= 0 and tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i); no matrix square root needed."""
     lam = np.linalg.eigvals(s1 @ s2).real          # tiny negative / imaginary parts are round-off
-    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()
+    tr_covmean = np.sqrt(np.clip(lam, 0, None)).sum()  # tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
 
@@ -146,7 +146,7 @@ def frechet_distance(mu1, s1, mu2, s2):
 def frechet_distance_sqrtm(mu1, s1, mu2, s2):
     """The same through scipy's matrix square root (the ADM / TTUR reference form)."""
     from scipy import linalg
-    covmean = linalg.sqrtm(s1 @ s2).real
+    covmean = linalg.sqrtm(s1 @ s2).real  # .real: round-off imaginary parts dropped
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
@@ -157,8 +157,8 @@ def inception_score(probs, splits=10):
     for part in np.array_split(np.asarray(probs, dtype=np.float64), splits):
         py = part.mean(0, keepdims=True)                                   # (1, K) marginal
         kl = (part * (np.log(part + 1e-12) - np.log(py + 1e-12))).sum(1)  # (n,)
-        scores.append(np.exp(kl.mean()))
-    return float(np.mean(scores))
+        scores.append(np.exp(kl.mean()))  # exp E_x KL(p(y|x) || p(y)) of this split
+    return float(np.mean(scores))                                                 # mean over the splits
 
 
 def pairwise_sq_dists(a, b):
@@ -179,8 +179,8 @@ def precision_recall(ref, samples, k=3):
     reference points inside some sample k-NN ball."""
     r_ref, r_smp = manifold_radii(ref, k), manifold_radii(samples, k)
     d = pairwise_sq_dists(samples, ref)                                   # (Ns, Nr)
-    precision = (d <= r_ref[None, :]).any(1).mean()
-    recall = (d.T <= r_smp[None, :]).any(1).mean()
+    precision = (d <= r_ref[None, :]).any(1).mean()  # sample inside the k-NN ball of some reference point
+    recall = (d.T <= r_smp[None, :]).any(1).mean()  # reference point inside the ball of some sample
     return float(precision), float(recall)
 
 
@@ -192,9 +192,9 @@ def vendi_score(feats):
     x = x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)         # rows on the unit sphere
     n = len(x)
     gram = x.T @ x / n if x.shape[1] < n else x @ x.T / n                # (D, D) or (N, N)
-    lam = np.clip(np.linalg.eigvalsh(gram), 0, None)
+    lam = np.clip(np.linalg.eigvalsh(gram), 0, None)  # eigenvalues >= 0, summing to 1 (unit rows)
     lam = lam[lam > 1e-12]                                               # 0 log 0 = 0
-    return float(np.exp(-(lam * np.log(lam)).sum()))
+    return float(np.exp(-(lam * np.log(lam)).sum()))  # exp(entropy): 1 = all alike, n = all orthogonal
 
 
 #################################################################################
@@ -207,15 +207,15 @@ def vendi_score(feats):
 
 def probe_split(n, seed):
     """Row indices of the train, validation and test parts (60/20/20) of n rows."""
-    idx = np.random.RandomState(seed).permutation(n)
-    return np.split(idx, [int(0.6 * n), int(0.8 * n)])
+    idx = np.random.RandomState(seed).permutation(n)  # same split for every solver and feature
+    return np.split(idx, [int(0.6 * n), int(0.8 * n)])                            # [0, 60%), [60%, 80%), [80%, 100%)
 
 
 def choose_C(fit, accuracy, Cs, va, te):
     """Fit every C in order, keep the best on the validation rows, fit it again, score the test rows."""
-    val = {C: accuracy(fit(C), va) for C in Cs}
-    best = max(val, key=val.get)
-    return {"acc": float(accuracy(fit(best), te)), "C": best, "val_acc": float(val[best])}
+    val = {C: accuracy(fit(C), va) for C in Cs}                                   # validation accuracy per C
+    best = max(val, key=val.get)                                                  # ties: the first C in Cs
+    return {"acc": float(accuracy(fit(best), te)), "C": best, "val_acc": float(val[best])}  # test rows scored once
 
 
 def one_hot(codes, V, sparse=False):
@@ -228,7 +228,7 @@ def one_hot(codes, V, sparse=False):
         return sp.csr_matrix((np.ones(N * L, dtype=np.float32), cols.astype(np.int32), np.arange(0, N * L + 1, L)),
                              shape=(N, L * V))                          # row i: entries i*L .. i*L + L - 1
     x = np.zeros((N, L * V), dtype=np.float32)
-    x[np.repeat(np.arange(N), L), cols] = 1
+    x[np.repeat(np.arange(N), L), cols] = 1                                       # row i gets its L ones
     return x
 
 
@@ -244,15 +244,15 @@ def linear_probe(feats, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), tol=1e-4, max
     if sparse.issparse(feats):
         x = sparse.csr_matrix(feats, dtype=np.float64)
         mu = np.asarray(x[tr].mean(0)).ravel()                          # (D,) train column means
-        var = np.asarray(x[tr].multiply(x[tr]).mean(0)).ravel() - mu ** 2
+        var = np.asarray(x[tr].multiply(x[tr]).mean(0)).ravel() - mu ** 2  # Var = E[x^2] - mu^2, no dense centring
         sd = np.sqrt(np.where(var > 1e-12, var, 0))    # why: E[x^2] - mu^2 of a constant column is ~1e-16, not 0
         scale = np.where(sd > 0, 1 / (sd + 1e-8), 0.0)  # a column constant on train: weight 0 either way
-        x = sparse.csr_matrix(x @ sparse.diags(scale))
+        x = sparse.csr_matrix(x @ sparse.diags(scale))                            # scaled, not centred: still sparse
     else:
         x = np.asarray(feats, dtype=np.float64)
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-8        # train statistics only
         x = (x - mu) / sd
-    fit = lambda C: LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(x[tr], y[tr])
+    fit = lambda C: LogisticRegression(C=C, max_iter=max_iter, tol=tol).fit(x[tr], y[tr])  # lbfgs, L2 penalty 1/C
     return choose_C(fit, lambda model, rows: model.score(x[rows], y[rows]), Cs, va, te)
 
 
@@ -265,8 +265,8 @@ def onehot_probe_torch(codes, V, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), devi
     codes = torch.as_tensor(np.asarray(codes, dtype=np.int64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     N, L = codes.shape
-    K = int(y.max()) + 1
-    tr, va, te = (torch.from_numpy(a) for a in probe_split(N, seed))
+    K = int(y.max()) + 1                                                          # classes 0 .. K-1
+    tr, va, te = (torch.from_numpy(a) for a in probe_split(N, seed))              # the split of linear_probe
     cols = codes + torch.arange(L) * V                                       # (N, L) column of each one
     freq = torch.bincount(cols[tr].flatten(), minlength=L * V).double() / len(tr)   # column means on train
     sd = (freq * (1 - freq)).sqrt()                                          # one-hot column sd (ddof 0)
@@ -286,14 +286,14 @@ def onehot_probe_torch(codes, V, labels, seed=0, Cs=(0.01, 0.1, 1.0, 10.0), devi
 
     def fit(C):
         bag = nn.EmbeddingBag(L * V, K, mode="sum").to(device)               # W: (L*V, K)
-        nn.init.zeros_(bag.weight)
-        bias = torch.zeros(K, device=device, requires_grad=True)
+        nn.init.zeros_(bag.weight)                                                # start at W = 0, as sklearn's lbfgs
+        bias = torch.zeros(K, device=device, requires_grad=True)  # the intercept is not penalised (as sklearn)
         opt = torch.optim.Adam([bag.weight, bias], lr=lr)
         for _ in range(epochs):
-            order = tr[torch.randperm(len(tr), generator=g)]
+            order = tr[torch.randperm(len(tr), generator=g)]                      # a fresh shuffle per epoch
             for i in range(0, len(order), batch_size):
                 rows = order[i:i + batch_size]
-                loss = F.cross_entropy(logits((bag, bias), rows), y[rows].to(device))
+                loss = F.cross_entropy(logits((bag, bias), rows), y[rows].to(device))  # mean over the batch
                 loss = loss + bag.weight.pow(2).sum() / (2 * C * len(tr))    # sklearn's L2, per sample
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -349,7 +349,7 @@ class FIDInceptionE(InceptionE):
         b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)          # (B, 768, 8, 8)
         bd = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         bd = torch.cat([self.branch3x3dbl_3a(bd), self.branch3x3dbl_3b(bd)], 1)    # (B, 768, 8, 8)
-        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool(x)  # Mixed_7c max, Mixed_7b avg
         return [self.branch1x1(x), b3, bd, self.branch_pool(pool)]
 
 
@@ -358,11 +358,11 @@ def resize_bilinear_tf1(x, size=299):
     coordinate = dst * in / out (no half-pixel offset, unlike F.interpolate). torch-fidelity
     documents the same fact; the two filters move FID by a few tenths."""
     def coords(n_in):
-        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)
-        i0 = src.floor().long().clamp(max=n_in - 1)
-        return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).to(x.dtype)
-    y0, y1, wy = coords(x.shape[2])
-    x0, x1, wx = coords(x.shape[3])
+        src = torch.arange(size, dtype=torch.float64, device=x.device) * (n_in / size)  # dst * in / out
+        i0 = src.floor().long().clamp(max=n_in - 1)                               # the source pixel at or before src
+        return i0, (i0 + 1).clamp(max=n_in - 1), (src - i0).to(x.dtype)           # edge pixel repeated; weight of i1
+    y0, y1, wy = coords(x.shape[2])                                               # along H
+    x0, x1, wx = coords(x.shape[3])                                               # along W
     rows = x[:, :, y0] * (1 - wy)[:, None] + x[:, :, y1] * wy[:, None]    # (B, C, 299, W)
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx                  # (B, C, 299, 299)
 
@@ -381,10 +381,10 @@ class FIDInception(nn.Module):
         for name, c7 in (("Mixed_6b", 128), ("Mixed_6c", 160), ("Mixed_6d", 160), ("Mixed_6e", 192)):
             setattr(net, name, FIDInceptionC(768, channels_7x7=c7))
         net.Mixed_7b, net.Mixed_7c = FIDInceptionE(1280, max_pool=False), FIDInceptionE(2048, max_pool=True)
-        self.net = net.eval()
+        self.net = net.eval()                                                     # BatchNorm on its running statistics
         # sFID layer: TF `mixed_6/conv` = Mixed_6d.branch1x1 (mixed, mixed_1, mixed_2 = 5b-5d,
         # mixed_3 = 6a, so mixed_6 = 6d), the ReLU output of its 1x1 conv, 192 x 17 x 17.
-        self._spatial = None
+        self._spatial = None  # set by the hook below at every forward
         self.net.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: setattr(self, "_spatial", o))
 
     def load(self, path):
@@ -427,8 +427,8 @@ def inception_features(model, images, batch_size, device):
     for i in tqdm(range(0, len(images), batch_size), desc="inception", disable=len(images) <= batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=False):  # why: fp32 for metrics
-            p, s, _ = model(batch)
-        pools.append(p.double().cpu().numpy())
+            p, s, _ = model(batch)  # logits unused: cmd_fid uses pool_3 @ W, no bias
+        pools.append(p.double().cpu().numpy())                                    # float64 from here on
         spatials.append(s.double().cpu().numpy())
     return np.concatenate(pools), np.concatenate(spatials)
 
@@ -449,8 +449,8 @@ def load_images(path, max_samples=0):
         names = sorted(n for n in os.listdir(path) if n.lower().endswith((".png", ".jpg", ".jpeg")))
         if not names:
             utils.fail(f"folder {path} has no .png/.jpg images")
-        names = names[:max_samples or None]
-        arrs = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]
+        names = names[:max_samples or None]                                       # 0 = all
+        arrs = [np.asarray(Image.open(os.path.join(path, n)).convert("RGB")) for n in names]  # grey / RGBA -> RGB
         if len({a.shape for a in arrs}) > 1:
             utils.fail(f"images in {path} have different sizes {sorted({a.shape for a in arrs})[:3]}; "
                        f"resize them first")
@@ -458,7 +458,7 @@ def load_images(path, max_samples=0):
     if not os.path.isfile(path):
         utils.fail(f"{path} does not exist; pass an ADM .npz (arr_0 uint8 [N,H,W,C]) or an image folder")
     try:
-        arr = np.load(path, allow_pickle=False)["arr_0"]
+        arr = np.load(path, allow_pickle=False)["arr_0"]                          # no pickle: loading cannot run code
     except Exception as e:     # why: a missing key, a pickle, a truncated zip: all the same one line
         utils.fail(f"could not read arr_0 from {path} ({type(e).__name__}); "
                    f"expected an ADM .npz of uint8 [N,H,W,C] images")
@@ -466,7 +466,7 @@ def load_images(path, max_samples=0):
         utils.fail(f"{path}: arr_0 is {arr.dtype} {arr.shape}; expected uint8 [N,H,W,C] with C = 1 or 3")
     if len(arr) == 0:
         utils.fail(f"{path}: arr_0 holds no images (shape {arr.shape})")
-    return arr[:max_samples or None]
+    return arr[:max_samples or None]                                              # 0 = all
 
 
 def load_attrs(path, flag):
@@ -512,9 +512,9 @@ class Judge(nn.Module):
         super().__init__()
         s = 1 if channels == 1 else 2  # why: 8 px digits keep full resolution; 32 px shapes start at 16
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 16, 3, stride=s, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(channels, 16, 3, stride=s, padding=1), nn.BatchNorm2d(16), nn.ReLU(),  # -> 8 x 8 or 16 x 16
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),  # -> 4 x 4 or 8 x 8
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),  # -> 2 x 2 or 4 x 4
             nn.Flatten(), nn.Linear(64 * 4 if channels == 1 else 64 * 16, 128), nn.ReLU())  # (B, 64*h*w) -> (B, 128)
         self.heads = nn.ModuleList(nn.Linear(128, k) for k in heads)
 
@@ -527,37 +527,37 @@ def judge_data(data, split):
     """Images [-1, 1] and targets [N, n_heads] for training ("train") and held-out testing ("test")."""
     if data == "digits":  # a fixed 80/20 split of the 1797 digits
         d = utils.load_embedded("digits")
-        idx = np.random.RandomState(0).permutation(len(d["images"]))
+        idx = np.random.RandomState(0).permutation(len(d["images"]))              # seed 0: one split for every judge
         idx = idx[:int(0.8 * len(idx))] if split == "train" else idx[int(0.8 * len(idx)):]
-        return d["images"][idx], d["labels"][idx, None]
+        return d["images"][idx], d["labels"][idx, None]                           # targets (N, 1)
     if data == "shapes":  # all combinations (incl. held-out ones); test images from another seed
         d = utils.load_embedded("shapes-all", n=4000 if split == "train" else 1000, seed=0 if split == "train" else 1)
-        return d["images"], d["attrs"]
+        return d["images"], d["attrs"]  # attrs (N, 3): shape, colour, background
     utils.fail(f"unknown judge data {data!r}; use digits or shapes")
 
 
 def train_judge(data, steps=400, seed=0, log=print):
     """Adam on the summed cross-entropy of the heads, batches of 128, one-cycle lr up to 3e-3."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)                                                       # the judge's initial weights
     x, y = judge_data(data, "train")
     model = Judge(x.shape[1], judge_heads(data))
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)                           # lr replaced by OneCycleLR's schedule
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)  # 30% warm-up, then cosine down
     g = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        i = torch.randint(len(x), (128,), generator=g)
+        i = torch.randint(len(x), (128,), generator=g)                            # with replacement
         xb = x[i]
         if data == "digits":  # why: 1.4k images overfit; +-1 px shifts are the cheap fix
             xb = torch.roll(xb, tuple(torch.randint(-1, 2, (2,), generator=g).tolist()), dims=(2, 3))
         _, logits = model(xb)
-        loss = sum(F.cross_entropy(l, y[i, j]) for j, l in enumerate(logits))
+        loss = sum(F.cross_entropy(l, y[i, j]) for j, l in enumerate(logits))     # one cross-entropy per head
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         if step % 200 == 0 or step == steps - 1:
             log(f"judge {data} step {step} loss {loss.item():.4f}")
-    return model.eval()
+    return model.eval()  # BatchNorm: running statistics from here
 
 
 @torch.no_grad()
@@ -571,14 +571,14 @@ def judge_accuracy(model, data):
 def load_or_train_judge(cfg, log=print):
     """The cached judge of cfg.data (runs/evaluate-judge-<data>/judge.pt), trained if absent."""
     path = cfg.judge or os.path.join("runs", f"evaluate-judge-{cfg.data}", "judge.pt")
-    x, _ = judge_data(cfg.data, "test")
+    x, _ = judge_data(cfg.data, "test")                                           # only for its channel count
     model = Judge(x.shape[1], judge_heads(cfg.data))
     if os.path.isfile(path):
         ck = utils.load_checkpoint(path)
         if ck.get("data") != cfg.data:
             utils.fail(f"judge {path} was trained on {ck.get('data')!r}, not {cfg.data!r}; pass the right --judge")
         model.load_state_dict(ck["model"])
-        return model.eval(), ck["heldout_acc"]
+        return model.eval(), ck["heldout_acc"]                                    # accuracy stored at training time
     t = time.time()
     model = train_judge(cfg.data, cfg.judge_steps, cfg.seed, log)
     acc = judge_accuracy(model, cfg.data)
@@ -595,7 +595,7 @@ def judge_outputs(model, images_uint8, data, batch_size=500):
     want = (1, 8) if data == "digits" else (3, 32)                        # (channels, side) it was trained on
     x = torch.from_numpy(np.ascontiguousarray(images_uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
     if x.shape[1] != want[0]:
-        x = x.mean(1, keepdim=True) if want[0] == 1 else x.expand(-1, 3, -1, -1)
+        x = x.mean(1, keepdim=True) if want[0] == 1 else x.expand(-1, 3, -1, -1)  # RGB -> grey, or grey -> RGB
     if x.shape[2] == x.shape[3] and x.shape[2] < want[1] and want[1] % x.shape[2] == 0:
         x = F.interpolate(x, size=(want[1], want[1]), mode="bilinear", align_corners=False)  # e.g. 16 px DiT samples
     if x.shape[2:] != (want[1], want[1]):
@@ -604,7 +604,7 @@ def judge_outputs(model, images_uint8, data, batch_size=500):
     feats, preds, conf = [], [], []
     for i in range(0, len(x), batch_size):
         f, logits = model(x[i:i + batch_size])
-        feats.append(f.double())
+        feats.append(f.double())                                                  # float64 for the covariance
         preds.append(torch.stack([l.argmax(1) for l in logits], 1))              # (b, heads) judged attributes
         conf.append(torch.stack([l.softmax(1).amax(1) for l in logits], 1))      # (b, heads) top probability
     return torch.cat(feats).numpy(), torch.cat(preds).numpy(), torch.cat(conf).numpy()
@@ -624,7 +624,7 @@ def write_text(path, text):
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (imported late: most commands draw nothing)."""
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")                                                         # no display needed
     import matplotlib.pyplot as plt
     return plt
 
@@ -640,9 +640,9 @@ def markdown_table(rows):
     """rows = [(name, {metric: value})] -> a Markdown table over the union of scalar metrics."""
     keys = []
     for _, m in rows:
-        keys += [k for k, v in m.items() if isinstance(v, (int, float, str)) and k not in keys]
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        keys += [k for k, v in m.items() if isinstance(v, (int, float, str)) and k not in keys]  # first-seen order
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)                # 4 significant digits
+    lines = ["| run | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]  # header and separator rows
     lines += ["| " + name + " | " + " | ".join(fmt(m[k]) if k in m else "" for k in keys) + " |" for name, m in rows]
     return "\n".join(lines) + "\n"
 
@@ -674,11 +674,11 @@ def cmd_fid(cfg):
     smp, ref = load_images(cfg.samples, cfg.max_samples), load_images(cfg.ref, cfg.max_samples)
     check_same_size(smp, ref, "sample", "reference")
     if min(len(smp), len(ref)) <= 2048 and not cfg.allow_low_rank:  # fail before the slow part
-        gaussian_stats(np.zeros((min(len(smp), len(ref)), 2048)), False, "pool_3 features")
+        gaussian_stats(np.zeros((min(len(smp), len(ref)), 2048)), False, "pool_3 features")  # zeros: just the check
     model = FIDInception(cfg.resize).load(cfg.inception).to(device)
     (p_s, s_s), (p_r, s_r) = (inception_features(model, to_rgb(a), cfg.batch_size, device) for a in (smp, ref))
-    low = min(len(smp), len(ref)) <= p_s.shape[1]
-    stats = np.load(cfg.ref) if cfg.ref.endswith(".npz") else {}
+    low = min(len(smp), len(ref)) <= p_s.shape[1]                                 # N <= 2048: singular, flagged
+    stats = np.load(cfg.ref) if cfg.ref.endswith(".npz") else {}                  # an ADM batch may hold mu / sigma
     if "mu" in stats:  # ADM reference batches carry whole-dataset statistics; ADM uses them for FID/sFID
         ref_pool, ref_spatial = (stats["mu"], stats["sigma"]), (stats["mu_s"], stats["sigma_s"])
     else:
@@ -701,9 +701,9 @@ def recombination(pred, sources):
     (shape, colour, background), sources (N, 2, 3). A recombination takes every attribute from
     a or b, is neither a nor b, and is a valid image (colour != background)."""
     a, b = sources[:, 0], sources[:, 1]                                   # (N, 3) each
-    from_sources = ((pred == a) | (pred == b)).all(1)
-    is_a, is_b = (pred == a).all(1), (pred == b).all(1)
-    valid = pred[:, 1] != pred[:, 2]
+    from_sources = ((pred == a) | (pred == b)).all(1)                             # each attribute from a or from b
+    is_a, is_b = (pred == a).all(1), (pred == b).all(1)                           # an exact copy of a source
+    valid = pred[:, 1] != pred[:, 2]                                              # colour != background
     return {"recombination_rate": float((from_sources & ~is_a & ~is_b & valid).mean()),
             "source_copy_rate": float((is_a | is_b).mean())}
 
@@ -714,21 +714,21 @@ def cmd_judge(cfg):
     smp = load_images(cfg.samples, cfg.max_samples)
     given = load_attrs(cfg.target_attrs, "--target_attrs") if cfg.target_attrs else None   # before any work
     ref = load_attrs(cfg.ref_attrs, "--ref_attrs") if cfg.ref_attrs else None
-    model, acc = load_or_train_judge(cfg)
+    model, acc = load_or_train_judge(cfg)                                         # acc: held-out accuracy per head
     f_s, pred, conf = judge_outputs(model, smp, cfg.data)                 # (N, 128), (N, heads), (N, heads)
     x_r = utils.load_embedded(cfg.data)["images"]                         # the image models' training data
     if smp.shape[1] < x_r.shape[-1]:   # low-resolution samples: the real images take the same path
         x_r = F.interpolate(x_r, size=smp.shape[1:3], mode="area")         # (area down, as dit.py trains)
-    f_r = judge_outputs(model, utils.to_uint8(x_r), cfg.data)[0]
+    f_r = judge_outputs(model, utils.to_uint8(x_r), cfg.data)[0]                  # (Nr, 128) real features
     m = {"judge_fid": frechet_distance(*gaussian_stats(f_s, cfg.allow_low_rank, "judge features (sample)"),
                                        *gaussian_stats(f_r, cfg.allow_low_rank, "judge features (real)")),
          "vendi_judge": vendi_score(f_s), "n_samples": len(smp), "low_rank": bool(len(f_s) <= f_s.shape[1]),
          "judge_heldout_acc": float(min(acc)), "resolution": int(smp.shape[1]), "samples": cfg.samples}
-    npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}
+    npz = np.load(cfg.samples) if cfg.samples.endswith(".npz") else {}            # arrays saved with the samples
     if "cfg_scale" in npz:                                   # dit.py sample records its guidance scale
         m["cfg_scale"] = float(npz["cfg_scale"])
     target = given if given is not None else next(
-        (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)
+        (npz[k] for k in ("attrs", "target_attrs", "labels") if k in npz), None)  # else the npz's own targets
     if target is not None:     # the shapes' labels are their shape index
         target = np.asarray(target).reshape(len(target), -1)[:len(pred)]  # (N, 1 or heads)
         if len(target) != len(pred) or target.shape[1] not in (1, pred.shape[1]):
@@ -737,7 +737,7 @@ def cmd_judge(cfg):
         names = ["digit"] if cfg.data == "digits" else ["shape", "colour", "background"]
         hit = pred[:, :target.shape[1]] == target                         # (N, k) attribute kept
         m.update({f"acc_{n}": float(hit[:, j].mean()) for j, n in enumerate(names[:target.shape[1]])})
-        m["acc_all"] = float(hit.all(1).mean())
+        m["acc_all"] = float(hit.all(1).mean())                                   # every given attribute right
     if cfg.data == "shapes":
         triples = utils.shape_combinations() if ref is None else ref.reshape(len(ref), -1).tolist()
         seen = {tuple(a) for a in triples}        # the training split's triples, unless --ref_attrs
@@ -747,7 +747,7 @@ def cmd_judge(cfg):
         m["invalid_rate"] = float(1 - valid.mean())
         # a valid image: colour != background and a shape the judge recognises (top probability >= 0.5)
         m["valid_rate"] = float((valid & (conf[:, 0] >= 0.5)).mean())
-        m["distinct_combinations"] = len({tuple(a) for a in pred.tolist()})
+        m["distinct_combinations"] = len({tuple(a) for a in pred.tolist()})       # invalid triples included
         if "source_attrs" in npz:                                          # compositions of two sources
             m.update(recombination(pred, np.asarray(npz["source_attrs"])[:len(pred)]))
     write_metrics(m, cfg.out, os.path.basename(cfg.samples))
@@ -779,7 +779,7 @@ def cmd_probe(cfg):
             m[f"probe_dlc_{t}"] = onehot_probe_torch(codes, V, y[:len(codes)], cfg.seed, device=device,
                                                      epochs=cfg.probe_epochs)["acc"]
         else:
-            m[f"probe_dlc_{t}"] = linear_probe(onehot, y[:len(codes)], cfg.seed)["acc"]
+            m[f"probe_dlc_{t}"] = linear_probe(onehot, y[:len(codes)], cfg.seed)["acc"]  # dense or CSR
         if os.path.isfile(emb_path):
             m[f"probe_embedding_{t}"] = linear_probe(np.load(emb_path).astype(np.float32), y[:len(codes)], cfg.seed)["acc"]
     write_metrics(m, cfg.out, os.path.basename(os.path.normpath(cfg.dlc)))
@@ -800,7 +800,7 @@ def cmd_novelty(cfg):
     m = {"nn_dist_mean": float(d_s.min(1).mean()), "nn_dist_median": float(np.median(d_s.min(1))),
          "nn_dist_train_to_train_mean": float(d_loo.mean()),
          "copy_rate": float((d_s.min(1) <= np.percentile(d_loo, 1)).mean()), "n_samples": len(smp)}
-    rows = np.random.RandomState(cfg.seed).choice(len(smp), min(8, len(smp)), replace=False)
+    rows = np.random.RandomState(cfg.seed).choice(len(smp), min(8, len(smp)), replace=False)  # figure rows
     fig, axes = pyplot().subplots(len(rows), 6, figsize=(6, len(rows)), squeeze=False)
     for r, i in enumerate(rows):  # column 0: the sample; then its 5 nearest training images
         for c, img in enumerate([smp[i]] + [train[j] for j in nn_idx[i]]):
@@ -829,7 +829,7 @@ def cmd_plot(cfg):
     files, xs = [p for p in cfg.inputs.split(",") if p], [v for v in cfg.x.split(",") if v]
     if not files or len(files) != len(xs):
         utils.fail(f"plot needs --inputs and --x with one value per input ({len(files)} inputs, {len(xs)} x values)")
-    ys = [m.get(cfg.y) for m in read_inputs(files)]
+    ys = [m.get(cfg.y) for m in read_inputs(files)]                               # None where the metric is absent
     if any(not isinstance(v, (int, float)) for v in ys):
         utils.fail(f"some of {cfg.inputs} have no numeric {cfg.y!r}")
     fig, ax = pyplot().subplots(figsize=(4, 3))
@@ -852,11 +852,11 @@ def cmd_plot(cfg):
 def pipeline_claims(m, g):
     """The claims of the paper that the toy pipeline checks: (section, what, paper's number, our
     value from the metrics m and the GMM results g, the bar it must clear); met when value >= bar."""
-    off = lambda n, v: g[str(n)][v]["off_mode"]
+    off = lambda n, v: g[str(n)][v]["off_mode"]  # off-mode fraction of variant v at N = n
     fid = lambda n: m[n]["judge_fid"]
-    comp, avg = m["compose-dlc"], m["compose-embedding"]
-    sizes = sorted(int(n) for n in g if n.isdigit())
-    grows = all(off(a, "uncond") < off(b, "uncond") for a, b in zip(sizes, sizes[1:]))
+    comp, avg = m["compose-dlc"], m["compose-embedding"]                          # DLC mixing, embedding averaging
+    sizes = sorted(int(n) for n in g if n.isdigit())                              # the N keys; g also holds timings
+    grows = all(off(a, "uncond") < off(b, "uncond") for a, b in zip(sizes, sizes[1:]))  # strictly at every N
     return [
         ("Sec. 3", "off-mode fraction, unconditional / oracle index, N = 64", "Fig. 2d: KL grows with N for uncond only",
          off(64, "uncond") / max(off(64, "oracle"), 1e-9), 3.0),
@@ -902,10 +902,10 @@ def cmd_report(cfg):
     if missing:
         utils.fail(f"{out}/eval lacks {', '.join(missing)}; run the whole of pipeline.sh")
     m = {n: json.load(open(os.path.join(out, "eval", n, "metrics.json"))) for n in names}
-    g = json.load(open(cfg.gmm))
+    g = json.load(open(cfg.gmm))                                                  # toy_gmm.py's results.json
     L = [f"# Toy pipeline results ({cfg.seconds} s)", ""] + stage_tables(m, g, names) + sedd_tv_table(out)
     claims = pipeline_claims(m, g)
-    L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",
+    L += ["", f"## Claims: {sum(v >= bar for *_, v, bar in claims)} of {len(claims)} met", "",  # met: v >= bar
           "| paper | claim | paper's number | ours | bar | met |", "|---|---|---|---|---|---|"]
     L += [f"| {sec} | {what} | {paper} | {v:.3f} | >= {bar:g} | {'yes' if v >= bar else 'NO'} |"
           for sec, what, paper, v, bar in claims]
@@ -917,10 +917,10 @@ def cmd_report(cfg):
 
 def stage_tables(m, g, names):
     """Markdown lines of the pipeline's tables 1-5 from the GMM results g and the metrics m."""
-    f3 = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    f3 = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)                 # strings ("-") and ints as they are
     L = ["## 1. Section 3: off-mode samples (> 3 std from every centre) and forward KDE-KL (nats) vs number of modes", "",
          "| modes | off-mode uncond | off-mode oracle | KDE-KL p vs p | KDE-KL uncond | KDE-KL oracle |", "|---" * 6 + "|"]
-    for n in sorted((k for k in g if k.isdigit()), key=int):
+    for n in sorted((k for k in g if k.isdigit()), key=int):                      # numeric order, not string order
         r = g[n]
         L.append(f"| {n} | {100 * r['uncond']['off_mode']:.1f}% | {100 * r['oracle']['off_mode']:.1f}% | "
                  + " | ".join(f3(r[v]["kde_kl"]) for v in ("baseline", "uncond", "oracle")) + " |")
@@ -934,7 +934,7 @@ def stage_tables(m, g, names):
     L += ["", "## 3. Composition (Sec. 5.2): pairs of sources that differ in all 3 attributes", "",
           "| method | recombination rate | copies of a source | Vendi | distinct combos | held-out target produced |", "|---" * 6 + "|"]
     for key, lab in (("dlc", "DLC token mixing"), ("embedding", "embedding averaging")):
-        r, h = m[f"compose-{key}"], m[f"compose-heldout-{key}"]
+        r, h = m[f"compose-{key}"], m[f"compose-heldout-{key}"]                   # h: held-out target pairs
         L.append(f"| {lab} | {r['recombination_rate']:.3f} | {r['source_copy_rate']:.3f} | {r['vendi_judge']:.2f} | "
                  f"{r['distinct_combinations']} | {h['acc_all']:.3f} |")
     L += ["", "## 4. Text -> DLC -> image (Sec. 6): judged attributes equal the prompt's", "",
@@ -953,7 +953,7 @@ def sedd_tv_table(out):
     """Table 6: TV distances of the SEDD samples (with / without remasking) to the encoded codes,
     next to a random subset of the encoded codes (what sampling noise alone gives)."""
     enc = utils.load_dlc_set(os.path.join(out, "dlc"))
-    ref, V = np.asarray(enc["codes"], dtype=np.int64), int(enc["meta"]["V"])
+    ref, V = np.asarray(enc["codes"], dtype=np.int64), int(enc["meta"]["V"])      # encoded codes (N, L)
     L = ["", "## 6. SEDD (Eq. 4): total variation between generated and encoded DLCs (lower is better)", "",
           "| DLCs | n | TV of per-position marginals | TV of position pairs |", "|---|---|---|---|"]
     for n, lab in (("dlc-sedd", "SEDD, remasking (default)"), ("dlc-sedd-eta0", "SEDD, no remasking (eta = 0)")):
@@ -973,8 +973,8 @@ def image_rows_figure(rows, path, title, left=0.22):
         h, w = imgs.shape[1:3]
         strip = np.full((h, len(imgs) * (w + 2) - 2, 3), 255, np.uint8)      # 2 px white gaps
         for k, im in enumerate(imgs):
-            strip[:, k * (w + 2):k * (w + 2) + w] = im
-        ax.imshow(strip, interpolation="nearest")
+            strip[:, k * (w + 2):k * (w + 2) + w] = im                            # image k at x = k (w + 2)
+        ax.imshow(strip, interpolation="nearest")                                 # no smoothing of the pixels
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
@@ -989,7 +989,7 @@ def image_rows_figure(rows, path, title, left=0.22):
 def pipeline_figures(out, k=12):
     """The README's three figures from the pipeline's sample files: samples per conditioning,
     compositions of source pairs, text -> image per prompt."""
-    s = lambda n: np.load(os.path.join(out, "s", f"{n}.npz"))
+    s = lambda n: np.load(os.path.join(out, "s", f"{n}.npz"))                     # one sample file
     image_rows_figure([(s(n)["arr_0"][:k], lab) for n, lab in (
         ("real-16px", "training images"), ("dlc-encoded", "DLC (encoded)"), ("embedding-encoded", "embedding (encoded)"),
         ("dlc-sedd", "DLC (SEDD)"), ("embedding-generated", "embedding (GMM)"), ("label", "label"),
@@ -999,8 +999,8 @@ def pipeline_figures(out, k=12):
     K, rows = len(c["arr_0"]) // len(c["pairs"]), []                       # K samples per source pair
     srcs = dict(zip(map(tuple, real["attrs"].tolist()), real["arr_0"]))     # a real image per attribute triple
     for j in range(min(3, len(c["pairs"]))):
-        a, b = (tuple(v) for v in c["source_attrs"][j * K].tolist())
-        blank = np.full_like(real["arr_0"][0], 255)
+        a, b = (tuple(v) for v in c["source_attrs"][j * K].tolist())              # the pair's source triples
+        blank = np.full_like(real["arr_0"][0], 255)                               # white: no real image of that triple
         rows += [(np.stack([srcs.get(a, blank), srcs.get(b, blank)]), f"pair {j}: sources A, B"),
                  (c["arr_0"][j * K:(j + 1) * K], f"pair {j}: DLC mix"), (e["arr_0"][j * K:(j + 1) * K], "embedding avg")]
     image_rows_figure(rows, os.path.join(out, "pipeline_compose.png"),
@@ -1023,14 +1023,14 @@ def pipeline_figures(out, k=12):
 def cmd_bench(cfg):
     """Images/s of feature extraction: FID-Inception (random weights) at 299 px and the judge."""
     device = torch.device(utils.pick_device(cfg.device))
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = FIDInception(cfg.resize).to(device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # bench only: TF32 matmuls and convs
+    model = FIDInception(cfg.resize).to(device)                                   # random weights: speed only
     bs = cfg.batch_size if device.type == "cuda" else 4
-    imgs = torch.randint(0, 256, (bs, 64, 64, 3), dtype=torch.uint8, device=device)
+    imgs = torch.randint(0, 256, (bs, 64, 64, 3), dtype=torch.uint8, device=device)  # resized to 299 inside
     with torch.no_grad():   # each: one untimed call (the warm-up, FLOPs counted), then `iters` timed
         inc, _ = utils.measure(lambda: model(imgs), device, iters=10 if device.type == "cuda" else 2, warmup=0)
         judge = Judge(3, judge_heads("shapes")).to(device).eval()
-        x = torch.randn(1024, 3, 32, 32, device=device)
+        x = torch.randn(1024, 3, 32, 32, device=device)                           # the shapes judge's input size
         jud, _ = utils.measure(lambda: judge(x), device, iters=5, warmup=0)
     print(f"bench device {device} | inception (64 px -> 299, batch {bs}) {bs / inc:.1f} img/s | "
           f"judge (32 px, batch 1024) {1024 / jud:.0f} img/s | peak memory {utils.peak_memory_mb(device):.0f} MB")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (about 21 minutes on 2 cores)
+#   bash pipeline.sh              # the README's numbers (about 17 minutes on 2 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
 # A plain chain of the scripts' own command lines; each step's files feed the next (--overwrite):
 #   sem -> encode | toy_gmm, sedd -> sample, dit x 4 conditionings -> sample / compose | text2dlc -> sample -> dit
@@ -56,11 +56,11 @@ lane_a() {
   stage "2a. DiT conditioned on the shape label; its samples"
   dit_train label
   $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" "${G[@]}" --out "$OUT/s/label.npz"; judge label
-}
-lane_b() {
-  stage "2b. DLCs of 30000 more images for the linear probe (on 4000 the probe is sample-limited)"
+  stage "2a. DLCs of 30000 more images for the linear probe (on 4000 the probe is sample-limited)"
   $PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NPROBE --out "$OUT/dlc-probe" --continuous --overwrite
   $PY "$D/evaluate.py" probe --dlc "$OUT/dlc-probe" --out "$OUT/eval/probe"
+}
+lane_b() {
   stage "2b. text2dlc (captions -> DLCs); DiT conditioned on the DLC, the continuous embedding, nothing (same size, budget)"
   $PY "$D/text2dlc.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${T2D[@]}"
   dit_train dlc; dit_train embedding; dit_train none
@@ -88,7 +88,7 @@ lane_b() {
     judge text-$split --target_attrs "$OUT/t2d-$split/attrs.npy"
   done
 }
-stage "2. Two lanes: (a) Section 3, SEDD, label DiT; (b) probe, text2dlc, DLC / embedding / unconditional DiTs"
+stage "2. Two lanes: (a) Section 3, SEDD, label DiT, probe; (b) text2dlc, DLC / embedding / unconditional DiTs"
 lanes lane_a lane_b
 
 stage "3. The DLC DiT on SEDD's generated codes (Table 1)"

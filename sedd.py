@@ -53,6 +53,7 @@ class Config:
     size: str = "toy"            # toy | small (12 x 768) | medium (24 x 1024, the paper's) | DxdepthxH
     cond_dim: int = 128          # sigma-embedding width for adaLN (SEDD: 128)
     dropout: float = 0.1         # residual dropout (SEDD: 0.1)
+    gelu: str = "exact"          # exact (erf, the toy: 3x faster on CPUs) | tanh (SEDD, imagenet, the authors)
     eps: float = 1e-3            # log-linear noise: mask probability (1 - eps) t
     lr: float = 1e-3             # AdamW, betas (0.9, 0.999), weight decay 0 (paper / SEDD: 3e-4; docs/LOG.md)
     warmup: int = 100            # linear warm-up steps then constant (paper: 2500)
@@ -83,7 +84,7 @@ def model_dims(size):
 
 
 _PAPER = dict(size="medium", batch_size=512, lr=3e-4, warmup=2500, ema=0.9999, steps=500_000,
-              eval_every=5000, ckpt_every=10000)
+              eval_every=5000, ckpt_every=10000, gelu="tanh")
 PRESETS = {"toy": {},
            # the paper's three DLC shapes, L * V = 131072; main = 512 x 256
            "imagenet512": {**_PAPER, "L": 512, "V": 256},
@@ -104,7 +105,8 @@ class SampleConfig:
     t1: float = 0.55             # remasking window end
     t_end: float = 1e-5          # last grid time, then a final denoising step to t = 0
     cache: bool = True           # reuse the network output when no token changed
-    batch_size: int = 500        # DLCs per forward
+    batch_size: int = 128        # DLCs per batch (on a CPU, 500 codes of 128 tokens per forward cost 1.35x
+                                 # as much per code: their 65 MB activations fall out of every cache)
     seed: int = 0                # per-rank seed
     device: str = "auto"         # auto | cpu | cuda | mps
     given: str = ""              # infilling: DLC set whose row i % N gives sample i its kept tokens
@@ -130,24 +132,25 @@ SAMPLE_PRESETS["imagenet"] = SAMPLE_PRESETS["imagenet-4096-remask"]   # the shor
 def log_linear_noise(t, eps):
     """sigma(t) = -log(1 - (1 - eps) t), dsigma/dt = (1 - eps) / (1 - (1 - eps) t).
     A token survives to time t with probability exp(-sigma) = 1 - (1 - eps) t."""
-    sigma = -torch.log1p(-(1 - eps) * t)
-    dsigma = (1 - eps) / (1 - (1 - eps) * t)
+    sigma = -torch.log1p(-(1 - eps) * t)                                # sigma(t); log1p keeps precision near t = 0
+    dsigma = (1 - eps) / (1 - (1 - eps) * t)                            # sigma'(t): the loss weight and the Euler rate
     return sigma, dsigma
 
 
 def forward_mask(x0, sigma, V, generator=None):
     """x_t ~ q(x_t | x_0): each position becomes the mask V with probability 1 - exp(-sigma)."""
     p = -torch.expm1(-sigma)[:, None]                                   # (B, 1)
-    u = torch.rand(x0.shape, generator=generator, device=x0.device)
-    return torch.where(u < p, torch.full_like(x0, V), x0)
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)     # (B, L) one uniform per token
+    return torch.where(u < p, torch.full_like(x0, V), x0)               # mask with probability p, else keep x0
 
 
 def absorb_log_score(z, x, sigma, V):
     """Absorb parameterisation (SEDD model/transformer.py): log s = z - log(e^sigma - 1) - log V,
     and 0 at the current token. z = log(V p(x0 = y | x_t)) for the ideal network, so a zero
     output means a uniform guess. z: (B, L, V+1) float32; x: (B, L); sigma: (B,)."""
+    # (B, L, V+1); the sigma term broadcasts over (L, V+1)
     log_s = z - torch.log(torch.expm1(sigma))[:, None, None] - math.log(V)
-    return torch.scatter(log_s, -1, x[..., None], 0.0)
+    return torch.scatter(log_s, -1, x[..., None], 0.0)  # log s = 0 (s = 1) at y = x_t: a state's ratio to itself
 
 
 def score_entropy(log_score, x_t, x0, sigma, V):
@@ -160,18 +163,19 @@ def score_entropy(log_score, x_t, x0, sigma, V):
     r = 1.0 / torch.expm1(sigma)[:, None]                               # (B, 1)
     pos = log_score[..., :V].exp().sum(-1)                              # (B, L) sum over y != mask
     neg = r * log_score.gather(-1, x0[..., None]).squeeze(-1)           # (B, L)
-    const = r * (torch.log(r) - 1)
-    return torch.where(x_t == V, pos - neg + const, torch.zeros_like(pos))
+    const = r * (torch.log(r) - 1)                                      # (B, 1) K(r)
+    return torch.where(x_t == V, pos - neg + const, torch.zeros_like(pos))  # (B, L): only masked positions carry loss
 
 
 def sedd_loss(model, x0, V, eps, generator=None):
     """L = E_t dsigma(t) sum_i score_entropy_i, t ~ U(eps, 1) (SEDD losses.py). Returns the
     per-sequence loss (B,) in nats: an upper bound on -log p(x0) (the diffusion ELBO)."""
     B = x0.shape[0]
-    t = eps + (1 - eps) * torch.rand(B, generator=generator, device=x0.device)
+    t = eps + (1 - eps) * torch.rand(B, generator=generator, device=x0.device)  # (B,) t ~ U(eps, 1), one per sequence
     sigma, dsigma = log_linear_noise(t, eps)
-    x_t = forward_mask(x0, sigma, V, generator)
+    x_t = forward_mask(x0, sigma, V, generator)                         # (B, L), masked tokens = V
     log_s = model(x_t, sigma)                                           # (B, L, V+1) float32
+    # weight by sigma'(t), sum over positions: (B, L) -> (B,)
     return (dsigma[:, None] * score_entropy(log_s, x_t, x0, sigma, V)).sum(-1)
 
 
@@ -187,6 +191,7 @@ def rotary(x, base=10000.0):
     L, d = x.shape[-2], x.shape[-1]
     inv = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)   # (d/2,)
     ang = torch.arange(L, device=x.device, dtype=torch.float32)[:, None] * inv             # (L, d/2)
+    # angles in fp32, then cast to x's dtype (bf16 under autocast)
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., :d // 2], x[..., d // 2:]                                             # (B, H, L, d/2)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)                       # (B, H, L, d)
@@ -194,28 +199,32 @@ def rotary(x, base=10000.0):
 
 def timestep_embedding(sigma, dim=256, max_period=10000):
     """Sinusoidal features of sigma (as in DiT / SEDD's TimestepEmbedder). (B,) -> (B, dim)."""
+    # (dim/2,) from 1 down towards 1/max_period
     freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=sigma.device) / (dim // 2))
-    args = sigma.float()[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], -1)
+    args = sigma.float()[:, None] * freqs[None]                         # (B, dim/2); sigma in fp32 even under autocast
+    return torch.cat([torch.cos(args), torch.sin(args)], -1)            # (B, dim)
 
 
 def modulate(x, shift, scale):
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + scale[:, None]) + shift[:, None]  # shift, scale (B, D) broadcast over the L positions
 
 
 class DDiTBlock(nn.Module):
     """x + gate * Attn(modulate(LN(x))), then x + gate * MLP(modulate(LN(x))); the six
     modulation vectors come from the sigma embedding and start at zero (adaLN-Zero). The
-    LayerNorms carry a weight and no bias, as in SEDD; qkv packs (three, heads, head_dim)."""
-    def __init__(self, D, heads, cond_dim, dropout):
+    LayerNorms carry a weight and no bias, as in SEDD; qkv packs (three, heads, head_dim).
+    gelu "tanh" is SEDD's tanh approximation of GELU, "exact" the erf form: they differ by at most
+    5e-4, and torch's erf kernel is about 3x faster on CPUs."""
+    def __init__(self, D, heads, cond_dim, dropout, gelu="tanh"):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.norm1 = nn.LayerNorm(D, bias=False)
-        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)                      # q | k | v packed along the output dim
         self.proj = nn.Linear(D, D, bias=False)
         self.norm2 = nn.LayerNorm(D, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(approximate="tanh"), nn.Linear(4 * D, D))
-        self.ada = nn.Linear(cond_dim, 6 * D)
+        act = nn.GELU(approximate={"tanh": "tanh", "exact": "none"}[gelu])
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), act, nn.Linear(4 * D, D))  # D -> 4D -> D
+        self.ada = nn.Linear(cond_dim, 6 * D)                           # six modulation vectors of width D from c
         nn.init.zeros_(self.ada.weight)                                     # adaLN-Zero: the block starts as identity
         nn.init.zeros_(self.ada.bias)
 
@@ -227,27 +236,31 @@ class DDiTBlock(nn.Module):
         q, k = rotary(q), rotary(k)
         a = utils.attention(q, k, v)                                          # (B, H, L, d), non-causal
         a = a.transpose(1, 2).reshape(B, L, D)                              # (B, L, D)
+        # gated attention residual; g1 (B, D) -> (B, 1, D)
         x = x + g1[:, None] * F.dropout(self.proj(a), self.dropout, self.training)
-        h = self.mlp(modulate(self.norm2(x), sh2, sc2))
-        return x + g2[:, None] * F.dropout(h, self.dropout, self.training)
+        h = self.mlp(modulate(self.norm2(x), sh2, sc2))                 # (B, L, D)
+        return x + g2[:, None] * F.dropout(h, self.dropout, self.training)  # gated MLP residual, (B, L, D)
 
 
 class DDiT(nn.Module):
     """Diffusion transformer over L tokens of V + 1 symbols. forward(x, sigma) -> log-scores
     (B, L, V+1) float32; raw(x, sigma) -> the unscaled output z (what the sampler caches)."""
-    def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1):
+    def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1, gelu="tanh"):
         super().__init__()
+        if gelu not in ("tanh", "exact"):
+            utils.fail(f"unknown --gelu {gelu!r}; use exact or tanh")
         D, depth, heads = model_dims(size)
         self.L, self.V = L, V
         self.embed = nn.Embedding(V + 1, D)                                 # untied from the output
         self.pos = nn.Parameter(torch.empty(L, D))                          # DLC positions carry meaning
         for w in (self.embed.weight, self.pos):  # SEDD's init: U(+-1/sqrt(D)), std 0.018 at D = 1024
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+        # 256 sinusoidal features -> cond_dim
         self.sigma_mlp = nn.Sequential(nn.Linear(256, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
-        self.blocks = nn.ModuleList(DDiTBlock(D, heads, cond_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(DDiTBlock(D, heads, cond_dim, dropout, gelu) for _ in range(depth))
         self.norm = nn.LayerNorm(D, bias=False)
-        self.ada = nn.Linear(cond_dim, 2 * D)
-        self.out = nn.Linear(D, V + 1)
+        self.ada = nn.Linear(cond_dim, 2 * D)                           # final shift and scale
+        self.out = nn.Linear(D, V + 1)  # one output per symbol: the V tokens and the mask
         for m in (self.ada, self.out):  # zero output at init: uniform p(x0 | x_t)
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
@@ -256,12 +269,12 @@ class DDiT(nn.Module):
         c = F.silu(self.sigma_mlp(timestep_embedding(sigma)))               # (B, cond)
         h = self.embed(x) + self.pos                                        # (B, L, D)
         for blk in self.blocks:
-            h = blk(h, c)
-        shift, scale = self.ada(c).chunk(2, -1)
+            h = blk(h, c)                                               # (B, L, D)
+        shift, scale = self.ada(c).chunk(2, -1)                         # 2 x (B, D)
         return self.out(modulate(self.norm(h), shift, scale)).float()       # (B, L, V+1) fp32 island
 
     def forward(self, x, sigma):
-        return absorb_log_score(self.raw(x, sigma), x, sigma, self.V)
+        return absorb_log_score(self.raw(x, sigma), x, sigma, self.V)   # (B, L, V+1) log-scores
 
 
 def bf16_raw(model, device):
@@ -269,7 +282,7 @@ def bf16_raw(model, device):
     CUDA and AMX CPUs; the network output stays float32)."""
     def raw_fn(x, sigma):
         with utils.autocast(device):
-            return model.raw(x, sigma)
+            return model.raw(x, sigma)                                  # bf16 matmuls; raw's .float() returns z in fp32
     return raw_fn
 
 
@@ -280,13 +293,14 @@ def bf16_raw(model, device):
 def sample_categorical(probs, generator=None):
     """Draw from unnormalised probabilities in float64 (exponential race: argmax p / E,
     E ~ Exp(1)). float32 noise would sharpen the draw (a lower effective temperature)."""
+    # float64 uniforms; E = -log1p(-u) ~ Exp(1) below
     u = torch.rand(probs.shape, dtype=torch.float64, generator=generator, device=probs.device)
-    return (probs.double() / -torch.log1p(-u)).argmax(-1)
+    return (probs.double() / -torch.log1p(-u)).argmax(-1)  # P(argmax_y p_y / E_y = y) = p_y / sum(p)
 
 
 def step_rate(sampler, t, s, eps):
     """(sigma(t), r) for a reverse step t -> s, where P(mask -> y) = r s_y (see sample)."""
-    sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)
+    sig_t, dsig_t = log_linear_noise(torch.tensor(t, dtype=torch.float64), eps)  # sigma(t), sigma'(t) in float64
     if sampler == "analytic":  # r = e^(sigma(t) - sigma(s)) - 1
         return sig_t, torch.expm1(sig_t - log_linear_noise(torch.tensor(s, dtype=torch.float64), eps)[0]).item()
     if sampler == "euler":     # r = (t - s) sigma'(t)
@@ -309,11 +323,13 @@ class CachedScores:
         V, n = self.V, len(x)
         need = x.eq(V).any(-1) & (self.stale | (not self.cache))         # rows with masks and a stale z
         if need.any():
-            rows = need.nonzero().squeeze(1)
+            rows = need.nonzero().squeeze(1)                            # indices of the rows to recompute
+            # (rows, L, V+1): fresh z at this step's sigma
             self.z[rows] = self.raw_fn(x[rows], torch.full((len(rows),), float(sigma), device=self.device)).float()
             self.stale[rows] = False
-        self.counts["forwards"] += int(need.sum())
-        self.counts["saved"] += int((x.eq(V).any(-1) & ~need).sum())
+        self.counts["forwards"] += int(need.sum())                      # rows that ran the network
+        self.counts["saved"] += int((x.eq(V).any(-1) & ~need).sum())    # rows with masks served from the cache
+        # (n, L, V) float64 scores s_y; [..., :V] drops the mask column
         return absorb_log_score(self.z.double(), x, sigma.to(self.device).expand(n), V)[..., :V].exp()
 
 
@@ -333,34 +349,36 @@ def sample(raw_fn, n, L, V, steps=128, sampler="analytic", eta=0.0, t0=0.3, t1=0
           given tokens after every step (SEDD's projection, by construction) while the network sees
           them, and the free positions are drawn from p(x_free | x_kept).
     trace(step, t_next, x) is called after every step (tests check q_t). Returns (codes, stats)."""
-    x = torch.full((n, L), V, dtype=torch.long, device=device)
+    x = torch.full((n, L), V, dtype=torch.long, device=device)          # (n, L) all masked at t = 1
     free = torch.ones(L, dtype=torch.bool, device=device)             # positions the sampler draws
     if keep is not None:
         free = ~keep.to(device)
-        x = torch.where(free, x, given.to(device))
-    grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+        x = torch.where(free, x, given.to(device))  # kept positions start (and stay) at the given tokens
+    grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)   # (steps + 1,) times from 1 down to t_end
     log_scores = CachedScores(raw_fn, n, L, V, cache, device)
     for i in range(steps):
         t, s = grid[i].item(), grid[i + 1].item()
-        remask = eta > 0 and t0 < t < t1
+        remask = eta > 0 and t0 < t < t1                                # inside the remasking window
+        # s' = s - eta (1 - t): masks step further to offset the remasked tokens
         s_eff = max(s - eta * (1 - t), 0.0) if remask else s
-        sig_t, rate = step_rate(sampler, t, s_eff, eps)
-        masked = x == V
+        sig_t, rate = step_rate(sampler, t, s_eff, eps)                 # P(mask -> y) = rate * s_y
+        masked = x == V                                                 # (n, L) bool
         x_new = x
         if masked.any():
             move = rate * log_scores(x, sig_t)                                 # (n, L, V)
             stay = (1 - move.sum(-1, keepdim=True)).clamp_min(0)               # (n, L, 1)
             new = sample_categorical(torch.cat([move, stay], -1), generator)   # index V = stay masked
-            x_new = torch.where(masked, new, x)
+            x_new = torch.where(masked, new, x)                         # only masked positions move
         if remask:  # decisions from x_t: tokens unmasked in this very step are kept
             u = torch.rand(x.shape, dtype=torch.float64, generator=generator, device=device)
             x_new = torch.where(~masked & free & (u < eta), torch.full_like(x, V), x_new)
-        log_scores.stale |= (x_new != x).any(-1)
+        log_scores.stale |= (x_new != x).any(-1)                        # rows that changed need a fresh forward
         x = x_new
         if trace is not None:
             trace(i, s, x)
     masked = x == V  # final denoise t_end -> 0: p(x0 | x_t) over the V real tokens
     if masked.any():
+        # (n, L, V) at sigma(t_end); no stay option: every mask is filled
         s_y = log_scores(x, log_linear_noise(torch.tensor(t_end, dtype=torch.float64), eps)[0])
         x = torch.where(masked, sample_categorical(s_y, generator), x)
     return x, log_scores.counts
@@ -371,14 +389,15 @@ def oracle_raw_fn(joint, V):
     z = log(V p(x0_i = y | unmasked tokens of x_t)) (the posterior given the visible tokens).
     Used by the tests; a product of categoricals is the special case of an outer product."""
     L = joint.dim()
+    # (V^L, L): every joint state
     states = torch.cartesian_prod(*[torch.arange(V)] * L).view(-1, L) if L > 1 else torch.arange(V)[:, None]
     w = joint.reshape(-1).double()                                         # (V^L,)
     def raw_fn(x, sigma):
         ok = ((x[:, None, :] == V) | (x[:, None, :] == states[None])).all(-1)   # (B, V^L) consistent
-        post = ok * w[None]
+        post = ok * w[None]  # (B, V^L) unnormalised posterior over consistent states
         post = post / post.sum(-1, keepdim=True)
         marg = torch.stack([post @ F.one_hot(states[:, i], V).double() for i in range(L)], 1)  # (B, L, V)
-        z = torch.log(marg.clamp_min(1e-300)) + math.log(V)
+        z = torch.log(marg.clamp_min(1e-300)) + math.log(V)  # z = log(V p): absorb_log_score subtracts log V again
         return torch.cat([z, torch.zeros_like(z[..., :1])], -1).float()    # (B, L, V+1)
     return raw_fn
 
@@ -393,9 +412,9 @@ def heldout_loss(model, codes, V, eps, device, batch=256, seed=1234):
     g = torch.Generator(device=device).manual_seed(seed)
     total = 0.0
     for i in range(0, len(codes), batch):
-        x0 = torch.as_tensor(codes[i:i + batch], device=device)
-        total += sedd_loss(model, x0, V, eps, generator=g).sum().item()
-    return total / codes.size
+        x0 = torch.as_tensor(codes[i:i + batch], device=device)         # (b, L)
+        total += sedd_loss(model, x0, V, eps, generator=g).sum().item()  # summed nats of the b sequences
+    return total / codes.size                                           # per token: codes.size = N * L
 
 
 _perm_cache = {}   # {(seed, epoch, N): that epoch's permutation}: one epoch at a time
@@ -405,11 +424,12 @@ def batch_indices(step, rank, world, B, N, seed):
     """Rows for (step, rank): epoch-wise permutations read in order, each rank taking its own
     slice (what DistributedSampler does), and a pure function of step so --resume is exact."""
     pos = (step * world + rank) * B + np.arange(B)                     # global sample counter
-    epoch, k = pos // N, pos % N
+    epoch, k = pos // N, pos % N                                        # (B,) epoch and position inside it
     out = np.empty(B, dtype=np.int64)
     for e in np.unique(epoch):
         if (seed, e, N) not in _perm_cache:
-            _perm_cache.clear()
+            _perm_cache.clear()                                         # hold one permutation at a time
+            # depends on (seed, epoch) only: the same on every rank
             _perm_cache[(seed, e, N)] = np.random.RandomState(seed * 7919 + int(e)).permutation(N)
         out[epoch == e] = _perm_cache[(seed, e, N)][k[epoch == e]]
     return out
@@ -424,9 +444,11 @@ def build_for_training(cfg, run_dir, d):
     if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (cfg.L, cfg.V):
         utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
                    f"but {cfg.dlc} has L={cfg.L} V={cfg.V}; use a matching DLC set or a new --run")
+    if ck is not None and ck["config"].get("gelu", "tanh") != cfg.gelu:                 # absent: tanh (older runs)
+        utils.fail(f"checkpoint {ck_path} was trained with --gelu {ck['config'].get('gelu', 'tanh')}; resume with it")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
-    ema = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device).eval().requires_grad_(False)
+    model = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout, cfg.gelu).to(d.device)
+    ema = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout, cfg.gelu).to(d.device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())  # EMA starts as a copy and stays in eval mode
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0,
                             fused=d.device.type == "cuda")
@@ -445,7 +467,7 @@ def save_state(run_dir, step, model, ema, opt, cfg, meta, d):
                                "versions": {"torch": torch.__version__}},
                               os.path.join(run_dir, "checkpoints", f"ckpt_{step:07d}.pt"))
     if d.world > 1:
-        dist.barrier()
+        dist.barrier()                                                  # the other ranks wait for the file
 
 
 def load_codes(cfg):
@@ -459,16 +481,16 @@ def load_codes(cfg):
     codes, meta = np.asarray(s["codes"], dtype=np.int64), s["meta"]
     cfg = dataclasses.replace(cfg, L=int(meta["L"]), V=int(meta["V"]))
     n_hold = int(len(codes) * cfg.holdout) if len(codes) >= 20 else 0
-    return cfg, codes[:len(codes) - n_hold], codes[len(codes) - n_hold:], meta
+    return cfg, codes[:len(codes) - n_hold], codes[len(codes) - n_hold:], meta  # train rows first, held-out rows last
 
 
 def log_step(log, step, loss, gnorm, lr, t_start, cfg, d, finite):
     """The step line: loss in nats per token and grad norm, averaged over ranks (all-reduce only
     to log); the NaN check rides on the sync that the line needs anyway."""
-    stat = torch.stack([loss.detach() / cfg.L, gnorm.detach()])
+    stat = torch.stack([loss.detach() / cfg.L, gnorm.detach()])         # (2,) loss per token, grad norm
     if d.world > 1:
         dist.all_reduce(stat)
-        stat /= d.world
+        stat /= d.world                                                 # mean over ranks
     utils.sync(d.device)
     finite.check()
     ms = (time.perf_counter() - t_start) * 1000
@@ -503,14 +525,15 @@ def train(cfg):
             loss = sedd_loss(net, x0, cfg.V, cfg.eps).mean()               # per sequence, as in SEDD
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # the norm before clipping (logged)
         opt.step()
-        utils.ema_update(ema, model, cfg.ema)
+        utils.ema_update(ema, model, cfg.ema)  # ema <- decay * ema + (1 - decay) * model, after every step
         finite.step(loss, step + 1)
         log_step(log, step, loss, gnorm, lr, t_start, cfg, d, finite)
         last = step + 1 == cfg.steps
         if len(held) and d.main and ((step + 1) % cfg.eval_every == 0 or last):
             with utils.autocast(d.device):
+                # rank 0 evaluates the EMA weights
                 log(f"held-out loss (EMA) {heldout_loss(ema, held, cfg.V, cfg.eps, d.device):.4f} nats/token")
         if (step + 1) % cfg.ckpt_every == 0 or last:
             finite.check(model.parameters())                               # never save a NaN model
@@ -528,8 +551,8 @@ def parse_positions(spec, L):
     keep = torch.zeros(L, dtype=torch.bool)
     try:
         for part in spec.split(","):
-            a, _, b = part.strip().partition("-")
-            a, b = int(a), int(b or a)
+            a, _, b = part.strip().partition("-")                       # "a-b" or a single "a"
+            a, b = int(a), int(b or a)                                  # no "-b": the range a..a
             if not 0 <= a <= b < L:
                 raise ValueError
             keep[a:b + 1] = True
@@ -551,7 +574,8 @@ def gather_rows(codes, ids, fw, saved, world):
     """Every rank's sampled rows on every rank (small: N x L uint16), back in row order, and the
     summed forward counts."""
     parts = [None] * world
-    dist.all_gather_object(parts, (codes.astype(np.uint16), ids, fw, saved))
+    dist.all_gather_object(parts, (codes.astype(np.uint16), ids, fw, saved))  # uint16 codes: a quarter of int64's bytes
+    # rank r sampled rows r, r + world, ...: back to 0..n-1
     order = np.argsort(np.concatenate([p[1] for p in parts]), kind="stable")
     return (np.concatenate([p[0] for p in parts])[order], sum(p[2] for p in parts), sum(p[3] for p in parts))
 
@@ -581,6 +605,7 @@ def write_samples(sc, ck, path, codes, gset, keep, fw, saved, secs):
         n_given = len(gset["codes"])
         meta["infill"] = {"given": sc.given, "keep": sc.keep, "kept_positions": keep.nonzero().squeeze(1).tolist(),
                           "rows": "row j of codes.npy keeps the tokens of row j % N of the given set"}
+        # the given row's label for each sample
         labels = gset["labels"][np.arange(sc.n) % n_given] if "labels" in gset else None
     if cfg["dlc"] and os.path.isfile(os.path.join(cfg["dlc"], "codes.npy")):  # distance to the training codes
         ref = np.asarray(utils.load_dlc_set(cfg["dlc"])["codes"], dtype=np.int64)
@@ -601,15 +626,18 @@ def sample_main(sc):
     cfg = ck["config"]
     gset, given, keep = load_given(sc, cfg) if sc.given else (None, None, None)
     d = utils.setup_dist(sc.device)
-    model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"]).to(d.device).eval()
+    model = DDiT(cfg["L"], cfg["V"], cfg["size"], cfg["cond_dim"], cfg["dropout"],
+                 cfg.get("gelu", "tanh")).to(d.device).eval()                # absent: tanh (older checkpoints)
     utils.load_weights(model, ck["ema"], path)  # samplers use the EMA weights
     utils.check_sampling_weights(model.state_dict(), path)
+    # per-rank seed: ranks draw different codes
     g = torch.Generator(device=d.device).manual_seed(sc.seed * d.world + d.rank)
     raw_fn = bf16_raw(model, d.device)
     ids = np.arange(d.rank, sc.n, d.world)                                 # this rank's share of the rows
     out, fw, saved, start = [], 0, 0, time.perf_counter()
     for b in tqdm(range(0, len(ids), sc.batch_size), disable=not d.main, desc="sampling"):
-        rows = ids[b:b + sc.batch_size]
+        rows = ids[b:b + sc.batch_size]                                 # global row ids of this batch
+        # sample j keeps the tokens of given row j % N
         kept = dict(given=torch.as_tensor(given[rows % len(given)]), keep=keep) if sc.given else {}
         x, st = sample(raw_fn, len(rows), cfg["L"], cfg["V"], steps=sc.steps, sampler=sc.sampler, eta=sc.eta,
                        t0=sc.t0, t1=sc.t1, eps=cfg["eps"], t_end=sc.t_end, cache=sc.cache, generator=g,
@@ -666,7 +694,7 @@ def authors_names(depth):
 def our_name(name):
     """blocks.3.attn_qkv.weight -> blocks.3.qkv.weight, output_layer.linear.bias -> out.bias, ..."""
     if name.startswith("blocks."):
-        b, rest = name[len("blocks."):].split(".", 1)
+        b, rest = name[len("blocks."):].split(".", 1)                   # "3", "attn_qkv.weight"
         old = next(k for k in _BLOCK if rest.startswith(k))
         return f"blocks.{b}.{_BLOCK[old]}{rest[len(old):]}"
     old = next(k for k in _TOP if name.startswith(k))
@@ -715,7 +743,7 @@ def read_run_folder(path, checkpoint):
     if len(shadow) != len(names) or any(tuple(t.shape) != tuple(sd[n].shape) for n, t in zip(names, shadow)):
         utils.fail(f"{ck_path}: ema.shadow_params ({len(shadow)} tensors) do not line up with the model's "
                    f"{len(names)} parameters in SEDD's parameters() order")
-    sd = {**sd, **dict(zip(names, shadow))}
+    sd = {**sd, **dict(zip(names, shadow))}  # the EMA's tensors replace the raw weights, name by name
     return sd, config, f"SEDD run folder, step {ck.get('step')}, EMA weights"
 
 
@@ -743,12 +771,14 @@ def read_hf_folder(path):
 def strip_prefixes(sd):
     """Drop a wrapper prefix that every key shares (DDP's module., torch.compile's _orig_mod., ...)."""
     sd = dict(sd)
+    # repeat: wrappers nest (module._orig_mod. ...)
     while sd and (p := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
         sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
 
 
 def count_blocks(sd):
+    # distinct b of the blocks.b.* keys
     return len({k.split(".")[1] for k in sd if k.startswith("blocks.") and k.count(".") > 1})
 
 
@@ -814,16 +844,19 @@ def convert_main(c):
     sd, config, what = read_authors(c.authors, c.checkpoint)
     L, V, D, depth, cond_dim, H = authors_dims(sd, config, c)
     check_convertible(sd, config, D, H, c.authors)
+    # a named size when the dims match one, else DxdepthxH
     size = next((n for n, dims in SIZES.items() if dims == (D, depth, H)), f"{D}x{depth}x{H}")
     dropout = float(find_key(config, ("dropout",)) or 0.1)
     model = DDiT(L, V, size, cond_dim, dropout)
+    # ours: their weights renamed; want: our fresh DDiT's state dict
     ours, want = {our_name(n): sd[n] for n in authors_names(depth)}, model.state_dict()
     bad = [f"{k} {tuple(t.shape)} vs ours {tuple(want[k].shape)}" for k, t in ours.items() if t.shape != want[k].shape]
     if bad:
         utils.fail(f"{c.authors}: shapes differ from a DDiT of L={L} V={V} D={D} depth={depth} heads={H}: "
                    + "; ".join(bad[:3]))
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)   # every weight of ours is set
-    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V, size=size, cond_dim=cond_dim, dropout=dropout)
+    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V, size=size, cond_dim=cond_dim, dropout=dropout,
+                              gelu="tanh")
     state = model.state_dict()  # model and ema: the same tensors, which torch.save stores once
     utils.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(cfg),
                            "dlc_meta": {}, "converted_from": {"path": os.path.abspath(c.authors), "what": what},
@@ -841,10 +874,10 @@ def bench(cfg):
     """Training tokens/s, ms/step, peak memory and MFU at cfg's size, then sampling DLCs/s."""
     d = utils.setup_dist(cfg.device)
     L, V = cfg.L or 16, cfg.V or 32
-    model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout).to(d.device)
+    model = DDiT(L, V, cfg.size, cfg.cond_dim, cfg.dropout, cfg.gelu).to(d.device)
     net = torch.compile(model) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=d.device.type == "cuda")
-    x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)
+    x0 = torch.randint(V, (cfg.batch_size, L), device=d.device)         # (B, L) random codes: throughput only
 
     def it(net=net):  # one training step
         with utils.autocast(d.device):
@@ -855,6 +888,7 @@ def bench(cfg):
     it()                                                                   # warm-up (and compilation)
     secs, flops = utils.measure(it, d.device, cfg.bench_iters, count=lambda: it(model))
     tok_s = cfg.batch_size * L / secs
+    # peak FLOP/s in the dtype the training matmuls use
     peak = utils.matmul_peak_flops(d.device, torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32)
     print(f"train: size={cfg.size} L={L} V={V} batch={cfg.batch_size} | {tok_s:,.0f} tokens/s | "
           f"{secs * 1000:.1f} ms/step | peak mem {utils.peak_memory_mb(d.device):,.0f} MB | "
@@ -862,10 +896,11 @@ def bench(cfg):
     model.eval()
     utils.sync(d.device)
     t = time.perf_counter()
+    # bf16 forwards, as sample_main runs the sampler
     _, st = sample(bf16_raw(model, d.device), cfg.bench_n, L, V, cfg.bench_steps, device=d.device)
     utils.sync(d.device)
     secs = time.perf_counter() - t
-    fw = st["forwards"] / cfg.bench_n
+    fw = st["forwards"] / cfg.bench_n  # network row-forwards per DLC (caching skips some)
     print(f"sample: {cfg.bench_n} DLCs, {cfg.bench_steps} steps | {cfg.bench_n / secs:.2f} DLCs/s | forwards per "
           f"DLC {fw:.1f} ({fw / (cfg.bench_steps + 1):.2f} per step) [untrained weights]", flush=True)
 
@@ -895,10 +930,12 @@ def synth(c):
     codes = np.empty((c.n, c.L), dtype=np.int64)
     for i in range(c.L):
         look = rng.choice(3, size=1 + i % 2, replace=False)                # attributes seen by position i
+        # (N,) flat index of the attributes position i looks at
         key = np.ravel_multi_index(tuple(attrs[:, j] for j in look), tuple(sizes[j] for j in look))
+        # a random token for each attribute combination
         table = rng.randint(c.V, size=int(np.prod([sizes[j] for j in look])))
-        codes[:, i] = table[key]
-    noisy = rng.rand(c.n, c.L) < c.noise
+        codes[:, i] = table[key]                                        # (N,) token i as a function of the attributes
+    noisy = rng.rand(c.n, c.L) < c.noise                                # (N, L) bool: tokens replaced by uniform noise
     codes[noisy] = rng.randint(c.V, size=noisy.sum())
     utils.save_dlc_set(c.out, codes, {"L": c.L, "V": c.V, "tau": None, "checkpoint": None,
                                       "command": " ".join(["sedd.py"] + sys.argv[1:]), "synthetic": True,

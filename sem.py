@@ -54,7 +54,7 @@ class ViTConfig:
     V: int = 16                   # SEM vocabulary per group (paper: 256)
     tau: float = 1.0              # SEM softmax temperature while training (paper: 1.0)
     size: int = 32                # global crop / encoding resolution (paper: 224)
-    POSITIVE = ("size", "patch", "L", "V")
+    POSITIVE = ("size", "patch", "L", "V")  # fields the parser requires to be > 0
 
 
 @dataclass
@@ -168,19 +168,20 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
+        # one fused D -> 3D projection for q, k, v
         self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d)
         x = utils.attention(q, k, v)                                          # fused (flash / mem-efficient on GPU)
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # (B, h, T, d) -> (B, T, h*d) = (B, T, D)
 
 
 class Mlp(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)  # DINOv2 ViT-S/B/L FFN: hidden width 4D
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
@@ -190,12 +191,12 @@ class SwiGLU(nn.Module):
     """ViT-g's FFN: keys mlp.w12 (D -> 2H) and mlp.w3 (H -> D), H = 2/3 * 4D rounded up to 8."""
     def __init__(self, dim):
         super().__init__()
-        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8
+        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8  # 2/3 of 4D, rounded up to a multiple of 8 (ViT-g: 4096)
         self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        a, b = self.w12(x).chunk(2, dim=-1)  # (B, T, 2H) -> gate a, value b, each (B, T, H)
+        return self.w3(F.silu(a) * b)  # SwiGLU: W3 (silu(a) * b)
 
 
 class LayerScale(nn.Module):
@@ -204,7 +205,7 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), init))  # key: ls1.gamma / ls2.gamma
 
     def forward(self, x):
-        return x * self.gamma
+        return x * self.gamma  # per-channel residual scale; a small init keeps a new block near identity
 
 
 class Block(nn.Module):
@@ -219,25 +220,25 @@ class Block(nn.Module):
         """x + f(x), with stochastic depth: drop f for whole samples while training."""
         y = f(x)
         if self.training and self.drop_path > 0:
-            keep = torch.rand(len(x), 1, 1, device=x.device) >= self.drop_path
-            y = y * keep / (1 - self.drop_path)
+            keep = torch.rand(len(x), 1, 1, device=x.device) >= self.drop_path  # (B, 1, 1): one draw per sample
+            y = y * keep / (1 - self.drop_path)  # rescale the kept samples so that E[y] is unchanged
         return x + y
 
     def forward(self, x):
-        x = self.residual(x, lambda t: self.ls1(self.attn(self.norm1(t))))
-        return self.residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))))
+        x = self.residual(x, lambda t: self.ls1(self.attn(self.norm1(t))))  # pre-norm: x + ls1(attn(norm1(x)))
+        return self.residual(x, lambda t: self.ls2(self.mlp(self.norm2(t))))  # then x + ls2(mlp(norm2(x)))
 
 
 def interpolate_pos_embed(pos, grid):
     """Bicubic resize of the stored (1, 1 + M*M, D) pos-embed to (1, 1 + grid*grid, D);
     the CLS position is kept; identity when grid == M (DINOv2 interpolate_pos_encoding)."""
-    M = math.isqrt(pos.shape[1] - 1)
+    M = math.isqrt(pos.shape[1] - 1)  # side of the stored grid (DINOv2: 37)
     if grid == M:
         return pos
     patch = pos[:, 1:].float().reshape(1, M, M, -1).permute(0, 3, 1, 2)      # (1, D, M, M)
-    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)
+    patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True)  # (1, D, g, g)
     patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)  # (1, g*g, D)
-    return torch.cat([pos[:, :1], patch], dim=1)
+    return torch.cat([pos[:, :1], patch], dim=1)  # (1, 1 + g*g, D), CLS position first
 
 
 class SEMViT(nn.Module):
@@ -251,20 +252,20 @@ class SEMViT(nn.Module):
         D, depth, heads, ffn = ARCHS[cfg.arch]
         self.cfg, self.embed_dim, self.patch = cfg, D, cfg.patch
         self.patch_embed = PatchEmbed(cfg.patch, D)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 1e-6)
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.pos_grid ** 2, D) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, D) * 1e-6)  # (1, 1, D) learned CLS token
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + cfg.pos_grid ** 2, D) * 0.02)  # (1, 1 + G*G, D), G = pos_grid
         if cfg.registers:  # reg4 checkpoints only; the no-register ones have no such key
-            self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)
-        self.mask_token = nn.Parameter(torch.zeros(1, D))
+            self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)  # (1, R, D)
+        self.mask_token = nn.Parameter(torch.zeros(1, D))  # (1, D): stands in for masked patches (iBOT)
         # drop-path rates 0 -> drop_path over the blocks, DINOv2's float32 values; on the CPU even under
         # `with torch.device("meta")` (convert), since .tolist() needs real values
         dpr = torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(D, heads, ffn, p, cfg.ls_init) for p in dpr)
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.norm = nn.LayerNorm(D, eps=1e-6)  # final norm: patch tokens, backbone CLS and the SEM output
         LV = cfg.L * cfg.V
-        self.sem_embed = nn.Linear(D * (1 + cfg.registers), LV, bias=False)
-        self.sem_norm = nn.LayerNorm(LV, eps=1e-6)
-        self.sem_out = nn.Linear(LV, D, bias=False)
+        self.sem_embed = nn.Linear(D * (1 + cfg.registers), LV, bias=False)  # (1+R)*D -> L*V logits
+        self.sem_norm = nn.LayerNorm(LV, eps=1e-6)  # one LayerNorm over all L*V logits, before the per-group softmax
+        self.sem_out = nn.Linear(LV, D, bias=False)  # L*V -> D: the soft code back to the CLS width
         for m in self.modules():  # timm / DINOv2 init: trunc-normal 0.02 linears, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -279,26 +280,27 @@ class SEMViT(nn.Module):
         return p, self.sem_out(p.flatten(1).to(z.dtype))           # (B, L, V), (B, D)
 
     def forward(self, x, masks=None, tau=None):
-        B, _, H, W = x.shape
+        B, _, H, W = x.shape  # H = W: a square crop, global (S) or local (s)
         t = self.patch_embed(x)                                    # (B, N, D)
         if masks is not None:  # iBOT: masked patches become the learned mask token
-            t = torch.where(masks[..., None], self.mask_token.to(t.dtype), t)
+            t = torch.where(masks[..., None], self.mask_token.to(t.dtype), t)  # masks (B, N) -> (B, N, 1) over D
         t = torch.cat([self.cls_token.expand(B, -1, -1), t], 1)    # (B, 1+N, D)
-        t = t + interpolate_pos_embed(self.pos_embed, H // self.patch)
+        t = t + interpolate_pos_embed(self.pos_embed, H // self.patch)  # pos-embed resized to this crop's (H/p)^2 grid
         R = self.cfg.registers
         if R:  # registers go after CLS and get no position (DINOv2 reg models)
             t = torch.cat([t[:, :1], self.register_tokens.expand(B, -1, -1), t[:, 1:]], 1)  # (B, 1+R+N, D)
         for blk in self.blocks:  # activation checkpointing recomputes each block in backward
             ckpt = self.cfg.grad_ckpt and self.training and torch.is_grad_enabled()
             t = torch.utils.checkpoint.checkpoint(blk, t, use_reentrant=False) if ckpt else blk(t)
-        normed = self.norm(t)
+        normed = self.norm(t)  # (B, 1+R+N, D)
+        # the SEM reads the pre-norm CLS + registers t[:, :1+R], (B, 1+R, D)
         probs, cls = self.sem(t[:, :1 + R], self.cfg.tau if tau is None else tau)
-        return {"cls": self.norm(cls), "probs": probs, "patch": normed[:, 1 + R:],
-                "backbone_cls": normed[:, 0]}
+        return {"cls": self.norm(cls), "probs": probs, "patch": normed[:, 1 + R:],  # cls = norm(sem_out(p)): DINO input
+                "backbone_cls": normed[:, 0]}  # (B, D) plain DINOv2 CLS (--continuous)
 
 
 def is_sem_key(k):
-    return k.startswith("sem_")
+    return k.startswith("sem_")  # sem_embed / sem_norm / sem_out: absent from official DINOv2 files
 
 
 def load_official(model, path):
@@ -307,11 +309,13 @@ def load_official(model, path):
     if not os.path.isfile(path):
         utils.fail(f"--init file {path} does not exist; download e.g. dinov2_vitl14_reg4_pretrain.pth")
     sd = utils.load_checkpoint(path)
+    # a training checkpoint's teacher / model, or a bare state dict
     sd = sd.get("teacher", sd.get("model", sd)) if isinstance(sd, dict) else sd
     if not isinstance(sd, dict):
         utils.fail(f"{path} holds a {type(sd).__name__}, not a DINOv2 state dict or a sem.py checkpoint")
+    # training checkpoints prefix the ViT keys with backbone.
     sd = {k.removeprefix("backbone."): v for k, v in sd.items()}
-    ours = {k: v for k, v in model.state_dict().items() if not is_sem_key(k)}
+    ours = {k: v for k, v in model.state_dict().items() if not is_sem_key(k)}  # the SEM head is ours alone
     missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
     bad = [k for k in set(ours) & set(sd) if tuple(ours[k].shape) != tuple(sd[k].shape)]
     if missing or unexpected or bad:
@@ -334,7 +338,7 @@ class DINOHead(nn.Module):
         self.last_layer = nn.Linear(bottleneck, K, bias=False)
 
     def forward(self, x):
-        x = F.normalize(self.mlp(x), dim=-1)
+        x = F.normalize(self.mlp(x), dim=-1)  # (B, bottleneck), unit L2 norm
         return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))  # weight norm, g fixed to 1
 
 
@@ -346,7 +350,7 @@ def teacher_probs(logits, center, temp):
 @torch.no_grad()
 def update_center(center, logits, m):
     """c <- m c + (1 - m) mean_batch(t), the batch mean all-reduced over ranks."""
-    mean = logits.mean(0, keepdim=True)
+    mean = logits.mean(0, keepdim=True)  # (1, K) mean teacher logit of this rank
     if dist.is_initialized():
         dist.all_reduce(mean)
         mean /= dist.get_world_size()
@@ -369,8 +373,8 @@ def sinkhorn_probs(logits, temp, iters=3):
     # the head's logits are cosines (|t| <= 1), so exp(t / tau_t) stays finite in fp32 for tau_t > 0.012;
     # a rank with no masked patch (B = 0 here) still joins every all_reduce
     q = torch.exp(logits.float() / temp).t()                              # (K, B)
-    K, B = q.shape[0], reduce(torch.tensor(float(q.shape[1]), device=q.device))
-    q /= reduce(q.sum())
+    K, B = q.shape[0], reduce(torch.tensor(float(q.shape[1]), device=q.device))  # B: global sample count (a tensor)
+    q /= reduce(q.sum())  # total mass 1
     for _ in range(iters):
         q /= reduce(q.sum(1, keepdim=True)) * K                            # rows: 1/K each
         q /= q.sum(0, keepdim=True) * B                                    # columns: 1/B each
@@ -383,12 +387,12 @@ def dino_loss(student_logits, teacher_p, temp):
     student_logits: list of (B, K) per crop (globals first); teacher_p: list of (B, K)."""
     total, pairs = 0.0, 0
     for j, s in enumerate(student_logits):
-        logp = F.log_softmax(s.float() / temp, dim=-1)
-        for i, t in enumerate(teacher_p):
+        logp = F.log_softmax(s.float() / temp, dim=-1)  # (B, K) student log-probs at tau_s, fp32
+        for i, t in enumerate(teacher_p):  # teacher: the 2 global crops only
             if i != j:
-                total = total + (-(t * logp).sum(-1)).mean()
+                total = total + (-(t * logp).sum(-1)).mean()  # cross-entropy H(p_t, p_s); t is a constant target
                 pairs += 1
-    return total / pairs
+    return total / pairs  # pairs = 2 (2 + n_local) - 2: a global view skips itself
 
 
 def ibot_loss(student_logits, teacher_p, masks, temp):
@@ -397,15 +401,15 @@ def ibot_loss(student_logits, teacher_p, masks, temp):
     student_logits, teacher_p: (M, K) for the M masked patches; masks: (G, N) bool."""
     per_patch = -(teacher_p * F.log_softmax(student_logits.float() / temp, dim=-1)).sum(-1)  # (M,)
     w = (1 / masks.sum(1).clamp(min=1.0))[:, None].expand_as(masks)[masks]                   # (M,)
-    return (per_patch * w).sum() / len(masks)
+    return (per_patch * w).sum() / len(masks)  # each masked image weighs 1; / G crops
 
 
 def koleo_loss(x, eps=1e-8):
     """KoLeo (Sablayrolles et al. 2019): -mean_i log(min_{j != i} ||x_i - x_j||) on L2-normalised x."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    d = torch.cdist(x, x)
+    x = F.normalize(x.float(), dim=-1, eps=eps)  # (B, D) on the unit sphere, fp32
+    d = torch.cdist(x, x)  # (B, B) pairwise distances
     d = d + torch.eye(len(x), device=x.device) * 1e9                       # exclude i == j
-    return -torch.log(d.min(dim=1).values + eps).mean()
+    return -torch.log(d.min(dim=1).values + eps).mean()  # -mean log(NN distance): spreads the batch out
 
 
 #################################################################################
@@ -433,11 +437,12 @@ class Images:
         if not os.path.isdir(cfg.data):
             utils.fail(f"--data {cfg.data!r} is neither digits/shapes nor a folder of images")
         self.root = cfg.data
+        # sorted: the same image order on every rank and run
         self.files = sorted(os.path.join(r, f) for r, _, fs in os.walk(cfg.data) for f in fs if f.endswith(IMG_EXT))
         if not self.files:
             utils.fail(f"no images ({', '.join(IMG_EXT[:5])}) found under {cfg.data}; check --data")
         self.n, self.tensors = len(self.files), None
-        self.index = [os.path.relpath(f, cfg.data) for f in self.files]
+        self.index = [os.path.relpath(f, cfg.data) for f in self.files]  # relative paths: the DLC set's index.txt
         txt = [os.path.splitext(f)[0] + ".txt" for f in self.files]
         if all(os.path.isfile(t) for t in txt):  # img2dataset: 000001.jpg + 000001.txt caption
             self.captions = [open(t).read().strip() for t in txt]
@@ -455,7 +460,7 @@ class Images:
         from PIL import Image
         try:
             with Image.open(self.files[i]) as im:
-                return im.convert("RGB")
+                return im.convert("RGB")  # grey / RGBA / palette -> 3 channels
         except Exception as e:
             utils.fail(f"cannot read image {self.files[i]} ({type(e).__name__}); remove or replace it")
 
@@ -465,13 +470,14 @@ def adm_center_crop(img, size):
     side is `size`, then crop the centre. Tensors already at `size` pass through."""
     from torchvision.transforms.v2 import functional as TF
     if torch.is_tensor(img):
+        # embedded (3, H, W) tensor: resize + crop only if not at size
         return TF.center_crop(TF.resize(img, size, antialias=True), size) if img.shape[-1] != size else img
     from PIL import Image
     while min(img.size) >= 2 * size:
         img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
     s = size / min(img.size)
     img = img.resize(tuple(round(x * s) for x in img.size), resample=Image.BICUBIC)
-    return TF.center_crop(TF.to_dtype(TF.to_image(img), torch.float32, scale=True), size)
+    return TF.center_crop(TF.to_dtype(TF.to_image(img), torch.float32, scale=True), size)  # (3, size, size) in [0, 1]
 
 
 def make_augment(cfg, out, scale, solarize_p=0.0):
@@ -481,7 +487,7 @@ def make_augment(cfg, out, scale, solarize_p=0.0):
     sets grayscale_p = 0. DINOv2's small hue jitter (0.1) stays: the five colours remain apart
     and the exact colour values stop being a shortcut."""
     from torchvision.transforms import v2
-    jitter = v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter / 2, cfg.hue)
+    jitter = v2.ColorJitter(cfg.jitter, cfg.jitter, cfg.jitter / 2, cfg.hue)  # brightness, contrast, saturation, hue
     ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
            v2.RandomResizedCrop(out, scale=scale, antialias=True), v2.RandomHorizontalFlip(),
            v2.RandomApply([jitter], p=0.8), v2.RandomGrayscale(cfg.grayscale_p),
@@ -497,24 +503,26 @@ class MultiCropSteps(torch.utils.data.Dataset):
     DistributedSampler + set_epoch: each epoch is a seeded permutation sharded over ranks)."""
     def __init__(self, images, cfg, rank, world):
         self.images, self.cfg, self.rank, self.world = images, cfg, rank, world
-        self.g1 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0))
-        self.g2 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0), cfg.solarize_p)
-        self.loc = make_augment(cfg, cfg.local_size, (cfg.local_scale, cfg.global_scale))
-        self.per_epoch = max(1, len(images) // (cfg.batch_size * world))
+        self.g1 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0))  # global view 1: never solarised
+        self.g2 = make_augment(cfg, cfg.size, (cfg.global_scale, 1.0), cfg.solarize_p)  # view 2: solarised (solarize_p)
+        self.loc = make_augment(cfg, cfg.local_size, (cfg.local_scale, cfg.global_scale))  # local: area <= global_scale
+        self.per_epoch = max(1, len(images) // (cfg.batch_size * world))  # steps per epoch; the remainder is dropped
 
     def __len__(self):
         return self.cfg.steps
 
     def __getitem__(self, step):
         cfg, B = self.cfg, self.cfg.batch_size
-        epoch, k = divmod(step, self.per_epoch)
+        epoch, k = divmod(step, self.per_epoch)  # k: the batch within the epoch
+        # epoch-seeded: the same permutation on every rank
         perm = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-        idx = perm[self.rank::self.world][k * B:(k + 1) * B]
+        idx = perm[self.rank::self.world][k * B:(k + 1) * B]  # rank's shard (disjoint), then its batch k
         torch.manual_seed((cfg.seed * 7919 + self.rank) * 1_000_003 + step)  # v2 uses the global RNG
-        imgs = [self.images[int(i)] for i in idx]
+        imgs = [self.images[int(i)] for i in idx]  # B images (tensors or PIL)
         g = torch.stack([torch.stack([self.g1(im) for im in imgs]),
                          torch.stack([self.g2(im) for im in imgs])])                    # (2, B, 3, S, S)
         loc = [torch.stack([self.loc(im) for im in imgs]) for _ in range(cfg.local_crops)]  # n x (B, 3, s, s)
+        # masks: (2B, (S/p)^2) bool, one row per global crop
         return g, loc, ibot_masks(2 * B, cfg.size // cfg.patch, cfg.mask_prob, cfg.mask_ratio, cfg.mask_mode)
 
 
@@ -525,19 +533,19 @@ def ibot_masks(n, side, prob, ratio, mode="block"):
     (the toy's default): each crop is masked with probability prob, that many patches
     scattered uniformly. (n, side^2) bool."""
     lo, hi = (float(v) for v in ratio.split(","))
-    N, k = side * side, int(n * prob)
+    N, k = side * side, int(n * prob)  # k: crops that get a block mask
     masks = torch.zeros(n, N, dtype=torch.bool)
     if mode == "random":
         for r in range(n):
             if torch.rand(()) < prob:
-                m = int(N * (lo + (hi - lo) * torch.rand(()).item()))
-                masks[r, torch.randperm(N)[:m]] = True
+                m = int(N * (lo + (hi - lo) * torch.rand(()).item()))  # ratio uniform in [lo, hi)
+                masks[r, torch.randperm(N)[:m]] = True  # m distinct random patches
         return masks
-    edges = torch.linspace(lo, hi, k + 1)
+    edges = torch.linspace(lo, hi, k + 1)  # k equal slices of [lo, hi]
     for i in range(k):
         target = int(N * (edges[i] + (edges[i + 1] - edges[i]) * torch.rand(())).item())
-        masks[i] = block_mask(side, side, target, max_patches=N // 2).flatten()
-    return masks[torch.randperm(n)]
+        masks[i] = block_mask(side, side, target, max_patches=N // 2).flatten()  # (side, side) -> (N,)
+    return masks[torch.randperm(n)]  # masked rows land on random crops
 
 
 def block_mask(h, w, target, min_patches=4, max_patches=None, min_aspect=0.3):
@@ -547,14 +555,14 @@ def block_mask(h, w, target, min_patches=4, max_patches=None, min_aspect=0.3):
     mask, count = torch.zeros(h, w, dtype=torch.bool), 0
     log_a = math.log(min_aspect)
     while count < target:
-        budget, added = min(target - count, max_patches or target), 0
+        budget, added = min(target - count, max_patches or target), 0  # max patches this rectangle may add
         for _ in range(10):
-            area = min_patches + (budget - min_patches) * torch.rand(()).item()
-            aspect = math.exp(log_a - 2 * log_a * torch.rand(()).item())
-            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            area = min_patches + (budget - min_patches) * torch.rand(()).item()  # uniform in [min_patches, budget]
+            aspect = math.exp(log_a - 2 * log_a * torch.rand(()).item())  # log-uniform in [a, 1/a]
+            bh, bw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))  # bh*bw ~ area, bh/bw ~ aspect
             if bh < h and bw < w:
                 top, left = int(torch.randint(0, h - bh + 1, ())), int(torch.randint(0, w - bw + 1, ()))
-                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())  # newly masked: overlap not counted
                 if 0 < new <= budget:
                     mask[top:top + bh, left:left + bw] = True
                     added = new
@@ -572,9 +580,9 @@ def block_mask(h, w, target, min_patches=4, max_patches=None, min_aspect=0.3):
 def cosine(start, end, step, total, warmup=0, warm_from=0.0):
     """Linear warm-up from warm_from to start over `warmup` steps, then cosine start -> end."""
     if step < warmup:
-        return warm_from + (start - warm_from) * step / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, t)))
+        return warm_from + (start - warm_from) * step / warmup  # linear warm-up
+    t = (step - warmup) / max(1, total - warmup)  # cosine progress; held at end past total
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, t)))  # start at t = 0, end at t = 1
 
 
 def param_groups(student, layer_decay):
@@ -584,21 +592,23 @@ def param_groups(student, layer_decay):
     embed = ("patch_embed", "cls_token", "pos_embed", "register_tokens", "mask_token")
     for name, p in student.named_parameters():
         if name.startswith("backbone.blocks."):
-            layer = int(name.split(".")[2]) + 1
+            layer = int(name.split(".")[2]) + 1  # backbone.blocks.<i>.* -> layer i + 1
         elif name.startswith("backbone.") and any(s in name for s in embed):
-            layer = 0
+            layer = 0  # embeddings: the smallest lr multiplier
         else:  # final norm, SEM head, DINO head
             layer = depth + 1
+        # no weight decay: biases, norms, LayerScale, tokens, pos-embed
         no_wd = p.ndim == 1 or name.endswith(("token", "tokens", "pos_embed", "gamma"))
         groups.append({"params": [p], "lr_mult": layer_decay ** (depth + 1 - layer),
                        "wd_mult": 0.0 if no_wd else 1.0, "last_layer": "last_layer" in name})
-    return groups
+    return groups  # per-group lr_mult / wd_mult are applied by set_schedules
 
 
 class Student(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.backbone = SEMViT(cfg)
+        # one head for the CLS (DINO) and patch (iBOT) logits
         self.head = DINOHead(self.backbone.embed_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.prototypes)
 
     def forward(self, globals_, locals_, masks):
@@ -606,22 +616,22 @@ class Student(nn.Module):
         loc = [self.backbone(x)["cls"] for x in locals_]                   # n x (B, D)
         cls_logits = self.head(torch.cat([g["cls"], *loc]))                # ((2+n)B, K)
         patch_logits = self.head(g["patch"][masks])                        # (M, K)
-        return g["cls"], cls_logits, patch_logits
+        return g["cls"], cls_logits, patch_logits  # (2B, D) CLS of the globals: the KoLeo input
 
 
 def train_step(student, teacher, centers, batch, cfg, step, d):
     """The DINOv2 objective on one batch; returns the total loss and its parts."""
-    g, loc, masks = batch
+    g, loc, masks = batch  # (2, B, 3, S, S), n x (B, 3, s, s), (2B, N)
     g = g.flatten(0, 1).to(d.device)                                       # (2B, 3, S, S)
     loc, masks = [x.to(d.device) for x in loc], masks.to(d.device)
     # teacher temperature: linear warm-up warmup_teacher_temp -> teacher_temp, then constant (DINOv2)
     T0, T, W = cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.teacher_temp_steps
-    temp = T if step >= W else T0 + (T - T0) * step / W
-    # bf16 on CUDA only: on an AMX CPU the toy step is slower in bf16 (88 against 71 ms per step),
-    # its matmuls being too small to pay for the casts; encoding does gain (see encode)
+    temp = T if step >= W else T0 + (T - T0) * step / W  # T0 at step 0 -> T at step W
+    # bf16 on CUDA only: on an AMX CPU the toy step is slower in bf16 (BENCHMARKS.md), its matmuls
+    # being too small to pay for the casts; encoding does gain (see encode)
     amp = utils.autocast(d.device, enabled=d.device.type == "cuda")
     with torch.no_grad(), amp:  # the teacher never gets a gradient
-        t = teacher.backbone(g)
+        t = teacher.backbone(g)  # the teacher sees the 2 global crops only, unmasked
         t_cls = teacher.head(t["cls"]).float()                             # (2B, K)
         t_patch = teacher.head(t["patch"][masks]).float()                  # (M, K)
         if cfg.centering == "sinkhorn":  # DINOv2: over all global crops at once; iBOT over the masked patches
@@ -631,15 +641,16 @@ def train_step(student, teacher, centers, batch, cfg, step, d):
             p_cls = teacher_probs(t_cls, centers["cls"], temp)
             p_patch = teacher_probs(t_patch, centers["patch"], temp)
     with amp:
-        s_cls, s_logits, s_patch = student(g, loc, masks)
+        s_cls, s_logits, s_patch = student(g, loc, masks)  # student: masked globals + locals
         n = 2 + len(loc)
+        # s_logits ((2 + locals) B, K) -> n chunks of (B, K), one per crop; teacher (2B, K) -> 2
         parts = {"dino": dino_loss(list(s_logits.chunk(n)), list(p_cls.chunk(2)), cfg.student_temp),
                  "ibot": ibot_loss(s_patch, p_patch, masks, cfg.student_temp) if masks.any() else s_patch.sum() * 0,
-                 "koleo": sum(koleo_loss(c) for c in s_cls.chunk(2))}
+                 "koleo": sum(koleo_loss(c) for c in s_cls.chunk(2))}  # KoLeo within each global view's batch
     loss = cfg.dino_weight * parts["dino"] + cfg.ibot_weight * parts["ibot"] + cfg.koleo_weight * parts["koleo"]
     if cfg.centering == "centering":  # Sinkhorn keeps no centre (DINOv2 updates it only when centering)
         update_center(centers["cls"], t_cls, cfg.center_momentum)
-        if len(t_patch):
+        if len(t_patch):  # skipped without masked patches: the mean would be NaN
             update_center(centers["patch"], t_patch, cfg.center_momentum)
     return loss, parts
 
@@ -658,13 +669,14 @@ def build_for_training(cfg, out, d):
     """Student (optionally from an official DINOv2 backbone), its EMA teacher, the centres and
     AdamW over the layer-decay groups, restored from the newest checkpoint with --resume (a
     `convert`ed one holds weights only). Returns (student, teacher, centers, opt, path, ckpt)."""
-    student = Student(cfg).to(d.device)
+    student = Student(cfg).to(d.device)  # backbone + SEM head + DINO head
     if cfg.init:
         load_official(student.backbone, cfg.init)
     teacher = Student(cfg).to(d.device)
-    teacher.load_state_dict(student.state_dict())
-    teacher.eval().requires_grad_(False)
-    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
+    teacher.load_state_dict(student.state_dict())  # the teacher starts as the student
+    teacher.eval().requires_grad_(False)  # updated by EMA only, never by the optimiser
+    centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}  # (1, K) each
+    # lr / wd set per group by set_schedules every step
     opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
                             fused=d.device.type == "cuda")
     ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
@@ -688,29 +700,29 @@ def save_state(out, step, student, teacher, opt, centers, cfg, d):
                                "versions": {"torch": torch.__version__}},
                               os.path.join(out, "checkpoints", f"ckpt_{step:07d}.pt"))
     if d.world > 1:
-        dist.barrier()
+        dist.barrier()  # other ranks wait for the file
 
 
 def set_schedules(opt, cfg, step, lr_base):
     """This step's lr (warm-up + cosine) and weight decay (cosine) in every parameter group,
     scaled by the group's layer-decay multiplier; the DINO head's last layer stays frozen
     (lr 0) for the first freeze_last steps. Returns the base lr of the step."""
-    lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)
-    wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)
+    lr = cosine(lr_base, cfg.min_lr, step, cfg.schedule, cfg.warmup)  # warm-up 0 -> lr_base, cosine -> min_lr
+    wd = cosine(cfg.wd, cfg.wd_end, step, cfg.schedule)  # cosine wd -> wd_end, no warm-up
     for grp in opt.param_groups:
-        frozen = grp["last_layer"] and step < cfg.freeze_last
+        frozen = grp["last_layer"] and step < cfg.freeze_last  # DINO: a frozen last layer stabilises the start
         grp["lr"], grp["weight_decay"] = (0.0 if frozen else lr * grp["lr_mult"]), wd * grp["wd_mult"]
     return lr
 
 
 def log_step(log, step, loss, parts, lr, gnorm, t0, cfg, d):
     """The step's log line: the losses averaged over ranks, lr, grad norm, ms/step and samples/s since t0."""
-    ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])
+    ls = torch.stack([loss.detach(), *[v.detach() for v in parts.values()]])  # [total, dino, ibot, koleo]
     if d.world > 1:
         dist.all_reduce(ls)
         ls /= d.world
-    utils.sync(d.device)
-    ms = (time.perf_counter() - t0) * 1000 / cfg.log_every
+    utils.sync(d.device)  # queued GPU work done before the clock
+    ms = (time.perf_counter() - t0) * 1000 / cfg.log_every  # mean ms per step since the last log
     log(f"step {step:7d} | loss {ls[0]:.4f} (dino {ls[1]:.3f} ibot {ls[2]:.3f} koleo {ls[3]:.3f}) "
         f"| lr {lr:.2e} | grad {gnorm:.3f} | {ms:.0f} ms/step | {cfg.batch_size * d.world * 1000 / ms:.0f} samples/s")
 
@@ -724,7 +736,7 @@ def train(cfg):
     set_threads(cfg)
     utils.check_run_dir(run_dir(cfg), cfg.resume, cfg.overwrite)
     out = run_dir(cfg)
-    utils.seed_all(cfg.seed, d)
+    utils.seed_all(cfg.seed, d)  # per-rank seed: seed * world + rank
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     images = Images(cfg)
     student, teacher, centers, opt, ck_path, ck = build_for_training(cfg, out, d)
@@ -739,10 +751,11 @@ def train(cfg):
     if cfg.compile:
         student.backbone.compile()  # in place: state-dict keys stay free of _orig_mod
     model = utils.distribute(student, d)                                  # DDP with several ranks
+    # batch_size=None: each item is a whole batch; the sampler yields step numbers
     loader = torch.utils.data.DataLoader(MultiCropSteps(images, cfg, d.rank, d.world), batch_size=None,
                                          sampler=range(start, cfg.steps), num_workers=cfg.workers,
                                          pin_memory=d.device.type == "cuda", persistent_workers=cfg.workers > 0)
-    lr_base = cfg.lr * math.sqrt(cfg.batch_size * d.world / 1024)
+    lr_base = cfg.lr * math.sqrt(cfg.batch_size * d.world / 1024)  # DINOv2's sqrt lr scaling
     from tqdm import tqdm
     bar = tqdm(loader, initial=start, total=cfg.steps, disable=not d.main, desc="train", leave=False)
     t0, finite = time.perf_counter(), utils.FiniteCheck(d.device, "lower --lr (or raise --warmup)")
@@ -751,11 +764,11 @@ def train(cfg):
         loss, parts = train_step(model, teacher, centers, batch, cfg, step, d)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
-        opt.step()
+        gnorm = nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)  # clip the global grad norm
+        opt.step()  # the student only
         m = cosine(cfg.momentum, 1.0, step, cfg.schedule)  # teacher momentum 0.992 -> 1
-        utils.ema_update(teacher, student, m)
-        finite.step(loss, step + 1)
+        utils.ema_update(teacher, student, m)  # teacher <- m teacher + (1 - m) student
+        finite.step(loss, step + 1)  # no host sync: checked at log steps
         if (step + 1) % cfg.log_every == 0:
             finite.check()
             log_step(log, step + 1, loss, parts, lr, gnorm, t0, cfg, d)
@@ -777,7 +790,7 @@ ARCH_KEYS = ("arch", "patch", "pos_grid", "registers", "L", "V")
 
 def load_encoder(cfg):
     """Our checkpoint (teacher = EMA weights) or an official DINOv2 file + a fresh SEM head."""
-    path = utils.resolve_ckpt(cfg.ckpt)
+    path = utils.resolve_ckpt(cfg.ckpt)  # a run folder -> its newest checkpoint
     ck = utils.load_checkpoint(path)
     given = utils.given(cfg)                                   # flags the user wrote override nothing silently
     if not isinstance(ck, dict) or "script" in ck:  # a bare tensor, or a checkpoint of ours from another script
@@ -789,17 +802,18 @@ def load_encoder(cfg):
                 utils.fail(f"--{k} {getattr(cfg, k)} does not match the checkpoint ({ck['config'][k]}); "
                            f"L*V of {path} is {ck['config']['L']}x{ck['config']['V']}; drop the flag")
         keep = ARCH_KEYS if "size" in given else (*ARCH_KEYS, "size")  # encode at the checkpoint's resolution
-        cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in keep if k in ck["config"]})
+        cfg = dataclasses.replace(cfg, **{k: ck["config"][k] for k in keep if k in ck["config"]})  # checkpoint wins
         enc = SEMViT(cfg)
+        # the teacher's backbone.* keys; the DINO head is not needed
         sd = {k.removeprefix("backbone."): v for k, v in ck["ema"].items() if k.startswith("backbone.")}
         if "sem_embed.weight" not in sd:
             utils.fail(f"{path} has no SEM head weights; pass a checkpoint written by sem.py train")
         if sd["sem_embed.weight"].shape[0] != cfg.L * cfg.V:
             utils.fail(f"checkpoint SEM head has L*V={sd['sem_embed.weight'].shape[0]}, config says {cfg.L}x{cfg.V}")
         utils.load_weights(enc, sd, path)
-        utils.check_sampling_weights(enc.state_dict(), path)
+        utils.check_sampling_weights(enc.state_dict(), path)  # no NaN / inf weights
         return enc, cfg, path, "trained"
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the fresh SEM head is reproducible
     enc = SEMViT(cfg)
     load_official(enc, path)
     utils.print0(f"{path} is an official DINOv2 backbone: using a freshly initialised SEM head (seed {cfg.seed})")
@@ -813,20 +827,21 @@ def encode_images(enc, images, cfg, d, idx, continuous=False, soft_tau=0.0):
     from torchvision.transforms import v2
     from tqdm import tqdm
     norm = v2.Normalize(MEAN, STD)
-    enc.eval().to(d.device)
+    enc.eval().to(d.device)  # eval: no drop-path
     codes, embs = [], []
-    amp = utils.autocast(d.device)
+    amp = utils.autocast(d.device)  # bf16 where fast (CUDA, AMX CPU)
     for s in tqdm(range(0, len(idx), cfg.encode_batch), disable=not d.main, desc="encode", leave=False):
+        # (b, 3, S, S), b <= encode_batch
         x = torch.stack([norm(adm_center_crop(images[int(i)], cfg.size)) for i in idx[s:s + cfg.encode_batch]])
         with amp:
-            out = enc(x.to(d.device), tau=1.0)
+            out = enc(x.to(d.device), tau=1.0)  # tau only rescales z: the argmax is the same
         codes.append(out["probs"].argmax(-1).cpu())            # (b, L): argmax = the tau -> 0 limit
         if soft_tau:  # softmax(log p / tau') = softmax(z / tau'): the logsumexp shift cancels
-            embs.append(torch.softmax(out["probs"].float().log() / soft_tau, dim=-1).cpu())
+            embs.append(torch.softmax(out["probs"].float().log() / soft_tau, dim=-1).cpu())  # (b, L, V)
         elif continuous:
-            embs.append(out["backbone_cls"].float().cpu())
+            embs.append(out["backbone_cls"].float().cpu())  # (b, D)
     L = enc.cfg.L
-    c = torch.cat(codes) if codes else torch.zeros(0, L, dtype=torch.long)
+    c = torch.cat(codes) if codes else torch.zeros(0, L, dtype=torch.long)  # (n, L); an empty shard gives (0, L)
     e = torch.cat(embs) if embs else torch.zeros(0, enc.embed_dim)
     return c.numpy(), e.numpy()
 
@@ -842,10 +857,10 @@ def encode(cfg):
     enc, cfg, path, head = load_encoder(cfg)
     images = Images(cfg)
     # contiguous shards whose length is a multiple of the batch: the same batches as one process
-    chunk = math.ceil(len(images) / d.world / cfg.encode_batch) * cfg.encode_batch
-    idx = np.arange(d.rank * chunk, min(len(images), (d.rank + 1) * chunk))
+    chunk = math.ceil(len(images) / d.world / cfg.encode_batch) * cfg.encode_batch  # rows per rank
+    idx = np.arange(d.rank * chunk, min(len(images), (d.rank + 1) * chunk))  # the last shards may be short or empty
     codes, embs = encode_images(enc, images, cfg, d, idx, cfg.continuous)
-    probs = encode_images(enc, images, cfg, d, idx, soft_tau=cfg.soft_tau)[1] if cfg.soft_tau else None
+    probs = encode_images(enc, images, cfg, d, idx, soft_tau=cfg.soft_tau)[1] if cfg.soft_tau else None  # (n, L, V)
     if d.world > 1:  # gather in rank order = dataset order (gloo / NCCL object gather)
         parts = [None] * d.world
         dist.all_gather_object(parts, (codes, embs, probs))
@@ -859,7 +874,7 @@ def encode(cfg):
         if images.attrs is not None:
             extra["attrs.npy"] = images.attrs.astype(np.int64)
         if cfg.continuous:
-            extra["embeddings.npy"] = embs.astype(np.float16)
+            extra["embeddings.npy"] = embs.astype(np.float16)  # (N, D)
         if cfg.soft_tau:  # the soft SEM (N, L, V) at temperature soft_tau (dit.py compose --temp)
             extra["probs.npy"], meta["soft_tau"] = probs.astype(np.float32), cfg.soft_tau
         utils.save_dlc_set(cfg.out, codes, meta, labels=images.labels, captions=images.captions,
@@ -893,21 +908,21 @@ WRAPPERS = ("module.", "_orig_mod.", "model.", "teacher.", "sem.", "encoder.")  
 
 def strip_wrappers(sd):
     """Remove each wrapper prefix that every key carries, as often as it appears."""
-    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
+    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):  # p: prefix of all keys
         sd = {k[len(p):]: v for k, v in sd.items()}
     return sd
 
 
 def read_hf_folder(path):
     """(config.json as a dict, state dict) of a local Hugging Face model folder."""
-    files = {n: os.path.join(path, n) for n in os.listdir(path)}
+    files = {n: os.path.join(path, n) for n in os.listdir(path)}  # file name -> path
     if "config.json" not in files:
         utils.fail(f"{path} has no config.json; pass the downloaded Hugging Face folder or a teacher .pth")
     hf_cfg = json.load(open(files["config.json"]))
     if "model.safetensors.index.json" in files:  # sharded: the index names the files
         shards = sorted(set(json.load(open(files["model.safetensors.index.json"]))["weight_map"].values()))
     else:
-        shards = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files][:1]
+        shards = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files][:1]  # safetensors first
     if not shards or any(n not in files for n in shards):
         utils.fail(f"{path} has no model.safetensors / pytorch_model.bin (or a shard is missing); "
                    "download the whole folder")
@@ -925,7 +940,7 @@ def find_authors_yaml(path):
     """student: {arch, L, V, ...} of the DINOv2 config.yaml in the run folder of a teacher .pth
     (<run>/eval/training_N/teacher_checkpoint.pth), or {} when there is none."""
     folder = os.path.dirname(os.path.abspath(path))
-    for up in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+    for up in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):  # training_N, eval, <run>
         f = os.path.join(up, "config.yaml")
         if os.path.isfile(f):
             import yaml
@@ -963,13 +978,13 @@ def authors_arch(sd, hints, cfg, given, path):
         utils.fail(f"{path} is not in the layout of the authors' DINOv2 SEM encoder: unexpected keys "
                    f"{unexpected}, missing keys {missing}")
     D, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"
-    archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]
+    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"  # ViT-g has SwiGLU
+    archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]  # matching (width, depth, FFN)
     if not archs:
         utils.fail(f"{path}: width {D}, depth {depth}, {ffn} FFN is none of our --arch sizes ({', '.join(ARCHS)})")
-    LV = sd["sem_embed.weight"].shape[0]
-    L, V = (int(given.get(k) or hints.get(k) or 0) for k in ("L", "V"))
-    L, V = (L or (LV // V if V else 0)), (V or (LV // L if L else 0))
+    LV = sd["sem_embed.weight"].shape[0]  # sem_embed.weight: (L*V, (1+R)*D)
+    L, V = (int(given.get(k) or hints.get(k) or 0) for k in ("L", "V"))  # --L / --V, else config, else 0
+    L, V = (L or (LV // V if V else 0)), (V or (LV // L if L else 0))  # one known: the other from L*V
     if not L or L * V != LV:
         utils.fail(f"{path}: the SEM head has L*V = {LV} but L and V separately are not in the files "
                    f"(or L={L} x V={V} disagrees); pass --L and --V (the paper: --L 512 --V 256)")
@@ -995,6 +1010,7 @@ def authors_head(head, path):
         return None, f"dino_head has keys {sorted(head)[:6]}, not a 3-layer DINO head with a weight-normed last layer"
     if not torch.allclose(g.float(), torch.ones_like(g.float()), rtol=0, atol=1e-6):
         return None, f"its last-layer weight_g is not 1 (range {g.min():.4g}..{g.max():.4g}), which our head fixes"
+    # g = 1: their v as our weight gives the same W = v / ||v|| (our forward normalises)
     return {**{f"head.{k}": t for k, t in head.items()}, "head.last_layer.weight": v}, ""
 
 
@@ -1014,13 +1030,13 @@ def convert(cfg):
                      head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
                      prototypes=head_sd["head.last_layer.weight"].shape[0])
     # the checkpoint holds a train config, as ours do: encode reads its ViT fields, --resume its schedule
-    model = Config(**utils.fields_of(ViTConfig, dataclasses.asdict(found)), **heads)
+    model = Config(**utils.fields_of(ViTConfig, dataclasses.asdict(found)), **heads)  # train defaults + their shapes
     with torch.device("meta"):  # shapes only: every tensor comes from their file
         ours = Student(model) if head_sd else SEMViT(model)
-    want = ours.state_dict()
+    want = ours.state_dict()  # our keys and shapes (meta)
     got = {**({f"backbone.{k}": v for k, v in sd.items()} if head_sd else sd), **(head_sd or {})}
     utils.check_layout(want, got, f"{cfg.authors} is not in the layout of the authors' training code")
-    weights = {k: got[k].float().contiguous() for k in want}
+    weights = {k: got[k].float().contiguous() for k in want}  # fp32, in our key order
     if not head_sd:  # encode reads backbone.* of the EMA
         weights = {f"backbone.{k}": v for k, v in weights.items()}
     utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(model),
@@ -1145,13 +1161,14 @@ def column_to_numpy(arr, name):
     """A (nested) list column with equal-length rows -> numpy [rows, d1, d2, ...]."""
     pa = import_pyarrow()
     n, shape = len(arr), []
+    # peel one list level per loop: one more dim
     while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
         lens = pa.compute.min_max(pa.compute.list_value_length(arr))
         if arr.null_count or lens["min"].as_py() != lens["max"].as_py():
             utils.fail(f"column {name!r} has rows of different lengths; expected one fixed-size array per row")
         shape.append(lens["min"].as_py())
-        arr = arr.flatten()
-    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
+        arr = arr.flatten()  # all rows' values, one level down
+    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)  # (rows, d1, d2, ...)
 
 
 def vocab_from_names(cfg, files, L):
@@ -1190,7 +1207,7 @@ def class_labels(classes, ids, cls_col, name_col):
         return np.concatenate(classes).astype(np.int64), f"column {cls_col!r}"
     if ids and all(re.match(r"(?:.*/)?(n\d{8})", s or "") for s in ids[:1000]):
         syn = [re.match(r"(?:.*/)?(n\d{8})", s).group(1) for s in ids]
-        order = {s: k for k, s in enumerate(sorted(set(syn)))}
+        order = {s: k for k, s in enumerate(sorted(set(syn)))}  # synset -> class index
         return np.array([order[s] for s in syn], dtype=np.int64), f"synsets of {name_col!r}, sorted"
     return None, None
 
@@ -1199,6 +1216,7 @@ def store_codes(codes, c, i, tmp, N, V):
     """Rows i.. of codes.npy uint16 [N, L] from a batch of 'labels' (n, L), checked against V;
     the file is created at the first batch."""
     if codes is None:
+        # (N, L) uint16 on disk
         codes = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), "w+", np.uint16, (N, c.shape[1]))
     if c.ndim != 2 or c.shape[1] != codes.shape[1]:
         utils.fail(f"'labels' rows have shape {c.shape[1:]} after {i} rows of [{codes.shape[1]}]")
@@ -1213,11 +1231,11 @@ def store_latents(lat, f, i, tmp, N):
     (any layout with 4 h h values per row); the file is created at the first batch."""
     f = f.reshape(len(f), -1)                                             # (n, 4*h*h)
     if lat is None:
-        h = math.isqrt(f.shape[1] // 4)
+        h = math.isqrt(f.shape[1] // 4)  # 4 h^2 values per row
         if 4 * h * h != f.shape[1]:
             utils.fail(f"'features' rows hold {f.shape[1]} values; expected a 4 x h x h SD-VAE latent")
         lat = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (N, 1, 4, h, h))
-    lat[i:i + len(f), 0] = f.reshape(len(f), 4, *lat.shape[-2:])
+    lat[i:i + len(f), 0] = f.reshape(len(f), 4, *lat.shape[-2:])  # (n, 4, h, h) into flip index 0
     return lat
 
 
@@ -1235,11 +1253,11 @@ def import_authors(cfg):
         utils.fail(f"{cfg.authors} holds no rows")
     if os.path.exists(cfg.out) and not os.path.isfile(os.path.join(cfg.out, "meta.json")):
         utils.fail(f"--out {cfg.out} exists and is not a DLC set; refusing to overwrite it")
-    classes, ids, i, V = [], [], 0, None
+    classes, ids, i, V = [], [], 0, None  # i: rows written so far
     from tqdm import tqdm
     with utils.atomic_path(cfg.out) as tmp, tqdm(total=N, desc="import", leave=False) as bar:
         os.makedirs(tmp)
-        codes = lat = None
+        codes = lat = None  # memmaps made at the first batch
         for b in record_batches(files, cols, cfg.chunk):
             c = column_to_numpy(b.column("labels"), "labels")                   # (n, L)
             if V is None:  # the first batch gives L
@@ -1250,7 +1268,7 @@ def import_authors(cfg):
             if cls_col:
                 classes.append(b.column(cls_col).to_numpy(zero_copy_only=False))
             if name_col:
-                ids += b.column(name_col).to_pylist()
+                ids += b.column(name_col).to_pylist()  # image ids, in row order
             i += len(c)
             bar.update(len(c))
         codes.flush()
@@ -1291,13 +1309,13 @@ def bench(cfg):
     """Training and encoding img/s, peak memory, MFU against the measured matmul peak."""
     d = utils.setup_dist(cfg.device)
     set_threads(cfg)
-    cfg = dataclasses.replace(cfg, steps=6)
-    images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))
+    cfg = dataclasses.replace(cfg, steps=6)  # 6 batches: FLOP count 1 + warm-up 1 + timed 4
+    images = Images(dataclasses.replace(cfg, n=max(256, cfg.batch_size)))  # enough images for one batch
     student, teacher = Student(cfg).to(d.device), Student(cfg).to(d.device).eval().requires_grad_(False)
     centers = {k: torch.zeros(1, cfg.prototypes, device=d.device) for k in ("cls", "patch")}
     opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=d.device.type == "cuda")
     data = MultiCropSteps(images, cfg, 0, 1)
-    batches = [data[i] for i in range(cfg.steps)]
+    batches = [data[i] for i in range(cfg.steps)]  # augmented before timing
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32   # as train_step
     peak = utils.matmul_peak_flops(d.device, dtype)
     order = iter(range(cfg.steps))                                      # step i trains on batches[i]
@@ -1312,8 +1330,8 @@ def bench(cfg):
     print(f"train : {cfg.batch_size / dt:8.1f} img/s | {dt * 1000:.0f} ms/step | MFU {train_flops / dt / peak:.1%} "
           f"(step {train_flops / 1e9:.1f} GFLOP{' incl. recompute' if cfg.grad_ckpt else ''}, peak {peak / 1e12:.2f} "
           f"TFLOP/s {dtype}) | {utils.peak_memory_mb(d.device):.0f} MB")
-    enc = student.backbone.eval()
-    x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)
+    enc = student.backbone.eval()  # encoding: backbone + SEM head
+    x = torch.randn(cfg.encode_batch, 3, cfg.size, cfg.size, device=d.device)  # (b, 3, S, S) random pixels
     amp = utils.autocast(d.device)
     with torch.no_grad(), amp:
         dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)

@@ -141,7 +141,9 @@ def make_sequences(codes, caption_ids, dlc_offset, start_id):
     """Template "DLC tokens <START-DLC> caption tokens": (B, L) + (B, C) -> (B, L + 1 + C).
     start_id None: the caption ids already begin with the separator (the authors' released model)."""
     B = codes.shape[0]
+    # (B, 1) separator column, or (B, 0) when the caption ids carry it
     start = torch.full((B, 0 if start_id is None else 1), start_id or 0, dtype=torch.long, device=caption_ids.device)
+    # DLC value v -> id dlc_offset + v; (B, L + 1 + C)
     return torch.cat([codes.long() + dlc_offset, start, caption_ids], 1)
 
 
@@ -151,10 +153,11 @@ def forward_process(x0, mask_id, eps, maskable, t=None, generator=None):
     Returns xt, the mask, and p (B, 1)."""
     B, T = x0.shape
     if t is None:
-        t = torch.rand(B, device=x0.device, generator=generator)
+        t = torch.rand(B, device=x0.device, generator=generator)        # (B,) one time per sequence
     p = ((1 - eps) * t + eps)[:, None]                                    # (B, 1)
+    # (B, T) bool: masked with probability p where maskable
     masked = (torch.rand(B, T, device=x0.device, generator=generator) < p) & maskable
-    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, p
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked, p  # x_t: the masked tokens become mask_id
 
 
 def masked_diffusion_loss(logits, x0, masked, p, n_tokens):
@@ -167,7 +170,7 @@ def masked_diffusion_loss(logits, x0, masked, p, n_tokens):
 def model_logits(model, ids):
     """Logits (B, T, vocab) for our tiny model and for HF models (which return an output object)."""
     out = model(ids)
-    return out if torch.is_tensor(out) else out.logits
+    return out if torch.is_tensor(out) else out.logits                  # HF models return a ModelOutput with .logits
 
 
 # Sampling: low-confidence remasking (LLaDA's generate), DLC ids only
@@ -175,8 +178,8 @@ def model_logits(model, ids):
 def num_transfer_tokens(L, steps):
     """Linear schedule: the same number of tokens committed per step; the remainder goes to
     the first steps (LLaDA's get_num_transfer_tokens)."""
-    k = torch.full((steps,), L // steps, dtype=torch.long)
-    k[: L % steps] += 1
+    k = torch.full((steps,), L // steps, dtype=torch.long)              # floor(L / steps) tokens per step
+    k[: L % steps] += 1  # the first L % steps steps commit one more: sum(k) = L
     return k
 
 
@@ -193,30 +196,34 @@ def sample_dlc(model_fn, prompt_ids, L, V, dlc_offset, start_id, mask_id, steps,
     B, dev = prompt_ids.shape[0], prompt_ids.device
     x = make_sequences(torch.zeros(B, L, dtype=torch.long, device=dev), prompt_ids, dlc_offset, start_id)
     x[:, :L] = mask_id                                                    # (B, L + 1 + C)
-    ks = num_transfer_tokens(L, steps)
+    ks = num_transfer_tokens(L, steps)                                  # (steps,) tokens committed at each step
     for s in range(steps):
         logits = model_fn(x)[:, :L, dlc_offset: dlc_offset + V].double()  # (B, L, V) DLC range only
         if cfg > 0:  # unconditional pass: the prompt masked as well (LLaDA's CFG)
-            un = x.clone()
-            un[:, L + (start_id is not None):] = mask_id
-            lu = model_fn(un)[:, :L, dlc_offset: dlc_offset + V].double()
-            logits = lu + (cfg + 1) * (logits - lu)
+            un = x.clone()                                              # the unconditional canvas
+            un[:, L + (start_id is not None):] = mask_id  # everything after the DLC and our separator (if any)
+            lu = model_fn(un)[:, :L, dlc_offset: dlc_offset + V].double()  # (B, L, V)
+            logits = lu + (cfg + 1) * (logits - lu)                     # guided: un + (w + 1)(cond - un)
         if temperature > 0:  # why float64: Gumbel noise in low precision ties / biases the argmax
             u = torch.rand(logits.shape, dtype=torch.float64, device=dev, generator=generator)
+            # Gumbel-max: a draw from softmax(logits / temperature)
             cand = (logits / temperature - torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
         else:
             cand = logits.argmax(-1)                                      # (B, L)
         conf = logits.softmax(-1).gather(-1, cand[..., None])[..., 0]     # (B, L)
         if remasking == "random":
+            # random: uniform scores, so k positions chosen at random
             conf = torch.rand(conf.shape, dtype=conf.dtype, device=dev, generator=generator)
-        still = x[:, :L] == mask_id
-        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))
+        still = x[:, :L] == mask_id                                     # (B, L) positions still masked
+        conf = torch.where(still, conf, torch.full_like(conf, -math.inf))  # committed positions are never picked again
         pick = conf.topk(int(ks[s]), dim=1).indices                       # (B, k) most confident
+        # (B, L) bool; & still: a committed token is never overwritten
         commit = torch.zeros_like(still).scatter_(1, pick, True) & still
+        # write the candidates' DLC ids at the picked positions
         x[:, :L] = torch.where(commit, cand + dlc_offset, x[:, :L])
         if history is not None:
             history.append(x[:, :L].clone())
-    return x[:, :L] - dlc_offset
+    return x[:, :L] - dlc_offset                                        # ids -> DLC values in [0, V)
 
 
 #################################################################################
@@ -236,6 +243,7 @@ SPECIALS = ["<pad>", "<unk>", "<mask>"]
 
 def build_vocab(captions):
     """Word-level vocabulary from the training captions: a plain list (stored in the checkpoint)."""
+    # sorted: the same captions always give the same ids
     words = sorted({w for c in captions for w in c.lower().split()})
     return SPECIALS + words
 
@@ -243,7 +251,7 @@ def build_vocab(captions):
 class WordTokenizer:
     def __init__(self, vocab):
         self.vocab, self.index = list(vocab), {w: i for i, w in enumerate(vocab)}
-        self.pad_id, self.unk_id, self.mask_id = 0, 1, 2
+        self.pad_id, self.unk_id, self.mask_id = 0, 1, 2                # the positions of SPECIALS
 
     def __len__(self):
         return len(self.vocab)
@@ -252,7 +260,7 @@ class WordTokenizer:
         """(B, length) ids: words, then <pad>; unknown words become <unk>."""
         ids = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         for i, t in enumerate(texts):
-            toks = [self.index.get(w, self.unk_id) for w in t.lower().split()][:length]
+            toks = [self.index.get(w, self.unk_id) for w in t.lower().split()][:length]  # truncated to `length` words
             ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
         return ids
 
@@ -263,8 +271,8 @@ class Block(nn.Module):
         super().__init__()
         self.heads = heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)      # qkv packs (3, H, Dh) along the output dim
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))  # d -> 4d -> d
 
     def forward(self, x):
         B, T, D = x.shape
@@ -272,7 +280,7 @@ class Block(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, H, T, Dh)
         a = utils.attention(q, k, v)                                      # (B, H, T, Dh), fused on GPU
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, D))             # (B, T, D)
-        return x + self.mlp(self.ln2(x))
+        return x + self.mlp(self.ln2(x))                                # (B, T, D)
 
 
 class TinyMDLM(nn.Module):
@@ -280,6 +288,7 @@ class TinyMDLM(nn.Module):
     input: like LLaDA, the mask ratio is read off the input."""
     def __init__(self, vocab_size, max_len, d=128, n_layers=3, heads=4):
         super().__init__()
+        # wpe (max_len, d): learned positions
         self.wte, self.wpe = nn.Embedding(vocab_size, d), nn.Parameter(torch.zeros(max_len, d))
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layers))
         self.ln_f, self.ff_out = nn.LayerNorm(d), nn.Linear(d, vocab_size, bias=False)
@@ -298,8 +307,10 @@ def tiny_backend(cfg, L, V, captions=None, vocab=None):
     """A fresh TinyMDLM and the word tokenizer (from `vocab`, or built from the captions);
     ids: words | V DLC tokens | <START-DLC>."""
     tok = WordTokenizer(vocab or build_vocab(captions))
-    off = len(tok)
+    off = len(tok)                                                      # DLC ids start right after the words
+    # ids: specials + words, V DLC ids, <START-DLC>; max_len = T
     model = TinyMDLM(off + V + 1, L + 1 + cfg["max_caption"], cfg["d_model"], cfg["n_layers"], cfg["n_heads"])
+    # mask_id 2 (<mask>); DLC ids off .. off + V - 1; start_id off + V
     return Backend(model, lambda t: tok.encode(t, cfg["max_caption"]), tok.mask_id, off, off + V, {"vocab": tok.vocab})
 
 
@@ -324,10 +335,11 @@ def load_captioned(path, L=None, V=None):
     if "captions" not in s:
         utils.fail(f"DLC set {path} has no captions.jsonl; text2dlc trains on (DLC, caption) pairs: "
                    "encode a captioned dataset (sem.py encode --data shapes)")
+    # a caption string, or a record with "caption" / "text"
     caps = [c if isinstance(c, str) else c.get("caption", c.get("text", "")) for c in s["captions"]]
     if len(caps) != len(s["codes"]):
         utils.fail(f"DLC set {path}: {len(caps)} captions for {len(s['codes'])} codes; re-encode it")
-    return torch.from_numpy(np.asarray(s["codes"]).astype(np.int64)), caps, s["meta"]
+    return torch.from_numpy(np.asarray(s["codes"]).astype(np.int64)), caps, s["meta"]  # codes (N, L) int64
 
 
 def sequence_layout(cfg, L, C, device):
@@ -335,16 +347,17 @@ def sequence_layout(cfg, L, C, device):
     process may mask (every token, or with --mask_mode sft only the DLC: the caption is the
     prompt) and the loss's normaliser n_tok (the maskable tokens of a batch)."""
     T = L + 1 + C
-    maskable = torch.ones(T, dtype=torch.bool, device=device)
+    maskable = torch.ones(T, dtype=torch.bool, device=device)           # (T,) bool, shared by all rows
     if cfg.mask_mode == "sft":
         maskable[L:] = False                                              # caption (and separator) stay clean
-    return T, maskable, cfg.batch_size * (L if cfg.mask_mode == "sft" else T)
+    return T, maskable, cfg.batch_size * (L if cfg.mask_mode == "sft" else T)  # n_tok = B * L (sft) or B * T (all)
 
 
 def lr_at(step, cfg):
     """Linear warm-up then cosine decay to 0 (paper: cosine)."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.lr * (step + 1) / cfg.warmup                         # linear warm-up to lr
+    # cosine from lr (end of warm-up) to 0 (step = cfg.steps)
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
 
@@ -354,15 +367,16 @@ def backward_batches(model, be, codes, cap_ids, maskable, n_tok, accum, amp, cfg
     Returns the summed loss (a float)."""
     tot = 0.0
     for _ in range(accum):
-        idx = torch.randint(len(codes), (cfg.batch_size,))
+        idx = torch.randint(len(codes), (cfg.batch_size,))  # (B,) pairs drawn with replacement from this rank's shard
         x0 = make_sequences(codes[idx], cap_ids[idx], be.dlc_offset, be.start_id).to(device)  # (B, T)
         # t ~ U(0, 1); each maskable token masked with probability p = (1 - eps) t + eps
         xt, masked, p = forward_process(x0, be.mask_id, cfg.eps, maskable.expand_as(x0),
-                                        t=torch.rand(len(idx)).to(device))
+                                        t=torch.rand(len(idx)).to(device))  # (B,) t, drawn on the CPU like idx
         with amp:
+            # / accum: the summed gradients are the micro-batch mean
             loss = masked_diffusion_loss(model_logits(model, xt), x0, masked, p, n_tok) / accum
-        loss.backward()
-        tot += loss.item()
+        loss.backward()  # grads add up over the accum micro-batches (DDP / FSDP sync at each backward)
+        tot += loss.item()                                              # one host sync per micro-batch
     return tot
 
 
@@ -375,18 +389,18 @@ def train(cfg):
     run_dir = os.path.join("runs", f"text2dlc-{cfg.run}")
     utils.check_run_dir(run_dir, cfg.resume, cfg.overwrite)
     codes, caps, meta = load_captioned(cfg.dlc)
-    L, V = int(meta["L"]), int(meta["V"])
+    L, V = int(meta["L"]), int(meta["V"])                               # code length and DLC vocabulary of the set
     resume, state = resumed_state(cfg, os.path.join(run_dir, "checkpoints"), L, V)
     d = utils.setup_dist(cfg.device)
-    utils.seed_all(cfg.seed, d)
+    utils.seed_all(cfg.seed, d)  # seed * world + rank; DDP broadcasts rank 0's initial weights
     log = utils.Logger(run_dir, d)
     be = build_backend(dataclasses.asdict(cfg), L, V, caps, vocab=state["vocab"] if state else None)
     ts = TrainState(cfg, be, state, resume, d)                            # the model as trained, EMA, AdamW
-    gb, accum = batch_split(cfg, d)
+    gb, accum = batch_split(cfg, d)                                     # global batch = batch_size x world x accum
     shard = torch.arange(d.rank, len(codes), d.world)                     # this rank's pairs
     cap_ids = be.encode(caps)                                             # (N, C) caption token ids
     my_codes, my_caps = codes[shard], cap_ids[shard]
-    T, maskable, n_tok = sequence_layout(cfg, L, cap_ids.shape[1], d.device)
+    T, maskable, n_tok = sequence_layout(cfg, L, cap_ids.shape[1], d.device)  # T = L + 1 + C
     utils.start_run(run_dir, cfg, d)
     log(f"text2dlc {cfg.model}: {sum(p.numel() for p in ts.model.parameters()) / 1e6:.2f}M params/rank, "
         f"N={len(codes)} L={L} V={V} T={T} world={d.world} accum={accum} mask_mode={cfg.mask_mode} fsdp={ts.fsdp}")
@@ -396,19 +410,20 @@ def train(cfg):
     t0 = time.perf_counter()
     while step < cfg.steps:
         for group in ts.opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg)  # set by hand each step: no scheduler state to checkpoint
         # every draw of a step (batches, t, masks) comes from (seed, step, rank): resuming replays exactly
         torch.manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
         loss = backward_batches(ts.model, be, my_codes, my_caps, maskable, n_tok, accum, ts.amp, cfg, d.device)
+        # the total norm before clipping (logged)
         grad = torch.nn.utils.clip_grad_norm_(ts.model.parameters(), cfg.grad_clip)
         ts.opt.step()
-        ts.opt.zero_grad(set_to_none=True)
-        ts.update_ema()
+        ts.opt.zero_grad(set_to_none=True)  # grads freed until the next step's first backward
+        ts.update_ema()                                                 # tiny model only
         step += 1
         finite.step(loss, step)
         if step % cfg.log_every == 0 or step == cfg.steps:
             finite.check()
-            dt = (time.perf_counter() - t0) / cfg.log_every
+            dt = (time.perf_counter() - t0) / cfg.log_every             # seconds per step since the last log line
             log(f"step {step:7d} | loss {mean_over_ranks(loss, d):.4f} | lr {lr_at(step - 1, cfg):.2e} "
                 f"| grad {float(grad):.3f} | {1000 * dt:.1f} ms/step | {gb / dt:.1f} samples/s")
             t0 = time.perf_counter()
@@ -431,7 +446,7 @@ def check_train_args(cfg):
 
 def batch_split(cfg, d):
     """(global batch, gradient-accumulation steps): global batch = batch_size x world x accum."""
-    gb = cfg.global_batch or cfg.batch_size * d.world
+    gb = cfg.global_batch or cfg.batch_size * d.world                   # default: no accumulation
     accum = gb // (cfg.batch_size * d.world)
     if accum < 1 or accum * cfg.batch_size * d.world != gb:
         utils.fail(f"--global_batch {gb} is not a multiple of batch_size x world = {cfg.batch_size * d.world}")
@@ -451,23 +466,24 @@ def sample_cmd(s):
     if "vocab" in be.extra:
         check_prompt_words(prompts, be.extra["vocab"])
     L, V = state["L"], state["V"]
-    steps = s.steps or L
+    steps = s.steps or L                                                # default: one token committed per step
     if not 1 <= steps <= L:
         utils.fail(f"--steps must be in [1, L={L}], got {steps}")
     model = be.model.to(d.device).eval()
     if d.device.type == "cuda" and state["config"]["model"] == "llada":
-        model.to(torch.bfloat16)
+        model.to(torch.bfloat16)                                        # LLaDA on GPU: bf16 weights halve the memory
+    # one generator for every prompt and batch: --seed fixes the whole set
     g = torch.Generator(d.device).manual_seed(s.seed)
     out, captions = [], []
     for text in prompts:
         prompt = be.encode([text]).to(d.device)                           # (1, C)
         for i in range(0, s.n, s.batch_size):
-            b = min(s.batch_size, s.n - i)
+            b = min(s.batch_size, s.n - i)                              # the last batch may be smaller
             with utils.autocast(d.device):                                # bf16 forwards; the sampler casts to fp64
                 out.append(sample_dlc(lambda x: model_logits(model, x), prompt.expand(b, -1), L, V, be.dlc_offset,
                                       be.start_id, be.mask_id, steps, s.temperature, s.cfg, g,
                                       remasking=s.remasking).cpu())
-        captions += [text] * s.n
+        captions += [text] * s.n                                        # one caption per DLC
     codes = torch.cat(out).numpy()                                        # (len(prompts) * n, L)
     meta = {"L": L, "V": V, "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "checkpoint": os.path.abspath(utils.resolve_ckpt(s.ckpt) if s.ckpt else s.model_path),
@@ -513,7 +529,7 @@ def parse_attrs(text):
     """(colour, shape, background) words of a shapes caption 'a red square on a green background',
     in the caption's word order (attrs.npy stores the indices as (shape, colour, background),
     see shapes_targets); None for any other caption."""
-    m = re.match(r"a (\w+) (\w+) on a (\w+) background", text.strip().lower())
+    m = re.match(r"a (\w+) (\w+) on a (\w+) background", text.strip().lower())  # (colour, shape, background)
     return m.groups() if m else None
 
 
@@ -544,8 +560,8 @@ def probe_cmd(p):
         # majority per attribute; max over the neighbours in distance order breaks a tie by the nearest
         # (not over a set, whose order follows PYTHONHASHSEED and would differ from run to run)
         got = [max(v, key=v.count) for v in zip(*[ref_attrs[j] for j in row])]
-        per = [a + (g == w) for a, g, w in zip(per, got, want)]
-        allm += tuple(got) == want
+        per = [a + (g == w) for a, g, w in zip(per, got, want)]         # hit counts of colour, shape, background
+        allm += tuple(got) == want                                      # all three attributes right
     n = len(gc)
     res = {"prompt": gen["meta"]["prompt"], "n": n, "all_match": allm / n,
            "colour": per[0] / n, "shape": per[1] / n, "background": per[2] / n}
@@ -605,10 +621,12 @@ def llada_backend(cfg, V, model_path=None):
     found = authors_token_ids(tok)                                        # their folder: already extended
     if found is not None and found[2] != V:
         utils.fail(f"{path} has {found[2]} DLC tokens but the DLC set has V={V}")
+    # (dlc_offset, start_id): the folder's own ids, or rows appended here by extend_vocab
     off, start = found[:2] if found else extend_vocab(model, V, seed=cfg["seed"])
     pad = tok.eos_token_id if tok.eos_token_id is not None else (tok.pad_token_id or 0)
     def encode(texts):  # LLaDA pads with EOS and trains on it (LLaDA's guidelines)
         ids = [tok(t, add_special_tokens=False)["input_ids"][: cfg["max_caption"]] for t in texts]
+        # (B, max_caption), right-padded
         return torch.tensor([i + [pad] * (cfg["max_caption"] - len(i)) for i in ids], dtype=torch.long)
     return Backend(model, encode, mask_id, off, start, {"hf_config": model.config.to_dict()})
 
@@ -619,7 +637,7 @@ def _embeddings(model):
     try:
         emb = model.get_input_embeddings()
     except (NotImplementedError, AttributeError):
-        emb = t.wte
+        emb = t.wte                                                     # LLaDA's input embedding
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is None and t is not None:  # PreTrainedModel's default returns None: use ff_out itself
         out = getattr(t, "ff_out", None)
@@ -632,14 +650,15 @@ def extend_vocab(model, V, seed=0, noise=0.02):
     'average word' rather than at random scale. Every old id and row stays bit-identical.
     Returns (dlc_offset, start_id)."""
     emb, out = _embeddings(model)
-    old = emb.weight.shape[0]
-    g = torch.Generator().manual_seed(seed)
+    old = emb.weight.shape[0]                                           # the old vocabulary size: the first new id
+    g = torch.Generator().manual_seed(seed)  # its own generator: the same new rows on every rank
     def grow(w):                                                          # w (old, D) -> (old + V + 1, D)
         w = w.detach()
+        # (V + 1, D): mean row + small noise, in fp32
         new = w.float().mean(0) + noise * w.float().std() * torch.randn(V + 1, w.shape[1], generator=g)
-        return torch.cat([w, new.to(w.dtype)], 0)
+        return torch.cat([w, new.to(w.dtype)], 0)  # old rows unchanged, new rows appended in w's dtype
     emb.weight = nn.Parameter(grow(emb.weight))
-    emb.num_embeddings = old + V + 1
+    emb.num_embeddings = old + V + 1  # keep the module's attribute in step with its weight
     if out is not None and out.weight is not emb.weight:                  # untied (LLaDA-8B): grow it too
         out.weight = nn.Parameter(grow(out.weight))
         out.out_features = old + V + 1
@@ -649,7 +668,7 @@ def extend_vocab(model, V, seed=0, noise=0.02):
     model.config.vocab_size = old + V + 1
     if hasattr(model.config, "embedding_size"):
         model.config.embedding_size = old + V + 1
-    return old, old + V
+    return old, old + V  # ids old .. old + V - 1 are DLC tokens, old + V is <START-DLC>
 
 
 def hf_blocks(model):
@@ -687,10 +706,12 @@ def shard_fsdp(model, d):
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29517")
         torch.distributed.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+    # all-gathered params in bf16 for compute; grads reduced in fp32
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for blk in hf_blocks(model):
+        # one FSDP unit per block: its full weights exist only around its forward / backward
         fully_shard(blk, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # the root unit: what the blocks leave (embeddings, final norm, head)
     return model
 
 
@@ -703,6 +724,7 @@ class TrainState:
         model = be.model
         if state:
             utils.load_weights(model, state["model"], resume)
+        # FSDP2 for LLaDA on CUDA or several ranks; otherwise DDP (several ranks) or the plain model
         fsdp = cfg.model == "llada" and (d.world > 1 or d.device.type == "cuda")
         if cfg.act_ckpt:
             enable_act_ckpt(model)
@@ -717,6 +739,7 @@ class TrainState:
             model = torch.compile(model) if cfg.compile else model
         else:
             model = utils.distribute(model, d, cfg.compile)               # DDP with several ranks, compile
+        # built after sharding: the AdamW states are sharded too
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         if state and state.get("opt") and not fsdp:
             utils.load_weights(opt, state["opt"], resume)
@@ -737,6 +760,7 @@ class TrainState:
         if not self.fsdp:
             return {k: v.detach().cpu() for k, v in utils.unwrap(self.model).state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        # a collective: every rank calls it; with cpu_offload rank 0 gets the tensors
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save(self, path, extra):
@@ -746,6 +770,7 @@ class TrainState:
         osd = None
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            # a collective, like full_state: rank 0 gets the full optimizer state
             osd = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         elif extra["config"]["model"] == "tiny":
             osd = opt.state_dict()
@@ -753,7 +778,7 @@ class TrainState:
             utils.save_checkpoint({"model": sd, "ema": ema.state_dict() if ema is not None else None, "opt": osd,
                                    **extra, "script": "text2dlc", "versions": {"torch": torch.__version__}}, path)
         if d.world > 1:
-            torch.distributed.barrier()
+            torch.distributed.barrier()                                 # the other ranks wait until rank 0 has written
 
 
 def mean_over_ranks(x, d):
@@ -761,7 +786,7 @@ def mean_over_ranks(x, d):
     t = torch.tensor([x], device=d.device)
     if d.world > 1:
         torch.distributed.all_reduce(t)
-    return t.item() / d.world
+    return t.item() / d.world                                           # sum / world = mean
 
 
 CKPT_KEYS = ("model", "ema", "L", "V", "config.model", "config.max_caption")   # what sample / resume read
@@ -807,7 +832,7 @@ def authors_token_ids(tok):
     ids = []
     while AUTHORS_DLC.format(len(ids)) in vocab:
         ids.append(vocab[AUTHORS_DLC.format(len(ids))])
-    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
+    if not ids or ids != list(range(ids[0], ids[0] + len(ids))):        # the DLC ids must be one contiguous block
         utils.fail(f"the tokenizer has {AUTHORS_START} but its {AUTHORS_DLC.format('i')} ids are missing or not "
                    "consecutive; is this the authors' finetuned LLaDA folder?")
     return ids[0], vocab[AUTHORS_START], len(ids)
@@ -825,6 +850,7 @@ def authors_backend(model_path, L):
     # their prompt: "<|start_sem|>" + text with the tokenizer's own special tokens (start_id None below)
     encode = lambda texts: torch.tensor([tok(AUTHORS_START + t)["input_ids"] for t in texts], dtype=torch.long)
     state = {"L": L, "V": V, "config": {"model": "llada", "model_path": model_path}, "data": None, "dlc": None}
+    # start_id None: the separator is already in the prompt ids
     return Backend(model, encode, mask_id, off, None, {"start_id": start}), state
 
 
@@ -857,7 +883,7 @@ def bench(cfg):
     L, V, B = 16, 512, cfg.batch_size
     if cfg.model == "llama_shaped":                                       # random weights
         tf = import_transformers()
-        vocab, T = 126464 + V + 1, L + 1 + 77
+        vocab, T = 126464 + V + 1, L + 1 + 77  # a LLaDA-sized vocabulary extended by V + 1; 77 caption tokens
         model = tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
                                                    num_key_value_heads=32, num_hidden_layers=2, vocab_size=vocab,
                                                    max_position_embeddings=4096))
@@ -865,18 +891,19 @@ def bench(cfg):
             enable_act_ckpt(model)
         model = shard_fsdp(model.to(d.device), d)
     else:
-        vocab, T = 64 + V + 1, L + 1 + cfg.max_caption
+        vocab, T = 64 + V + 1, L + 1 + cfg.max_caption                  # 64 stand-in words
         model = TinyMDLM(vocab, T, cfg.d_model, cfg.n_layers, cfg.n_heads).to(d.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     nparam = sum(p.numel() for p in model.parameters()) * max(1, d.world if cfg.model == "llama_shaped" else 1)
-    x0 = torch.randint(0, vocab, (B, T), device=d.device)
+    x0 = torch.randint(0, vocab, (B, T), device=d.device)               # (B, T) random ids: throughput only
     tiny_amp = cfg.model != "llama_shaped" and utils.fast_bf16(d.device)    # FSDP casts by its own policy
 
     def step():
+        # mask id 2, eps 1e-3, every token maskable
         xt, m, p = forward_process(x0, 2, 1e-3, torch.ones_like(x0, dtype=torch.bool))
         with utils.autocast(d.device, tiny_amp):
             logits = model_logits(model, xt)
-        masked_diffusion_loss(logits, x0, m, p, x0.numel()).backward()
+        masked_diffusion_loss(logits, x0, m, p, x0.numel()).backward()  # n_tokens = B * T
         opt.step()
         opt.zero_grad(set_to_none=True)
     step()                                                                # warm-up

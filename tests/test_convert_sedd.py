@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sedd
+import utils
 
 L, V, D, DEPTH, HEADS, COND = 6, 9, 32, 2, 4, 16
 
@@ -61,7 +62,7 @@ class AuthorsSEDD(nn.Module):
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else 0.3 * torch.randn_like(p))
 
 
-def authors_forward(sd, x, sigma, heads=HEADS):
+def authors_forward(sd, x, sigma, heads=HEADS, approximate="tanh"):
     """Their forward from its equations, in float32: h = E[x] + P; c = SiLU(MLP(sinusoid(sigma)));
     per block h += g1 * W_o Attn(rot(q), rot(k), v) on LN_w(h) (1 + scale1) + shift1 with q, k, v
     packed (three, heads, head_dim) and rotate-half rotary; h += g2 * MLP(LN_w(h) (1 + scale2) + shift2);
@@ -91,7 +92,7 @@ def authors_forward(sd, x, sigma, heads=HEADS):
         o = torch.einsum("bhlm,bmhd->blhd", w, v).reshape(B, L, Dm)
         h = h + g1 * lin(o, p + "attn_out", bias=False)
         m = ln(h, sd[p + "norm2.weight"]) * (1 + sc2) + sh2
-        h = h + g2 * lin(F.gelu(lin(m, p + "mlp.0"), approximate="tanh"), p + "mlp.2")
+        h = h + g2 * lin(F.gelu(lin(m, p + "mlp.0"), approximate=approximate), p + "mlp.2")
     shift, scale = lin(c, "output_layer.adaLN_modulation")[:, None].chunk(2, -1)
     out = lin(ln(h, sd["output_layer.norm_final.weight"]) * (1 + scale) + shift, "output_layer.linear")
     out = out - torch.log(torch.expm1(sigma))[:, None, None] - math.log(out.shape[-1] - 1)
@@ -205,6 +206,39 @@ def test_hf_folder_converts_and_samples(tmp_path, monkeypatch, fmt, prefix):
     sedd.main(["sample", "--ckpt", "c.pt", "--n", "7", "--out", "gen", "--steps", "8"])
     codes = np.load("gen/codes.npy")
     assert codes.shape == (7, L) and codes.max() < V
+
+
+def test_gelu_exact_is_the_toy_default_tanh_for_theirs_imagenet_and_old_checkpoints(tmp_path, monkeypatch):
+    """--gelu exact (the toy) uses GELU's erf form, tanh SEDD's approximation: each DDiT equals
+    their forward with its GELU and not with the other. Converted models, the imagenet presets and
+    checkpoints saved without the key sample with tanh."""
+    sd = AuthorsSEDD(5).state_dict()
+    hf = write_hf(tmp_path / "hf", sd)
+    sedd.main(["convert", "--authors", str(hf), "--out", str(tmp_path / "c.pt")])
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert ck["config"]["gelu"] == "tanh"
+    x, sigma = inputs(3)
+    for gelu, approx, other in (("exact", "none", "tanh"), ("tanh", "tanh", "none")):
+        m = sedd.DDiT(L, V, ck["config"]["size"], ck["config"]["cond_dim"], 0.0, gelu).eval()
+        m.load_state_dict(ck["ema"])
+        with torch.no_grad():
+            ours = m(x, sigma)
+            assert close(ours, authors_forward(sd, x, sigma, approximate=approx))
+            assert not close(ours, authors_forward(sd, x, sigma, approximate=other))
+    assert utils.parse_config(sedd.Config, [], sedd.PRESETS).gelu == "exact"
+    assert utils.parse_config(sedd.Config, ["--preset", "imagenet512"], sedd.PRESETS).gelu == "tanh"
+    del ck["config"]["gelu"]                                         # a checkpoint saved before the key
+    torch.save(ck, tmp_path / "old.pt")
+    with pytest.raises(SystemExit, match="unknown --gelu"):
+        sedd.DDiT(L, V, "toy", 16, 0.0, "relu")
+    real, built = sedd.DDiT, []
+    def spy(*args):
+        built.append(args)
+        return real(*args)
+    monkeypatch.setattr(sedd, "DDiT", spy)
+    monkeypatch.chdir(tmp_path)
+    sedd.main(["sample", "--ckpt", "old.pt", "--n", "2", "--out", "gen", "--steps", "4"])
+    assert [a[-1] for a in built] == ["tanh"]
 
 
 def test_heads_from_flag_when_files_do_not_say(tmp_path):

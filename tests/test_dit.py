@@ -486,7 +486,7 @@ def authors_ditsem(depth=4, D=128, patch=2, C=4, grid=4, L=6, V=10, seed=0):
     return {k: torch.randn(v, generator=g) * std(k, v) for k, v in s.items()}
 
 
-def reference_ditsem(sd, x, t, y, heads, drop=None):
+def reference_ditsem(sd, x, t, y, heads, drop=None, approximate="tanh"):
     """Their DiTSEM.forward in eval mode written out: patchify + pos, [cos, sin] timestep MLP,
     SEMEmbedder (one_hot(y, V+1) or y with a zero drop column, @ table, mean over L), adaLN-Zero
     blocks with explicit attention, final layer, unpatchify (einsum nhwpqc->nchpwq)."""
@@ -515,7 +515,7 @@ def reference_ditsem(sd, x, t, y, heads, drop=None):
         q, k, v = F.linear(mod(ln(h), sh1, sc1), w(b + "attn.qkv.weight"), w(b + "attn.qkv.bias")).view(B, -1, 3, heads, D // heads).unbind(2)
         att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
         h = h + g1[:, None] * F.linear(torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, -1, D), w(b + "attn.proj.weight"), w(b + "attn.proj.bias"))
-        m = F.gelu(F.linear(mod(ln(h), sh2, sc2), w(b + "mlp.fc1.weight"), w(b + "mlp.fc1.bias")), approximate="tanh")
+        m = F.gelu(F.linear(mod(ln(h), sh2, sc2), w(b + "mlp.fc1.weight"), w(b + "mlp.fc1.bias")), approximate=approximate)
         h = h + g2[:, None] * F.linear(m, w(b + "mlp.fc2.weight"), w(b + "mlp.fc2.bias"))
         i += 1
     sh, sc = F.linear(F.silu(c), w("final_layer.adaLN_modulation.1.weight"), w("final_layer.adaLN_modulation.1.bias")).chunk(2, 1)
@@ -579,6 +579,37 @@ def test_convert_accelerate_folder_matches_their_forward_and_cfg(tmp_path):
         c = utils.parse_config(dit.Config, ["--preset", name], dit.PRESETS)
         assert (c.sample_steps, c.cfg_scale, c.cfg_channels, c.cfg_interval, c.bf16) == (256, scale, 4, [], False)
     assert utils.parse_config(dit.Config, ["--preset", "imagenet-cfg1.7", "--cfg_channels", "3"], dit.PRESETS).cfg_channels == 3
+
+
+def test_gelu_exact_is_the_toy_default_tanh_for_imagenet_authors_and_old_checkpoints(tmp_path, monkeypatch):
+    """--gelu exact (the toy) is x Phi(x) with the erf, tanh DiT's approximation: each model equals
+    the written-out forward with its GELU and not with the other one. The imagenet preset, the
+    authors' converted models and checkpoints saved without the key build tanh; resuming a run with
+    the other GELU stops with one line."""
+    sd = authors_ditsem(seed=0)
+    g = torch.Generator().manual_seed(4)
+    x, t, y = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 3]), torch.randint(0, 10, (3, 6), generator=g)
+    for gelu, approx, other in (("exact", "none", "tanh"), ("tanh", "tanh", "none")):
+        m = dit.DiT("DiT-toy/2", 8, 4, "dlc", L=6, V=10, gelu=gelu).eval()
+        m.load_state_dict(sd)
+        with torch.no_grad():
+            out = m(x, t, y)
+            torch.testing.assert_close(out, reference_ditsem(sd, x, t, y, 4, approximate=approx), atol=1e-5, rtol=1e-5)
+            assert (out - reference_ditsem(sd, x, t, y, 4, approximate=other)).abs().max() > 1e-4
+    info = {"num_classes": 0, "L": 6, "V": 10, "emb_dim": 0}
+    for argv, want in (([], "exact"), (["--preset", "imagenet", "--model", "DiT-toy/4"], "tanh")):
+        cfg = utils.parse_config(dit.Config, argv, dit.PRESETS)
+        assert dit.DiT(**dit.model_args(cfg, info, 3, 8)).blocks[0].mlp.approximate == {"exact": "none", "tanh": "tanh"}[want]
+    assert dit.DiT("DiT-toy/4", 8, 3, "none").blocks[0].mlp.approximate == "tanh"      # model_args without gelu
+    with pytest.raises(SystemExit, match="unknown --gelu"):
+        dit.DiT("DiT-toy/4", 8, 3, "none", gelu="relu")
+    monkeypatch.chdir(tmp_path)
+    s = make_set(tmp_path / "set")
+    dit.main(["train", "--cond", "dlc", "--dlc", s, *TINY, "--steps", "2", "--run", "r", "--gelu", "tanh"])
+    with pytest.raises(SystemExit) as e:
+        dit.main(["train", "--cond", "dlc", "--dlc", s, *TINY, "--steps", "4", "--run", "r", "--resume"])
+    assert "--gelu tanh" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir("runs/dit-r/checkpoints")) == ["ckpt_0000002.pt"]
 
 
 def test_compose_pairs_of_a_latent_model_decodes_through_the_vae(tmp_path, monkeypatch):
