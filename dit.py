@@ -262,7 +262,7 @@ class Mlp(nn.Module):
     def __init__(self, dim, hidden, gelu="tanh"):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.approximate = {"tanh": "tanh", "exact": "none"}[gelu]          # F.gelu's names of the two forms
+        self.approximate = utils.gelu_form(gelu)                            # F.gelu's names of the two forms
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
@@ -314,8 +314,6 @@ class DiT(nn.Module):
                  num_classes=1000, L=0, V=0, emb_dim=0, grad_ckpt=False, dlc_pool="mean", label_std=0.02,
                  gelu="tanh"):
         super().__init__()
-        if gelu not in ("tanh", "exact"):
-            utils.fail(f"unknown --gelu {gelu!r}; use exact or tanh")
         depth, dim, heads, patch = DIT_MODELS[model]
         self.cond, self.patch, self.in_channels, self.out_channels = cond, patch, in_channels, 2 * in_channels
         self.input_size = input_size                                         # pixels or latent cells per side

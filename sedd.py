@@ -222,7 +222,7 @@ class DDiTBlock(nn.Module):
         self.qkv = nn.Linear(D, 3 * D, bias=False)                      # q | k | v packed along the output dim
         self.proj = nn.Linear(D, D, bias=False)
         self.norm2 = nn.LayerNorm(D, bias=False)
-        act = nn.GELU(approximate={"tanh": "tanh", "exact": "none"}[gelu])
+        act = nn.GELU(approximate=utils.gelu_form(gelu))
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), act, nn.Linear(4 * D, D))  # D -> 4D -> D
         self.ada = nn.Linear(cond_dim, 6 * D)                           # six modulation vectors of width D from c
         nn.init.zeros_(self.ada.weight)                                     # adaLN-Zero: the block starts as identity
@@ -247,8 +247,6 @@ class DDiT(nn.Module):
     (B, L, V+1) float32; raw(x, sigma) -> the unscaled output z (what the sampler caches)."""
     def __init__(self, L, V, size="toy", cond_dim=128, dropout=0.1, gelu="tanh"):
         super().__init__()
-        if gelu not in ("tanh", "exact"):
-            utils.fail(f"unknown --gelu {gelu!r}; use exact or tanh")
         D, depth, heads = model_dims(size)
         self.L, self.V = L, V
         self.embed = nn.Embedding(V + 1, D)                                 # untied from the output
@@ -444,8 +442,9 @@ def build_for_training(cfg, run_dir, d):
     if ck is not None and (ck["config"]["L"], ck["config"]["V"]) != (cfg.L, cfg.V):
         utils.fail(f"checkpoint {ck_path} was trained with L={ck['config']['L']} V={ck['config']['V']} "
                    f"but {cfg.dlc} has L={cfg.L} V={cfg.V}; use a matching DLC set or a new --run")
-    if ck is not None and ck["config"].get("gelu", "tanh") != cfg.gelu:                 # absent: tanh (older runs)
-        utils.fail(f"checkpoint {ck_path} was trained with --gelu {ck['config'].get('gelu', 'tanh')}; resume with it")
+    was = ck["config"].get("gelu", "tanh") if ck is not None else cfg.gelu           # absent: tanh (older runs)
+    if was != cfg.gelu:
+        utils.fail(f"checkpoint {ck_path} was trained with --gelu {was}; resume with --gelu {was}")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout, cfg.gelu).to(d.device)
     ema = DDiT(cfg.L, cfg.V, cfg.size, cfg.cond_dim, cfg.dropout, cfg.gelu).to(d.device).eval().requires_grad_(False)

@@ -573,6 +573,15 @@ def autocast(device, enabled=True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and fast_bf16(device))
 
 
+def gelu_form(name):
+    """torch's `approximate` argument for a --gelu value: "exact" (the erf form) -> "none", "tanh"
+    (the approximation DiT and SEDD use) -> "tanh"; any other value stops with one line."""
+    forms = {"exact": "none", "tanh": "tanh"}
+    if name not in forms:
+        fail(f"unknown --gelu {name!r}; use exact or tanh")
+    return forms[name]
+
+
 def attention(q, k, v):
     """F.scaled_dot_product_attention (B, H, T, d) x 3 -> (B, H, T, d), non-causal. On the CPU it
     runs in fp32 even under autocast: CPU autocast casts its inputs to bf16, and the bf16 CPU

@@ -397,6 +397,10 @@ def test_bad_input_one_line_nothing_written(toy, tmp_path, monkeypatch):
         sedd.main(["--dlc", "l4", "--run", "full", "--steps", "9", "--resume"])
     assert "L=8" in str(e.value) and "L=4" in str(e.value)
     assert (sorted(os.listdir("runs/sedd-full/checkpoints")), open("runs/sedd-full/log.txt").read()) == before
+    with pytest.raises(SystemExit) as e:                               # trained with the exact GELU (the default)
+        sedd.main(["--dlc", "dlc", "--run", "full", "--steps", "9", "--resume", "--gelu", "tanh"])
+    assert "--gelu exact" in str(e.value) and "\n" not in str(e.value)
+    assert (sorted(os.listdir("runs/sedd-full/checkpoints")), open("runs/sedd-full/log.txt").read()) == before
     with pytest.raises(SystemExit) as e:
         sedd.main(["--preset", "imagenet512", "--dlc", "dlc", "--run", "y"])   # preset expects L=512
     assert "L=512" in str(e.value) and not os.path.exists("runs/sedd-y")
