@@ -37,7 +37,7 @@ lanes() {
   [ $ra = 0 ] && [ $rb = 0 ] || { tail -n 5 "$OUT"/lane-[ab].log >&2; echo "error: a step failed (logs: $OUT/lane-[ab].log)" >&2; exit 1; }
 }
 dit_train() { $PY "$D/dit.py" train --cond $1 --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$1 --overwrite "${DIT[@]}"; }
-S=(--n $NS --sample_steps $STEPS); G=(--cfg_scale 4)     # every conditioned model guided at DiT's figure scale
+S=(--n $NS --sample_steps $STEPS); G=(--cfg_scale 4)     # the DLC and embedding models guided at DiT's figure scale
 judge() { $PY "$D/evaluate.py" judge --samples "$OUT/s/$1.npz" --out "$OUT/eval/$1" "${@:2}" "${JUDGE[@]}"; }
 
 stage "1. SEM encoder (self-distillation) on shapes, DLCs + continuous embeddings of its training images; the judge"
@@ -53,9 +53,9 @@ lane_a() {
   $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"
   $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd" --overwrite
   $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --eta 0 --out "$OUT/dlc-sedd-eta0" --overwrite
-  stage "2a. DiT conditioned on the shape label; its samples"
+  stage "2a. DiT conditioned on the shape label; its samples (guided at 6: at 4 a tenth draw colour = background)"
   dit_train label
-  $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" "${G[@]}" --out "$OUT/s/label.npz"; judge label
+  $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-label "${S[@]}" --cfg_scale 6 --out "$OUT/s/label.npz"; judge label
   stage "2a. DLCs of 30000 more images for the linear probe (on 4000 the probe is sample-limited)"
   $PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NPROBE --out "$OUT/dlc-probe" --continuous --overwrite
   $PY "$D/evaluate.py" probe --dlc "$OUT/dlc-probe" --out "$OUT/eval/probe"

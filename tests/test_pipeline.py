@@ -19,7 +19,7 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     for title in ("## 1. Section 3", "## 2. DiT samples", "## 3. Composition", "## 4. Text", "## 5. Linear probe",
                   "## 6. SEDD", "## Claims"):
         assert title in table
-    for row in ("| dlc-sedd (CFG 4) |", "| label (CFG 4) |", "| embedding-generated (CFG 4) |", "| unconditional |",
+    for row in ("| dlc-sedd (CFG 4) |", "| label (CFG 6) |", "| embedding-generated (CFG 4) |", "| unconditional |",
                 "| DLC token mixing |", "| heldout |", "no remasking"):
         assert row in table
     # every claim the pipeline checks has its row with a number, a bar and a verdict
