@@ -12,11 +12,10 @@ losses.py, model/transformer.py, sampling.py, catsample.py), MDLM
 (https://github.com/kuleshov-group/mdlm, caching, 1/t-weighted CE) and ReMDM (Wang et al.
 2025, remasking posterior); every line here is written from the equations.
 
-Commands (a DLC set is a folder written by `sem.py encode`; `synth` writes a stand-in):
+Commands (a DLC set is a folder written by `sem.py encode`):
   python sedd.py --dlc runs/dlc-shapes     # toy training on sem.py encode's set (5-6 min on a busy 2-core CPU)
-  python sedd.py synth --out runs/dlc-synth && python sedd.py --dlc runs/dlc-synth   # synthetic stand-in set
   python sedd.py sample --ckpt runs/sedd-toy --n 4000 --out runs/dlc-sedd   # tau-leaping + remasking
-  python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-synth --keep 0-3,8 --n 100 --out runs/dlc-infill
+  python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-shapes --keep 0-3,8 --n 100 --out runs/dlc-infill
   torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
   torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --num 50000 --out DLC512-gen
   python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
@@ -475,7 +474,7 @@ def load_codes(cfg):
     rows (none under 20 rows) held out for the per-token loss.
     Returns (cfg, train codes, held-out codes, the set's meta); codes are int64 (N, L)."""
     if not cfg.dlc:
-        utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode, or sedd.py synth)")
+        utils.fail("no DLC set given; pass --dlc DIR (from sem.py encode)")
     s = utils.load_dlc_set(cfg.dlc, L=cfg.L or None, V=cfg.V or None)
     codes, meta = np.asarray(s["codes"], dtype=np.int64), s["meta"]
     cfg = dataclasses.replace(cfg, L=int(meta["L"]), V=int(meta["V"]))
@@ -866,7 +865,7 @@ def convert_main(c):
 
 
 #################################################################################
-#   bench (throughput, MFU) and synth (a stand-in DLC set for tests and docs)   #
+#                        bench (throughput, memory, MFU)                        #
 #################################################################################
 
 def bench(cfg):
@@ -904,48 +903,8 @@ def bench(cfg):
           f"DLC {fw:.1f} ({fw / (cfg.bench_steps + 1):.2f} per step) [untrained weights]", flush=True)
 
 
-@dataclass
-class SynthConfig:
-    out: str = ""                # output DLC set folder
-    overwrite: bool = False      # replace an existing DLC set at --out
-    n: int = 4000                # number of codes
-    L: int = 16                  # code length
-    V: int = 32                  # vocabulary
-    noise: float = 0.1           # probability of replacing a token by a uniform one
-    seed: int = 0                # seed of the tables and of the noise
-    POSITIVE = ("n", "L", "V")
-
-
-def synth(c):
-    """A stand-in for `sem.py encode` with known structure: the attributes (shape, colour,
-    background) of utils' shapes images; token i = table_i[attributes position i looks at]
-    (one or two of the three), then uniform noise. Marginals and pairs are far from uniform."""
-    if not c.out:
-        utils.fail("synth needs --out DIR")
-    utils.check_dlc_out(c.out, c.overwrite)
-    rng = np.random.RandomState(c.seed)
-    attrs = utils.make_shapes(c.n, 8, c.seed)["attrs"].numpy()             # (N, 3)
-    sizes = (len(utils.SHAPES), len(utils.COLOURS), len(utils.COLOURS))
-    codes = np.empty((c.n, c.L), dtype=np.int64)
-    for i in range(c.L):
-        look = rng.choice(3, size=1 + i % 2, replace=False)                # attributes seen by position i
-        # (N,) flat index of the attributes position i looks at
-        key = np.ravel_multi_index(tuple(attrs[:, j] for j in look), tuple(sizes[j] for j in look))
-        # a random token for each attribute combination
-        table = rng.randint(c.V, size=int(np.prod([sizes[j] for j in look])))
-        codes[:, i] = table[key]                                        # (N,) token i as a function of the attributes
-    noisy = rng.rand(c.n, c.L) < c.noise                                # (N, L) bool: tokens replaced by uniform noise
-    codes[noisy] = rng.randint(c.V, size=noisy.sum())
-    utils.save_dlc_set(c.out, codes, {"L": c.L, "V": c.V, "tau": None, "checkpoint": None,
-                                      "command": " ".join(["sedd.py"] + sys.argv[1:]), "synthetic": True,
-                                      "data": {"name": "shapes", "n": c.n, "size": 8, "seed": c.seed}},
-                       labels=attrs[:, 0], overwrite=c.overwrite)
-    print(f"wrote synthetic DLC set {c.out}: N={c.n} L={c.L} V={c.V}", flush=True)
-
-
 COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_main, SampleConfig, SAMPLE_PRESETS),
-            "convert": (convert_main, ConvertConfig, None), "bench": (bench, Config, PRESETS),
-            "synth": (synth, SynthConfig, None)}
+            "convert": (convert_main, ConvertConfig, None), "bench": (bench, Config, PRESETS)}
 
 
 def main(argv=None):

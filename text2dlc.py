@@ -118,17 +118,6 @@ class ProbeConfig:
 
 
 @dataclass
-class ToySetConfig:
-    """`toyset`: a SYNTHETIC captioned DLC set for when sem.py has not been run."""
-    out: str = ""                 # output DLC set folder
-    overwrite: bool = False       # replace an existing DLC set at --out
-    data: str = "shapes"          # shapes (held-out combinations excluded) | shapes-all | shapes-heldout
-    n: int = 4000                 # images
-    seed: int = 0                 # data seed
-    POSITIVE = ("n",)
-
-
-@dataclass
 class BenchConfig(ModelConfig):
     """`bench`: training throughput of one model on this device."""
 
@@ -855,26 +844,8 @@ def authors_backend(model_path, L):
 
 
 #################################################################################
-#            toyset (a SYNTHETIC captioned DLC set, a test fixture), bench       #
+#                        bench (throughput, memory, MFU)                        #
 #################################################################################
-
-def toyset_cmd(c):
-    """A SYNTHETIC captioned DLC set (L=8, V=32) for when sem.py has not been run: tokens 0-1
-    name the shape, 2-3 the colour, 4-5 the background (two synonyms each), 6-7 are noise.
-    It tests the text -> code mapping only; real DLCs come from sem.py encode."""
-    if not c.out:
-        utils.fail("toyset needs --out DIR")
-    utils.check_dlc_out(c.out, c.overwrite)
-    d = utils.load_embedded(c.data, n=c.n, size=8, seed=c.seed)
-    rng = np.random.RandomState(c.seed + 1)
-    a = d["attrs"].numpy()                                                # (N, 3) shape, colour, background
-    syn = lambda base, col: base + 2 * a[:, col:col + 1] + rng.randint(2, size=(len(a), 2))  # (N, 2)
-    codes = np.concatenate([syn(0, 0), syn(8, 1), syn(18, 2), rng.randint(32, size=(len(a), 2))], 1)  # (N, 8)
-    meta = {"L": 8, "V": 32, "synthetic": True, "command": "python text2dlc.py " + " ".join(sys.argv[1:]),
-            "data": {"name": c.data, "n": c.n, "size": 8, "seed": c.seed}}
-    utils.save_dlc_set(c.out, codes, meta, labels=a[:, 0], captions=d["captions"], overwrite=c.overwrite)
-    print(f"wrote SYNTHETIC DLC set {c.out}: N={len(codes)} L=8 V=32")
-
 
 def bench(cfg):
     """Training tokens/s, peak memory and MFU (FLOPs counted by torch on one step) of the tiny
@@ -916,7 +887,7 @@ def bench(cfg):
 
 
 COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_cmd, SampleConfig, None),
-            "probe": (probe_cmd, ProbeConfig, None), "toyset": (toyset_cmd, ToySetConfig, None),
+            "probe": (probe_cmd, ProbeConfig, None),
             "bench": (bench, BenchConfig, None)}
 
 

@@ -39,5 +39,47 @@ def assert_same_optimizer_state(a, b):
             assert torch.equal(v, b["state"][i][k]) if torch.is_tensor(v) else v == b["state"][i][k], (i, k)
 
 
+def structured_dlc_set(out, n=4000, L=16, V=32, noise=0.1, seed=0):
+    """A SYNTHETIC DLC set with known structure (not from sem.py), for the SEDD tests: token i is
+    a random table of the one or two shapes attributes (shape, colour, background) position i
+    looks at, then uniform noise with probability `noise`. Marginals and pairs are far from uniform."""
+    import numpy as np
+    import utils
+    rng = np.random.RandomState(seed)
+    attrs = utils.make_shapes(n, 8, seed)["attrs"].numpy()                 # (N, 3)
+    sizes = (len(utils.SHAPES), len(utils.COLOURS), len(utils.COLOURS))
+    codes = np.empty((n, L), dtype=np.int64)
+    for i in range(L):
+        look = rng.choice(3, size=1 + i % 2, replace=False)                # attributes seen by position i
+        # (N,) flat index of those attributes, then a random token for each of their combinations
+        key = np.ravel_multi_index(tuple(attrs[:, j] for j in look), tuple(sizes[j] for j in look))
+        codes[:, i] = rng.randint(V, size=int(np.prod([sizes[j] for j in look])))[key]
+    noisy = rng.rand(n, L) < noise                                        # (N, L) tokens replaced by noise
+    codes[noisy] = rng.randint(V, size=noisy.sum())
+    utils.save_dlc_set(str(out), codes, {"L": L, "V": V, "synthetic": True,
+                                         "data": {"name": "shapes", "n": n, "size": 8, "seed": seed}},
+                       labels=attrs[:, 0])
+    return str(out)
+
+
+def captioned_dlc_set(out, n=200, L=8, V=32, seed=0, captions=True, data=None):
+    """A SYNTHETIC captioned DLC set (not from sem.py), for the text2dlc tests: tokens 0-1 name the
+    shape, 2-3 the colour, 4-5 the background (two synonyms each), 6-7 are noise. With `data`
+    (an embedded dataset's name) its rows are that dataset's images at 8 px, recorded in meta."""
+    import numpy as np
+    import utils
+    d = utils.load_embedded(data, n=n, size=8, seed=seed) if data else utils.make_shapes(n, 8, seed)
+    rng = np.random.RandomState(seed)
+    a = d["attrs"].numpy()                                                # (N, 3) shape, colour, background
+    codes = np.concatenate([2 * a[:, :1] + rng.randint(2, size=(n, 2)), 8 + 2 * a[:, 1:2] + rng.randint(2, size=(n, 2)),
+                            18 + 2 * a[:, 2:3] + rng.randint(2, size=(n, 2)), rng.randint(V, size=(n, 2))], 1)
+    meta = {"L": L, "V": V, "synthetic": True}
+    if data:
+        meta["data"] = {"name": data, "n": n, "size": 8, "seed": seed}
+    utils.save_dlc_set(str(out), codes, meta, labels=a[:, 0] if data else None,
+                       captions=d["captions"] if captions else None)
+    return str(out)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (run through the device tool)")

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, captioned_dlc_set, structured_dlc_set
 import dit, evaluate, sedd, sem, text2dlc
 import utils
 from test_dit import TINY as DIT_TINY, make_set
 from test_sem import TINY as SEM_TINY
-from test_text2dlc import synthetic_dlc_set
 
 T2D_TINY = ["--batch_size", "4", "--d_model", "16", "--n_layers", "1"]
 FID = "fid --samples {f}/imgs.npz --ref {f}/imgs.npz --allow_low_rank --out o --inception {f}/"
@@ -28,14 +27,14 @@ def fx(tmp_path_factory):
     os.chdir(f)
     torch.set_num_threads(1)
     try:
-        sedd.main(["synth", "--out", "sedd_dlc", "--n", "100", "--L", "8", "--V", "16"])
+        structured_dlc_set("sedd_dlc", n=100, L=8, V=16)
         sedd.main(["--dlc", "sedd_dlc", "--run", "t", "--steps", "1", "--batch_size", "8", "--eval_every", "1"])
         make_set(f / "dit_dlc")
         dit.main(["train", "--cond", "dlc", "--dlc", "dit_dlc", *DIT_TINY, "--steps", "1", "--run", "t"])
         dit.main(["train", "--cond", "label", "--data", "shapes", "--data_n", "64", *DIT_TINY, "--steps", "1",
                   "--run", "lab"])
-        synthetic_dlc_set(f / "t2d_dlc")
-        s8 = utils.load_dlc_set(synthetic_dlc_set(f / "t2d_dlc_copy"))
+        captioned_dlc_set(f / "t2d_dlc")
+        s8 = utils.load_dlc_set(captioned_dlc_set(f / "t2d_dlc_copy"))
         utils.save_dlc_set(str(f / "t2d_l4"), np.asarray(s8["codes"])[:, :4], {"L": 4, "V": 32}, captions=s8["captions"])
         text2dlc.main(["--dlc", "t2d_dlc", "--run", "t", "--steps", "1", *T2D_TINY])
         sem.main([*SEM_TINY, "--steps", "1", "--n", "64", "--run", "t"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_script
+from conftest import ROOT, captioned_dlc_set, run_script
 import dit, sedd, sem, text2dlc, toy_gmm
 
 SEDD_TINY = ["--batch_size", "16", "--eval_every", "2", "--warmup", "1", "--ckpt_every", "2"]
@@ -73,7 +73,7 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("safety")
     cwd = os.getcwd(); os.chdir(d)
     try:
-        text2dlc.main(["toyset", "--out", "dlc", "--n", "64", "--data", "shapes-all"])
+        captioned_dlc_set("dlc", n=64, data="shapes-all")
         sedd.main(["--dlc", "dlc", "--run", "a", "--steps", "2", *SEDD_TINY])
         dit.main(["train", "--dlc", "dlc", "--run", "a", "--steps", "2", *DIT_TINY])
         sem.main(["--run", "a", "--steps", "2", *SEM_TINY])
@@ -92,10 +92,10 @@ def test_out_that_is_not_a_dlc_set_is_refused_and_untouched(work, tmp_path, monk
     (tmp_path / "important").mkdir()
     (tmp_path / "important/thesis.tex").write_text("years of work")
     before = listing(work), listing(tmp_path)
-    # the reported cases: sample into runs/ (every checkpoint) and synth into a user's folder
-    fails(sedd.main, ["sample", "--ckpt", "runs/sedd-a", "--n", "4", "--steps", "2", "--out", "runs"], "not a DLC set")
-    fails(sedd.main, ["synth", "--out", tmp_path / "important"], "not a DLC set", "thesis.tex")
-    fails(text2dlc.main, ["toyset", "--out", tmp_path / "important"], "not a DLC set")
+    # the reported cases: sample into runs/ (every checkpoint) and into a user's folder
+    sample = ["sample", "--ckpt", "runs/sedd-a", "--n", "4", "--steps", "2", "--out"]
+    fails(sedd.main, [*sample, "runs"], "not a DLC set")
+    fails(sedd.main, [*sample, tmp_path / "important"], "not a DLC set", "thesis.tex")
     fails(text2dlc.main, ["sample", "--ckpt", "runs/text2dlc-a", "--prompt", "a red square on a blue background",
                           "--out", tmp_path / "important"], "not a DLC set")
     fails(sem.main, ["encode", "--ckpt", "runs/sem-a", "--n", "8", "--out", tmp_path / "important/thesis.tex"],
@@ -103,18 +103,18 @@ def test_out_that_is_not_a_dlc_set_is_refused_and_untouched(work, tmp_path, monk
     # a DLC set with a file of the user's inside is not ours to replace either
     (work / "dlc/notes.txt").write_text("mine")
     try:
-        fails(text2dlc.main, ["toyset", "--out", "dlc", "--n", "8", "--overwrite"], "notes.txt")
+        fails(sedd.main, [*sample, "dlc", "--overwrite"], "notes.txt")
     finally:
         os.remove(work / "dlc/notes.txt")
     assert (listing(work), listing(tmp_path)) == before
 
 
-def test_replacing_a_dlc_set_needs_overwrite_and_is_atomic(tmp_path, monkeypatch):
+def test_replacing_a_dlc_set_needs_overwrite_and_is_atomic(work, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    sedd.main(["synth", "--out", "set", "--n", "20", "--L", "4", "--V", "8"])
+    encode = ["encode", "--ckpt", str(work / "runs/sem-a"), "--out"]   # writes codes, labels, attrs
+    sem.main([*encode, "set", "--n", "20"])
     old = np.load("set/codes.npy")
-    p = run_script([os.path.join(ROOT, "sedd.py"), "synth", "--out", "set", "--n", "30", "--L", "4", "--V", "8"],
-                   cwd=tmp_path, check=False)
+    p = run_script([os.path.join(ROOT, "sem.py"), *encode, "set", "--n", "30"], cwd=tmp_path, check=False)
     one_line_error(p, "--overwrite")                                     # refused before any work
     assert np.array_equal(np.load("set/codes.npy"), old)
     # a crash while the new set is written (here: the third file) leaves the old set whole
@@ -127,17 +127,18 @@ def test_replacing_a_dlc_set_needs_overwrite_and_is_atomic(tmp_path, monkeypatch
         return real_save(*a, **k)
     monkeypatch.setattr(np, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        sedd.main(["synth", "--out", "set", "--n", "30", "--L", "4", "--V", "8", "--overwrite"])
+        sem.main([*encode, "set", "--n", "30", "--overwrite"])
     monkeypatch.setattr(np, "save", real_save)
     assert np.array_equal(utils.load_dlc_set("set")["codes"], old) and sorted(os.listdir()) == ["set"]
-    sedd.main(["synth", "--out", "set", "--n", "30", "--L", "4", "--V", "8", "--overwrite"])
-    assert utils.load_dlc_set("set")["codes"].shape == (30, 4) and sorted(os.listdir()) == ["set"]
+    sem.main([*encode, "set", "--n", "30", "--overwrite"])
+    L = utils.load_dlc_set("set")["meta"]["L"]
+    assert utils.load_dlc_set("set")["codes"].shape == (30, L) and sorted(os.listdir()) == ["set"]
     # a crash between the two renames of the swap (old set aside, new not yet in place):
     # the next start puts the old set back and drops the half-swapped new one
     pid = dead_pid()
     os.rename("set", f"set.old-{pid}")
-    sedd.main(["synth", "--out", f"set.tmp-{pid}", "--n", "5", "--L", "4", "--V", "8"])
-    assert utils.load_dlc_set("set")["codes"].shape == (30, 4) and sorted(os.listdir()) == ["set"]
+    sem.main([*encode, f"set.tmp-{pid}", "--n", "5"])
+    assert utils.load_dlc_set("set")["codes"].shape == (30, L) and sorted(os.listdir()) == ["set"]
 
 
 #################################################################################

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, run_script, structured_dlc_set, torchrun
 import utils
 
 pytestmark = [pytest.mark.gpu,
@@ -42,7 +42,7 @@ def test_sedd_sdpa_bf16_close_to_explicit_and_train_sample_cuda(tmp_path):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
-    run_script([script("sedd.py"), "synth", "--out", "dlc", "--n", "512", "--L", "16", "--V", "32"], cwd=tmp_path)
+    structured_dlc_set(tmp_path / "dlc", n=512, L=16, V=32)
     p = run_script([script("sedd.py"), "--dlc", "dlc", "--run", "g", "--steps", "30", "--batch_size", "64",
                     "--eval_every", "30", "--ckpt_every", "30", "--device", "cuda"], cwd=tmp_path)
     assert "held-out loss" in p.stdout and "nan" not in p.stdout.lower()
@@ -86,9 +86,10 @@ def test_dit_train_sample_compose_cuda(tmp_path):
 
 
 def test_text2dlc_fsdp_nccl_one_rank(tmp_path):
-    from test_text2dlc import synthetic_dlc_set, tiny_hf_model_dir
+    from conftest import captioned_dlc_set
+    from test_text2dlc import tiny_hf_model_dir
     path = tiny_hf_model_dir(tmp_path / "hf")
-    dlc = synthetic_dlc_set(tmp_path / "dlc", n=64)
+    dlc = captioned_dlc_set(tmp_path / "dlc", n=64)
     torchrun([script("text2dlc.py"), "--model", "llada", "--model_path", path, "--dlc", dlc, "--steps", "3",
               "--batch_size", "4", "--log_every", "1", "--act_ckpt", "--max_caption", "8", "--ema_decay", "0",
               "--device", "cuda"], nproc=1, cwd=tmp_path)

@@ -10,7 +10,7 @@ from scipy import stats
 
 import sedd
 import utils
-from conftest import ROOT, assert_same_optimizer_state, torchrun
+from conftest import ROOT, assert_same_optimizer_state, structured_dlc_set, torchrun
 
 EPS = 1e-3
 
@@ -292,7 +292,7 @@ def toy(tmp_path_factory):
     d = tmp_path_factory.mktemp("sedd")
     cwd = os.getcwd(); os.chdir(d)
     try:
-        sedd.main(["synth", "--out", "dlc", "--n", "300", "--L", "8", "--V", "16"])
+        structured_dlc_set("dlc", n=300, L=8, V=16)
         sedd.main(["--dlc", "dlc", "--run", "full", "--steps", "6", "--batch_size", "16", "--ckpt_every", "3",
                    "--eval_every", "3", "--warmup", "2"])
     finally:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import utils
-from conftest import ROOT, run_script, torchrun
+from conftest import ROOT, captioned_dlc_set, run_script, torchrun
 import text2dlc as t2d
 
 SCRIPT = os.path.join(ROOT, "text2dlc.py")
@@ -24,19 +24,6 @@ def fails_with(args, cwd, monkeypatch, words):
         run_main(args, cwd, monkeypatch)
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and words in msg, msg
-
-
-def synthetic_dlc_set(out, n=200, L=8, V=32, seed=0, captions=True):
-    """SYNTHETIC codes (not from sem.py): tokens 0-1 encode the shape, 2-3 the colour, 4-5 the
-    background, 6-7 are noise; captions from utils.make_shapes."""
-    d = utils.make_shapes(n, 8, seed)
-    rng = np.random.RandomState(seed)
-    a = d["attrs"].numpy()
-    codes = np.concatenate([2 * a[:, :1] + rng.randint(2, size=(n, 2)), 8 + 2 * a[:, 1:2] + rng.randint(2, size=(n, 2)),
-                            18 + 2 * a[:, 2:3] + rng.randint(2, size=(n, 2)), rng.randint(V, size=(n, 2))], 1)
-    utils.save_dlc_set(str(out), codes, {"L": L, "V": V, "synthetic": True},
-                       captions=d["captions"] if captions else None)
-    return str(out)
 
 
 def test_loss_by_hand():
@@ -143,7 +130,7 @@ def test_vocab_extension_keeps_old_rows(tmp_path):
 
 
 def test_train_sample_probe_end_to_end(tmp_path, monkeypatch, capsys):
-    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    dlc = captioned_dlc_set(tmp_path / "dlc")
     run_main(["--dlc", dlc, "--run", "t", "--steps", "10", "--batch_size", "16", "--d_model", "32",
               "--n_layers", "1", "--log_every", "5", "--ckpt_every", "10"], tmp_path, monkeypatch)
     assert os.path.isfile(tmp_path / "runs/text2dlc-t/checkpoints/ckpt_0000010.pt")
@@ -160,7 +147,7 @@ def test_train_sample_probe_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_torchrun_tiny_ddp(tmp_path):
-    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    dlc = captioned_dlc_set(tmp_path / "dlc")
     torchrun([SCRIPT, "--dlc", dlc, "--steps", "4", "--batch_size", "8", "--d_model", "32",
               "--n_layers", "1", "--log_every", "2", "--global_batch", "32"], cwd=tmp_path)
     log = open(tmp_path / "runs/text2dlc-toy/log.txt").read()
@@ -169,7 +156,7 @@ def test_torchrun_tiny_ddp(tmp_path):
 
 def test_torchrun_fsdp_hf_path(tmp_path, monkeypatch):
     path = tiny_hf_model_dir(tmp_path / "hf")
-    dlc = synthetic_dlc_set(tmp_path / "dlc", n=64)
+    dlc = captioned_dlc_set(tmp_path / "dlc", n=64)
     torchrun([SCRIPT, "--model", "llada", "--model_path", path, "--dlc", dlc, "--steps", "3",
               "--batch_size", "4", "--log_every", "1", "--act_ckpt", "--max_caption", "8", "--ema_decay", "0"],
              cwd=tmp_path)
@@ -183,16 +170,16 @@ def test_torchrun_fsdp_hf_path(tmp_path, monkeypatch):
 
 
 def test_bad_input_one_line_nothing_written(tmp_path, monkeypatch):
-    nocap = synthetic_dlc_set(tmp_path / "nocap", captions=False)
+    nocap = captioned_dlc_set(tmp_path / "nocap", captions=False)
     fails_with(["--dlc", nocap, "--run", "x"], tmp_path, monkeypatch, "captions.jsonl")
     fails_with(["--model", "llada", "--model_path", tmp_path / "nope", "--dlc", nocap, "--run", "x"],
                tmp_path, monkeypatch, "model_path")
     assert not os.path.exists(tmp_path / "runs")
     # V mismatch between a checkpoint and the DLC set (resume), and bad sampler settings
-    a = synthetic_dlc_set(tmp_path / "a")
+    a = captioned_dlc_set(tmp_path / "a")
     run_main(["--dlc", a, "--run", "v", "--steps", "2", "--batch_size", "4", "--d_model", "16",
               "--n_layers", "1", "--ckpt_every", "2"], tmp_path, monkeypatch)
-    b = synthetic_dlc_set(tmp_path / "b", V=40)
+    b = captioned_dlc_set(tmp_path / "b", V=40)
     before = sorted(os.listdir(tmp_path / "runs/text2dlc-v")), open(tmp_path / "runs/text2dlc-v/log.txt").read()
     fails_with(["--dlc", b, "--run", "v", "--resume", "--steps", "4"], tmp_path, monkeypatch, "V=32")
     assert (sorted(os.listdir(tmp_path / "runs/text2dlc-v")), open(tmp_path / "runs/text2dlc-v/log.txt").read()) == before
@@ -205,7 +192,7 @@ def test_bad_input_one_line_nothing_written(tmp_path, monkeypatch):
 def test_resume_is_bit_exact(tmp_path, monkeypatch):
     # 3 steps then --resume to 6 == 6 in one go: every draw (batch, t, masks) is a function of
     # (seed, step, rank); warm-up (50 steps) covers all 6, so the lr does not depend on --steps
-    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    dlc = captioned_dlc_set(tmp_path / "dlc")
     tiny = ["--dlc", dlc, "--batch_size", "8", "--d_model", "16", "--n_layers", "1", "--log_every", "1"]
     run_main([*tiny, "--run", "full", "--steps", "6"], tmp_path, monkeypatch)
     run_main([*tiny, "--run", "half", "--steps", "3"], tmp_path, monkeypatch)
@@ -225,7 +212,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch):
 
 
 def test_prompt_words_unknown_warn_or_refuse(tmp_path, monkeypatch, capsys):
-    dlc = synthetic_dlc_set(tmp_path / "dlc")
+    dlc = captioned_dlc_set(tmp_path / "dlc")
     run_main(["--dlc", dlc, "--run", "w", "--steps", "1", "--batch_size", "4", "--d_model", "16",
               "--n_layers", "1"], tmp_path, monkeypatch)
     capsys.readouterr()
