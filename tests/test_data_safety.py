@@ -131,8 +131,9 @@ def test_replacing_a_dlc_set_needs_overwrite_and_is_atomic(work, tmp_path, monke
     monkeypatch.setattr(np, "save", real_save)
     assert np.array_equal(utils.load_dlc_set("set")["codes"], old) and sorted(os.listdir()) == ["set"]
     sem.main([*encode, "set", "--n", "30", "--overwrite"])
-    L = utils.load_dlc_set("set")["meta"]["L"]
-    assert utils.load_dlc_set("set")["codes"].shape == (30, L) and sorted(os.listdir()) == ["set"]
+    new = utils.load_dlc_set("set")
+    L = new["meta"]["L"]
+    assert new["codes"].shape == (30, L) and sorted(os.listdir()) == ["set"]
     # a crash between the two renames of the swap (old set aside, new not yet in place):
     # the next start puts the old set back and drops the half-swapped new one
     pid = dead_pid()
