@@ -295,6 +295,43 @@ def test_novelty_command_flags_copies(judges, tmp_path):
     assert os.path.getsize(os.path.join(out, "retrieval.png")) > 1000
 
 
+def test_position_information_closed_forms():
+    """I(c_l; a) from counts: a copy of a uniform attribute carries its entropy log K, a coarsened copy
+    log 2, an independent position ~0 (the plug-in bias is (V-1)(K-1) / 2N nats), and a token that
+    is a function of two attributes splits between them."""
+    rng = np.random.RandomState(0)
+    N = 20000
+    attrs = np.stack([rng.randint(0, 4, N), rng.randint(0, 5, N)], 1)        # independent, uniform
+    codes = np.stack([attrs[:, 0], attrs[:, 1] // 3, rng.randint(0, 16, N),   # copy, coarsened, noise
+                      attrs[:, 0] * 5 + attrs[:, 1]], 1)                        # the pair: both in full
+    info = ev.position_information(codes, attrs)
+    p = np.bincount(attrs[:, 1] // 3) / N                                      # H of the coarsened colour
+    assert info[0, 0] == pytest.approx(np.log(4), abs=2e-3) and info[0, 1] < 1e-3
+    assert info[1, 1] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-9) and info[1, 0] < 1e-3
+    assert info[2].max() < 3 * 15 * 4 / (2 * N)
+    assert info[3] == pytest.approx([np.log(4), np.log(5)], abs=3e-3)
+    m = ev.position_metrics(codes, attrs, ["shape", "colour"])
+    # positions 0 -> shape, 1 and 3 -> colour (log 5 > log 4); the noise position goes either way
+    assert m["positions_shape"] + m["positions_colour"] == 4 and m["positions_colour"] in (2, 3)
+    assert m["info_shape_max"] == pytest.approx(np.log(4), abs=3e-3)
+    # purity: 1 for the two single-attribute copies, log 5 / (log 4 + log 5) for the pair
+    assert m["purity"] == pytest.approx((2 + info[2].max() / info[2].sum() + np.log(5) / np.log(20)) / 4, abs=1e-3)
+
+
+def test_probe_reports_position_information(tmp_path):
+    """probe on a shapes DLC set: a code whose positions are the three attributes is pure."""
+    d = utils.load_embedded("shapes", n=600)
+    attrs = d["attrs"].numpy()
+    utils.save_dlc_set(str(tmp_path / "dlc"), attrs, {"L": 3, "V": 5, "data": {"name": "shapes", "n": 600,
+                       "size": 32, "seed": 0}})
+    ev.main(["probe", "--dlc", str(tmp_path / "dlc"), "--out", str(tmp_path / "probe")])
+    m = json.load(open(tmp_path / "probe" / "metrics.json"))
+    # not 1: a shape never takes its background's colour, so the colour says a little about the background
+    assert m["purity"] > 0.85 and m["info_shape_max"] == pytest.approx(m["info_shape_sum"], rel=0.05)
+    assert (m["positions_shape"], m["positions_colour"], m["positions_background"]) == (1, 1, 1)
+    assert m["probe_dlc_shape"] == 1.0
+
+
 def test_sparse_one_hot_probe_equals_dense():
     rng = np.random.RandomState(1)
     labels = rng.randint(0, 3, 300)
