@@ -23,7 +23,7 @@ Commands (more in docs/sem.md):
   python sem.py import --authors DLC_512x256 --out runs/dlc512   # their ImageNet DLCs (+ latents)
   python sem.py bench                              # img/s, peak memory, MFU
 """
-import dataclasses, json, math, os, re, shutil, sys, time
+import dataclasses, json, math, os, re, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -1073,6 +1073,7 @@ class ImportConfig:
     """import: their rows (codes, classes, image ids, SD-VAE latents) as one of our DLC sets."""
     authors: str = ""             # a .parquet / .arrow file, or a folder of them (hub download, save_to_disk)
     out: str = ""                 # output DLC set folder
+    overwrite: bool = False       # replace an existing DLC set at --out
     split: str = "train"          # the split to read where the folder holds several
     V: int = 0                    # vocabulary; 0 = from an "<L>x<V>" in the path or dataset_info.json
     latents: bool = True          # also write `features` as latents.npy (dit.py train --latents OUT)
@@ -1245,14 +1246,15 @@ def import_authors(cfg):
     latents.npy float16 [N, 1, 4, h, w] (their one fixed flip per image: index 0 only)."""
     if not cfg.authors or not cfg.out:
         utils.fail("import needs --authors PATH (the authors' DLC dataset) and --out DIR (the DLC set)")
+    utils.check_dlc_out(cfg.out, cfg.overwrite)  # a new or empty folder, or (--overwrite) a DLC set of ours
     files = authors_files(cfg.authors, cfg.split)
     cls_col, name_col, feat_col = import_columns(file_schema(files[0]), cfg.latents, files[0])
     cols = ["labels"] + [c for c in (cls_col, name_col, feat_col) if c]
     N = count_rows(files)
     if N == 0:
         utils.fail(f"{cfg.authors} holds no rows")
-    if os.path.exists(cfg.out) and not os.path.isfile(os.path.join(cfg.out, "meta.json")):
-        utils.fail(f"--out {cfg.out} exists and is not a DLC set; refusing to overwrite it")
+    if os.path.isdir(cfg.out) and not os.listdir(cfg.out):  # an empty folder: the new set takes its place
+        os.rmdir(cfg.out)
     classes, ids, i, V = [], [], 0, None  # i: rows written so far
     from tqdm import tqdm
     with utils.atomic_path(cfg.out) as tmp, tqdm(total=N, desc="import", leave=False) as bar:
@@ -1287,9 +1289,7 @@ def import_authors(cfg):
         if lat is not None:
             meta["latents"] = {"column": feat_col, "scale": 0.18215, "shape": list(lat.shape),
                                "flip": "one random flip per image, fixed at the authors' extraction (no index 1)"}
-        utils.save_json(meta, os.path.join(tmp, "meta.json"))
-        if os.path.isdir(cfg.out):  # an older DLC set of the same name
-            shutil.rmtree(cfg.out)
+        utils.save_json(meta, os.path.join(tmp, "meta.json"))  # atomic_path swaps it in for an older set
     print(f"wrote {N} codes [N, L={codes.shape[1]}] V={V} to {cfg.out}" + (" + latents.npy" if lat is not None else ""))
     return cfg.out
 

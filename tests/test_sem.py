@@ -653,6 +653,21 @@ def test_import_authors_bad_input(tmp_path):
         assert str(e.value).startswith("error:") and msg in str(e.value) and "\n" not in str(e.value), e.value
         assert not out.exists()
     assert os.listdir(tmp_path / "notours") == ["keep.txt"]
+    # a folder holding a meta.json among a user's files is not ours: refused, nothing deleted
+    (tmp_path / "mixed").mkdir()
+    for name in ("meta.json", "notes.txt"):
+        (tmp_path / "mixed" / name).write_text("{}")
+    with pytest.raises(SystemExit, match="not a DLC set"):
+        sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "mixed")])
+    assert sorted(os.listdir(tmp_path / "mixed")) == ["meta.json", "notes.txt"]
+    # an existing DLC set is replaced only with --overwrite
+    sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set")])
+    before = open(tmp_path / "set" / "meta.json").read()
+    with pytest.raises(SystemExit, match="--overwrite"):
+        sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set")])
+    assert open(tmp_path / "set" / "meta.json").read() == before
+    sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set"), "--overwrite"])
+    assert (np.asarray(utils.load_dlc_set(str(tmp_path / "set"), L=8, V=16)["codes"]) == codes).all()
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"features": lat.tolist()}), tmp_path / "nolabels.parquet")
