@@ -20,7 +20,7 @@ Key commands (every sub-command, the paper-scale recipe and the authors' checkpo
   python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
   python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 --out compose.npz
   torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
-  python dit.py convert --authors <their checkpoint_<i>/ or Hugging Face folder> --out dit_authors.pt
+  python authors.py dit --authors <their checkpoint_<i>/ or Hugging Face folder> --out dit_authors.pt
 """
 import dataclasses, json, math, os, sys, time
 from dataclasses import dataclass, field
@@ -622,7 +622,7 @@ def load_training_data(cfg):
             utils.fail(f"--latents {cfg.latents} is not a finished extraction (no meta.json, or progress.json "
                        "left by an interrupted one); run dit.py extract with the same flags to finish it")
         x = np.load(os.path.join(cfg.latents, "latents.npy"), mmap_mode="r")  # float16 (N, 2, 4, h, w), read lazily
-        lpath = os.path.join(cfg.latents, "labels.npy")  # absent where the classes are unknown (sem.py import)
+        lpath = os.path.join(cfg.latents, "labels.npy")  # absent where the classes are unknown (authors.py dlc)
         labels = torch.from_numpy(np.load(lpath)) if os.path.isfile(lpath) else None
     else:
         if data is None:
@@ -644,7 +644,7 @@ def load_training_data(cfg):
 def get_batch(x, y, idx, gen, latent):
     """Rows idx; for latents pick the plain or flipped copy at random (DiT's random flip)."""
     if latent:
-        flip = torch.randint(0, x.shape[1], (len(idx),), generator=gen).numpy()  # 1 copy: sem.py import
+        flip = torch.randint(0, x.shape[1], (len(idx),), generator=gen).numpy()  # 1 copy: authors.py dlc
         xb = torch.from_numpy(np.stack([x[i, f] for i, f in zip(idx.tolist(), flip)]).astype(np.float32))
     else:
         xb = x[idx]                                                         # (B, C, H, W)
@@ -1047,7 +1047,7 @@ def encode_image_files(cfg, L, V):
     each other through files and command lines only."""
     import shutil, subprocess, tempfile
     if not cfg.sem_ckpt:
-        utils.fail("compose --images needs --sem_ckpt (a sem.py checkpoint, e.g. from `sem.py convert`)")
+        utils.fail("compose --images needs --sem_ckpt (a sem.py checkpoint, e.g. from `authors.py sem`)")
     for f in cfg.images:
         if not os.path.isfile(f):
             utils.fail(f"--images: {f} does not exist")
@@ -1232,126 +1232,6 @@ def real(cfg):
 
 
 #################################################################################
-#        convert: the authors' released DiT -> one of our checkpoints           #
-#################################################################################
-# Their train_diffusion.py trains a torch.compile'd DiTSEM (dit/models.py) under accelerate:
-# save_state writes <run>/checkpoints/checkpoints/checkpoint_<i>/ with custom_checkpoint_0.pkl
-# (torch.save of the EMA's state dict, keys _orig_mod.<name>: the EMA they sample with),
-# model.safetensors (the raw weights, module._orig_mod.<name> under DDP) and optimizer.bin;
-# metadata.json {"current_epoch", "args"} sits in <run>/checkpoints/. Their key names are ours.
-
-@dataclass
-class ConvertConfig:
-    authors: str = ""               # the authors' accelerate checkpoint_<i>/ folder or a Hugging Face folder
-    out: str = ""                   # our checkpoint .pt to write (refused if it exists)
-
-
-WRAPPERS = ("module.", "_orig_mod.", "model.", "transformer.", "dit.")   # DDP, compile, HF wrappers
-HF_WEIGHTS = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
-              "diffusion_pytorch_model.bin")
-
-
-def strip_wrappers(sd):
-    """Remove each wrapper prefix that every key carries, as often as it appears."""
-    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):
-        sd = {k[len(p):]: v for k, v in sd.items()}                         # strip the prefix p from every key
-    return sd
-
-
-def read_weights(path):
-    """A state dict from a .safetensors file or a torch file, wrapper prefixes removed."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return strip_wrappers(load_file(path))
-    return strip_wrappers(utils.load_checkpoint(path))
-
-
-def read_authors_dit(path):
-    """(EMA state dict, raw state dict or None, hints {L, V, model, ...}) of their accelerate
-    save_state folder or of a local Hugging Face folder (config.json + weights, or a diffusers
-    pipeline folder whose transformer/ holds them)."""
-    if not os.path.isdir(path):
-        utils.fail(f"--authors {path} is not a folder (their save_state checkpoint_<i>/ or a Hugging Face folder)")
-    if os.path.isfile(os.path.join(path, "transformer", "config.json")):
-        path = os.path.join(path, "transformer")
-    files = set(os.listdir(path))
-    if "config.json" in files:                                              # Hugging Face folder
-        name = next((n for n in HF_WEIGHTS if n in files), None)
-        if name is None:
-            utils.fail(f"{path} has config.json but none of {', '.join(HF_WEIGHTS)}; download the whole folder")
-        return read_weights(os.path.join(path, name)), None, json.load(open(os.path.join(path, "config.json")))
-    if "custom_checkpoint_0.pkl" not in files:
-        utils.fail(f"{path} has no custom_checkpoint_0.pkl (the EMA that accelerate's save_state writes) "
-                   "and no config.json; pass their checkpoint_<i>/ folder or a Hugging Face folder")
-    ema = read_weights(os.path.join(path, "custom_checkpoint_0.pkl"))
-    raw = read_weights(os.path.join(path, "model.safetensors")) if "model.safetensors" in files else None
-    hints = {}
-    for up in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):   # metadata.json of the run
-        if os.path.isfile(os.path.join(up, "metadata.json")):
-            hints = json.load(open(os.path.join(up, "metadata.json"))).get("args", {})
-            break
-    return ema, raw, hints
-
-
-def authors_model_args(sd, hints, path):
-    """Our DiT(**model_args) from the shapes: depth, width, patch, channels, grid, and the
-    (L, V+1, D) DLC table; heads from the size name the shapes match (DiT's sizes)."""
-    need = ["x_embedder.proj.weight", "pos_embed", "sem_embedder.embedding_table", "blocks.0.attn.qkv.weight"]
-    if any(k not in sd for k in need):
-        known = ("pos_embed", "x_embedder.", "t_embedder.", "blocks.", "final_layer.", "sem_embedder.")
-        utils.fail(f"{path} is not in the layout of the authors' DLC DiT (DiTSEM): unexpected keys "
-                   f"{[k for k in sorted(sd) if not k.startswith(known)][:6]}, "
-                   f"missing keys {[k for k in need if k not in sd]}")
-    D, C, patch, _ = sd["x_embedder.proj.weight"].shape                     # patch conv weight (D, C, p, p)
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))  # blocks.<i>.*: the largest i + 1
-    sizes = [n for n, (d, w, _) in SIZES.items() if (d, w) == (depth, D)]   # size names of that depth and width
-    if not sizes:
-        utils.fail(f"{path}: depth {depth} x width {D} is none of the DiT sizes {', '.join(SIZES)}")
-    L, V1, _ = sd["sem_embedder.embedding_table"].shape                    # (L, V+1, D): V+1 with the drop token
-    L_, V = (hints.get(k, hints.get(f"dlc_{k.lower()}")) for k in ("L", "V"))
-    if (L_ is not None and L_ != L) or (V is not None and V != V1 - 1):
-        no_drop = "; a table without drop-token rows (trained without CFG dropout) is not supported" if V == V1 else ""
-        utils.fail(f"{path}: the DLC table is (L={L}, V+1={V1}, D) but the config says L={L_}, V={V}{no_drop}")
-    model = f"DiT-{sizes[0]}/{patch}"
-    if hints.get("model") and hints["model"].split("-", 1)[-1] != model.split("-", 1)[-1]:
-        utils.fail(f"{path}: its metadata says --model {hints['model']} but the shapes are {model}")
-    grid = math.isqrt(sd["pos_embed"].shape[1])                            # pos_embed (1, grid^2, D)
-    return dict(model=model, input_size=grid * patch, in_channels=C, cond="dlc", num_classes=0, L=L, V=V1 - 1,
-                emb_dim=0)
-
-
-def convert(cfg):
-    """python dit.py convert --authors PATH --out CKPT: their EMA (what they sample with) as our
-    `ema`, their raw weights (when the folder has them) as `model`."""
-    if not cfg.authors or not cfg.out.endswith(".pt"):
-        utils.fail("convert needs --authors FOLDER and --out CKPT.pt")
-    if os.path.exists(cfg.out):
-        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
-    ema, raw, hints = read_authors_dit(cfg.authors)
-    margs = authors_model_args(ema, hints, cfg.authors)
-    with torch.device("meta"):                                              # shapes only
-        want = DiT(**margs).state_dict()
-    for name, sd in (("EMA", ema), ("model", raw)):
-        if sd is None:
-            continue
-        utils.check_layout(want, sd, f"{cfg.authors} ({name}) is not in the layout of the authors' DiTSEM")
-    ema = {k: ema[k].float().contiguous() for k in want}                    # fp32, our keys only
-    raw = {k: raw[k].float().contiguous() for k in want} if raw is not None else ema  # else: the EMA
-    # the training config of the model, as sample / compose read it (trained_diffusion)
-    pixels = margs["input_size"] * (8 if margs["in_channels"] == 4 else 1)  # latent models: the SD-VAE downsamples 8x
-    # their DiT trains on DiT's linear schedule (the imagenet preset), not the toy's cosine one
-    imagenet = utils.presets_for(PRESETS, Config)["imagenet"]
-    config = dataclasses.asdict(Config(**{**imagenet, "model": margs["model"], "image_size": pixels}))
-    utils.save_checkpoint({"model": raw, "ema": ema, "step": 0, "config": config, "model_args": margs,
-                           "converted_from": os.path.abspath(cfg.authors), "versions": {"torch": torch.__version__}},
-                          cfg.out)
-    print(f"wrote {cfg.out}: {margs['model']} on {margs['in_channels']}x{margs['input_size']}x{margs['input_size']}, "
-          f"DLC L={margs['L']} V={margs['V']}, {sum(v.numel() for v in ema.values()):,} weights (EMA"
-          f"{' + raw model' if raw is not ema else ' only'})", flush=True)
-    return cfg.out
-
-
-#################################################################################
 #                 bench: training and sampling throughput, MFU                  #
 #################################################################################
 
@@ -1389,7 +1269,7 @@ def bench(cfg):
 COMMANDS = {name: (fn, cls, utils.presets_for(PRESETS, cls)) for name, fn, cls in (
     ("train", train, Config), ("sample", sample, SampleConfig), ("compose", compose, ComposeConfig),
     ("embgen", embgen, EmbgenConfig), ("extract", extract, ExtractConfig), ("real", real, RealConfig),
-    ("bench", bench, Config), ("convert", convert, ConvertConfig))}
+    ("bench", bench, Config))}
 
 
 def main(argv=None):

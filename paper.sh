@@ -10,14 +10,14 @@
 #                                     # CPU (what tests/test_paper.py runs; numbers meaningless)
 # A plain list of the scripts' own command lines; results go to $OUT/<result>/. Inputs are
 # environment variables (paper-scale defaults below; every checkpoint may be ours or a
-# `convert --authors` of the authors' released one):
+# `authors.py` conversion of the authors' released one):
 #   OUT=runs/paper                   where results go
-#   SEM_CKPT=runs/sem-imagenet       SEM encoder (sem.py train, or sem.py convert of lavoies/SEM_dinov2_L512)
-#   SEDD_CKPT=runs/sedd-imagenet512  DLC generator (sedd.py train, or sedd.py convert of lavoies/DLC_SEDD_L512)
-#   DIT_CKPT=runs/dit-imagenet       DLC -> image DiT (dit.py train, or dit.py convert of lavoies/DLC_DiT_L512)
+#   SEM_CKPT=runs/sem-imagenet       SEM encoder (sem.py train, or authors.py sem of lavoies/SEM_dinov2_L512)
+#   SEDD_CKPT=runs/sedd-imagenet512  DLC generator (sedd.py train, or authors.py sedd of lavoies/DLC_SEDD_L512)
+#   DIT_CKPT=runs/dit-imagenet       DLC -> image DiT (dit.py train, or authors.py dit of lavoies/DLC_DiT_L512)
 #   LLADA_DIR=/models/DLC_LLADA_L512 the authors' finetuned LLaDA folder; or T2D_CKPT=runs/text2dlc-laion (ours)
 #   DLC=runs/dlc512                  ImageNet-train DLC set with embeddings.npy (sem.py encode --continuous;
-#                                    sem.py import of lavoies/DLC_512x256 has no embeddings: DLC probe only)
+#                                    authors.py dlc of lavoies/DLC_512x256 has no embeddings: DLC probe only)
 #   IMAGENET=/data/imagenet/train    ImageFolder (fig5 only)     LATENTS=/data/in256-latents (dit.py extract)
 #   INIT=dinov2_vitl14_reg4_pretrain.pth (fig5 only)             VAE=/models/sd-vae-ft-ema (diffusers folder)
 #   REF=VIRTUAL_imagenet256_labeled.npz (ADM's reference batch)  INCEPTION=weights/pt_inception-2015-12-05-6726825d.pth

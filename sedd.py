@@ -18,12 +18,12 @@ Commands (a DLC set is a folder written by `sem.py encode`):
   python sedd.py sample --ckpt runs/sedd-toy --given runs/dlc-shapes --keep 0-3,8 --n 100 --out runs/dlc-infill
   torchrun --nproc_per_node=8 sedd.py --preset imagenet512 --run_name in512 --dlc DLC512 --batch_size 64
   torchrun --nproc_per_node=8 sedd.py sample --preset imagenet --ckpt runs/sedd-in512 --num 50000 --out DLC512-gen
-  python sedd.py convert --authors RUN_OR_HF_DIR --out sedd-authors.pt      # the authors' released / trained model
+  python authors.py sedd --authors RUN_OR_HF_DIR --out sedd-authors.pt     # the authors' model, then sample it
   python sedd.py bench                                                      # tokens/s, memory, MFU
 Sampling presets imagenet-1024 and imagenet-4096-remask (= imagenet) are the authors' gen_50k_sedd-1024_cfg-1.7.sh
-and gen_50k_sedd-4096-remask.sh. Infilling (--given, --keep), convert's inputs, design choices: docs/sedd.md.
+and gen_50k_sedd-4096-remask.sh. Infilling (--given, --keep), design choices: docs/sedd.md.
 """
-import dataclasses, json, math, os, sys, time
+import dataclasses, math, os, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,7 +72,7 @@ SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  
 
 
 def model_dims(size):
-    """(D, depth, heads) of a named size, or of "DxdepthxH" (e.g. "32x2x4": what `convert` writes
+    """(D, depth, heads) of a named size, or of "DxdepthxH" (e.g. "32x2x4": what `authors.py sedd` writes
     for an authors' model whose shape has no name here)."""
     if size in SIZES:
         return SIZES[size]
@@ -654,217 +654,6 @@ def sample_main(sc):
 
 
 #################################################################################
-#    The authors' checkpoints: `convert` their SEDD run or HF folder to ours    #
-#################################################################################
-
-@dataclass
-class ConvertConfig:
-    authors: str = ""            # their SEDD run folder (.hydra/config.yaml + checkpoints-meta/) or a local HF folder
-    out: str = ""                # our checkpoint .pt to write (refused if it exists)
-    checkpoint: str = "checkpoints-meta/checkpoint.pth"  # inside a run folder (their --checkpoint_name)
-    heads: int = 0               # attention heads, when neither the files nor the config say (medium: 16)
-    L: int = 0                   # expected code length (checked against the files); 0 = any
-    V: int = 0                   # expected vocabulary (checked against the files); 0 = any
-
-
-# Their module names (https://github.com/lavoiems/DiscreteLatentCode sedd/model/transformer.py)
-# -> ours. `rotary_emb.inv_freq` is a buffer of theirs (its length is head_dim / 2); we recompute it.
-_TOP = {"vocab_embed.embedding": "embed.weight", "pos_embed": "pos", "sigma_map.mlp.": "sigma_mlp.",
-        "output_layer.norm_final.": "norm.", "output_layer.linear.": "out.", "output_layer.adaLN_modulation.": "ada."}
-_BLOCK = {"norm1.": "norm1.", "attn_qkv.": "qkv.", "attn_out.": "proj.", "norm2.": "norm2.", "mlp.": "mlp.",
-          "adaLN_modulation.": "ada."}
-_INV_FREQ = "rotary_emb.inv_freq"
-_PREFIXES = ("module.", "_orig_mod.", "model.", "score_model.", "sedd.")   # DDP, compile, HF wrappers
-
-
-def authors_names(depth):
-    """Their parameter names in their parameters() order (the order of the EMA's shadow_params):
-    the root's own pos_embed first, then the sub-modules in the order SEDD.__init__ builds them."""
-    block = ["norm1.weight", "attn_qkv.weight", "attn_out.weight", "norm2.weight", "mlp.0.weight", "mlp.0.bias",
-             "mlp.2.weight", "mlp.2.bias", "adaLN_modulation.weight", "adaLN_modulation.bias"]
-    return (["pos_embed", "vocab_embed.embedding"]
-            + [f"sigma_map.mlp.{i}.{w}" for i in (0, 2) for w in ("weight", "bias")]
-            + [f"blocks.{b}.{n}" for b in range(depth) for n in block]
-            + [f"output_layer.{n}" for n in ("norm_final.weight", "linear.weight", "linear.bias",
-                                             "adaLN_modulation.weight", "adaLN_modulation.bias")])
-
-
-def our_name(name):
-    """blocks.3.attn_qkv.weight -> blocks.3.qkv.weight, output_layer.linear.bias -> out.bias, ..."""
-    if name.startswith("blocks."):
-        b, rest = name[len("blocks."):].split(".", 1)                   # "3", "attn_qkv.weight"
-        old = next(k for k in _BLOCK if rest.startswith(k))
-        return f"blocks.{b}.{_BLOCK[old]}{rest[len(old):]}"
-    old = next(k for k in _TOP if name.startswith(k))
-    return _TOP[old] + name[len(old):]
-
-
-def find_key(tree, names):
-    """First value under any of `names` in a nested dict (their YAML / config.json), or None."""
-    if not isinstance(tree, dict):
-        return None
-    for k in names:
-        if k in tree:
-            return tree[k]
-    for sub in tree.values():  # depth first, in the file's order
-        found = find_key(sub, names)
-        if found is not None:
-            return found
-    return None
-
-
-def read_authors(path, checkpoint):
-    """(state dict, config dict, what it is) of their SEDD run folder or of a local HF folder."""
-    if os.path.isdir(os.path.join(path, ".hydra")) or os.path.isdir(os.path.join(path, "checkpoints-meta")):
-        return read_run_folder(path, checkpoint)
-    return read_hf_folder(path)
-
-
-def read_run_folder(path, checkpoint):
-    """Their training run: .hydra/config.yaml and `{model, ema: {decay, num_updates, shadow_params},
-    optimizer, step}`, with the EMA (what they sample with) copied over `model`."""
-    cfg_path, ck_path = os.path.join(path, ".hydra", "config.yaml"), os.path.join(path, checkpoint)
-    for f in (cfg_path, ck_path):
-        if not os.path.isfile(f):
-            utils.fail(f"SEDD run folder {path} has no {os.path.relpath(f, path)}; "
-                       "it needs .hydra/config.yaml and checkpoints-meta/checkpoint.pth (or pass --checkpoint)")
-    import yaml  # lazily: only convert reads YAML
-    config = yaml.safe_load(open(cfg_path)) or {}
-    ck = utils.load_checkpoint(ck_path)
-    if not (isinstance(ck, dict) and isinstance(ck.get("model"), dict) and isinstance(ck.get("ema"), dict)
-            and isinstance(ck["ema"].get("shadow_params"), (list, tuple))):
-        utils.fail(f"{ck_path} is not a SEDD training checkpoint ({{model, ema: {{shadow_params}}, optimizer, "
-                   f"step}}); found keys {sorted(ck)[:6] if isinstance(ck, dict) else type(ck).__name__}")
-    sd = strip_prefixes(ck["model"])
-    names, shadow = authors_names(count_blocks(sd)), ck["ema"]["shadow_params"]
-    check_layout(sd, names, ck_path)
-    if len(shadow) != len(names) or any(tuple(t.shape) != tuple(sd[n].shape) for n, t in zip(names, shadow)):
-        utils.fail(f"{ck_path}: ema.shadow_params ({len(shadow)} tensors) do not line up with the model's "
-                   f"{len(names)} parameters in SEDD's parameters() order")
-    sd = {**sd, **dict(zip(names, shadow))}  # the EMA's tensors replace the raw weights, name by name
-    return sd, config, f"SEDD run folder, step {ck.get('step')}, EMA weights"
-
-
-def read_hf_folder(path):
-    """A Hugging Face folder: config.json + model.safetensors (or its shards, or pytorch_model.bin)."""
-    cfg_path = os.path.join(path, "config.json")
-    files = [os.path.join(path, f) for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")]
-    found = [f for f in files if os.path.isfile(f)]
-    if not os.path.isfile(cfg_path) or not found:
-        utils.fail(f"{path} is neither a SEDD run folder (.hydra/config.yaml + checkpoints-meta/checkpoint.pth) "
-                   "nor a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)")
-    config = json.load(open(cfg_path))
-    if found[0].endswith(".bin"):
-        sd = utils.load_checkpoint(found[0])
-    else:
-        from safetensors.torch import load_file  # lazily: only convert reads safetensors
-        shards = [found[0]] if found[0].endswith(".safetensors") else \
-            sorted({os.path.join(path, f) for f in json.load(open(found[0]))["weight_map"].values()})
-        sd = {k: v for f in shards for k, v in load_file(f).items()}
-    sd = strip_prefixes(sd)
-    check_layout(sd, authors_names(count_blocks(sd)), found[0])
-    return sd, config, f"Hugging Face folder ({os.path.basename(found[0])})"
-
-
-def strip_prefixes(sd):
-    """Drop a wrapper prefix that every key shares (DDP's module., torch.compile's _orig_mod., ...)."""
-    sd = dict(sd)
-    # repeat: wrappers nest (module._orig_mod. ...)
-    while sd and (p := next((p for p in _PREFIXES if all(k.startswith(p) for k in sd)), None)):
-        sd = {k[len(p):]: v for k, v in sd.items()}
-    return sd
-
-
-def count_blocks(sd):
-    # distinct b of the blocks.b.* keys
-    return len({k.split(".")[1] for k in sd if k.startswith("blocks.") and k.count(".") > 1})
-
-
-def check_layout(sd, names, where):
-    """Strict: exactly their forward's weights (plus the rotary buffer), or one line naming the rest."""
-    unexpected = sorted(set(sd) - set(names) - {_INV_FREQ})
-    missing = [n for n in names if n not in sd]
-    if unexpected or missing:
-        short = lambda ks: ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "") or "none"
-        utils.fail(f"{where} is not in the SEDD layout: unexpected keys {short(unexpected)}; "
-                   f"missing keys {short(missing)}")
-    if sd["vocab_embed.embedding"].dim() != 2:
-        utils.fail(f"{where} has a per-position token embedding {tuple(sd['vocab_embed.embedding'].shape)} "
-                   "(model.shared_embedding: False); only the shared one (the released models') is supported")
-
-
-def authors_dims(sd, config, c):
-    """(L, V, D, depth, cond_dim, heads) of their model. The weights decide; the config and the
-    flags must agree with them; the heads come from the rotary buffer, the config or --heads."""
-    V1, D = sd["vocab_embed.embedding"].shape                     # V + 1 rows: the mask token is V
-    L, depth, cond_dim = sd["pos_embed"].shape[0], count_blocks(sd), sd["sigma_map.mlp.0.weight"].shape[0]
-    heads = D // (2 * len(sd[_INV_FREQ])) if _INV_FREQ in sd else None   # inv_freq has head_dim / 2 entries
-    sizes = {"L": L, "V": V1 - 1, "hidden_size": D, "n_blocks": depth, "cond_dim": cond_dim, "n_heads": heads}
-    aliases = {"L": ("length",), "V": ("tokens",), "n_heads": ("n_heads", "num_heads", "num_attention_heads")}
-    flags = {"L": c.L, "V": c.V, "n_heads": c.heads}
-    for k in sizes:
-        for source, val in (("the config", find_key(config, aliases.get(k, (k,)))),
-                            ("--heads" if k == "n_heads" else f"--{k}", flags.get(k))):
-            if val in (None, 0):
-                continue
-            if sizes[k] is None:
-                sizes[k] = int(val)
-            elif int(val) != sizes[k]:
-                utils.fail(f"{c.authors}: the weights give {k}={sizes[k]} but {source} says {val}")
-    if sizes["n_heads"] is None:
-        utils.fail(f"{c.authors}: the number of attention heads is in neither the weights nor the config; pass --heads")
-    return L, V1 - 1, D, depth, cond_dim, sizes["n_heads"]
-
-
-def check_convertible(sd, config, D, H, where):
-    """Only SEDD-absorb with log-linear noise, scale_by_sigma, a shared embedding and rotary base
-    10000 (the released models') converts: the config must not say otherwise."""
-    graph, noise = find_key(config, ("graph",)) or {}, find_key(config, ("noise",)) or {}
-    for key, got, want in (("graph.type", graph.get("type"), "absorb"), ("noise.type", noise.get("type"), "loglinear"),
-                           ("scale_by_sigma", find_key(config, ("scale_by_sigma",)), True),
-                           ("shared_embedding", find_key(config, ("shared_embedding",)), True)):
-        if got is not None and got != want:
-            utils.fail(f"{where}: config has {key}={got}; only SEDD-absorb with log-linear noise, scale_by_sigma "
-                       "and a shared embedding (the released models') converts")
-    if D % (2 * H):
-        utils.fail(f"{where}: hidden size {D} is not a multiple of 2 x heads={H}")
-    d = D // H  # their rotary frequencies must be the ones we recompute (base 10000)
-    if _INV_FREQ in sd and not torch.allclose(sd[_INV_FREQ].float(), 1.0 / 10000 ** (torch.arange(0, d, 2) / d)):
-        utils.fail(f"{where}: {_INV_FREQ} is not 10000^(-2k/d); a rotary base other than SEDD's does not convert")
-
-
-def convert_main(c):
-    """`sedd.py convert`: their weights (the EMA of a run) in a DDiT of the same shape, saved as our checkpoint."""
-    if not c.authors or not c.out:
-        utils.fail("convert needs --authors PATH (their SEDD run folder or a local HF folder) and --out CKPT")
-    if os.path.exists(c.out):
-        utils.fail(f"{c.out} exists; choose another --out (convert never overwrites)")
-    sd, config, what = read_authors(c.authors, c.checkpoint)
-    L, V, D, depth, cond_dim, H = authors_dims(sd, config, c)
-    check_convertible(sd, config, D, H, c.authors)
-    # a named size when the dims match one, else DxdepthxH
-    size = next((n for n, dims in SIZES.items() if dims == (D, depth, H)), f"{D}x{depth}x{H}")
-    dropout = float(find_key(config, ("dropout",)) or 0.1)
-    model = DDiT(L, V, size, cond_dim, dropout)
-    # ours: their weights renamed; want: our fresh DDiT's state dict
-    ours, want = {our_name(n): sd[n] for n in authors_names(depth)}, model.state_dict()
-    bad = [f"{k} {tuple(t.shape)} vs ours {tuple(want[k].shape)}" for k, t in ours.items() if t.shape != want[k].shape]
-    if bad:
-        utils.fail(f"{c.authors}: shapes differ from a DDiT of L={L} V={V} D={D} depth={depth} heads={H}: "
-                   + "; ".join(bad[:3]))
-    model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)   # every weight of ours is set
-    cfg = dataclasses.replace(Config(), run="converted", L=L, V=V, size=size, cond_dim=cond_dim, dropout=dropout,
-                              gelu="tanh")
-    state = model.state_dict()  # model and ema: the same tensors, which torch.save stores once
-    utils.save_checkpoint({"model": state, "ema": state, "step": 0, "config": dataclasses.asdict(cfg),
-                           "dlc_meta": {}, "converted_from": {"path": os.path.abspath(c.authors), "what": what},
-                           "versions": {"torch": torch.__version__}}, c.out)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"converted {what} {c.authors} -> {c.out}: L={L} V={V} size={size} cond_dim={cond_dim} "
-          f"params={n:,}", flush=True)
-
-
-#################################################################################
 #                        bench (throughput, memory, MFU)                        #
 #################################################################################
 
@@ -904,7 +693,7 @@ def bench(cfg):
 
 
 COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_main, SampleConfig, SAMPLE_PRESETS),
-            "convert": (convert_main, ConvertConfig, None), "bench": (bench, Config, PRESETS)}
+            "bench": (bench, Config, PRESETS)}
 
 
 def main(argv=None):

@@ -19,11 +19,10 @@ Commands (more in docs/sem.md):
   python sem.py                                    # toy: shapes data, CPU, a few minutes
   python sem.py encode --ckpt runs/sem-toy --data shapes --out runs/dlc-shapes [--continuous]
   python sem.py --preset imagenet --data /imagenet/train --init dinov2_vitl14_reg4_pretrain.pth
-  python sem.py convert --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # their encoder
-  python sem.py import --authors DLC_512x256 --out runs/dlc512   # their ImageNet DLCs (+ latents)
+  python authors.py sem --authors SEM_dinov2_L512 --out sem_authors.pt --L 512 --V 256  # their encoder, then encode
   python sem.py bench                              # img/s, peak memory, MFU
 """
-import dataclasses, json, math, os, re, sys, time
+import dataclasses, math, os, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +36,7 @@ import utils
 
 
 #################################################################################
-#       Configs: the ViT, then one per sub-command (convert, import: below)     #
+#       Configs: the ViT, then one per sub-command                              #
 #################################################################################
 
 @dataclass
@@ -132,7 +131,7 @@ class EncodeConfig(Base):
     POSITIVE = ("n", "size", "patch", "L", "V", "encode_batch")
 
 
-# Presets of train (bench, encode and convert take the fields they have, see utils.presets_for)
+# Presets of train (bench, encode and authors.py sem take the fields they have, see utils.presets_for)
 PRESETS = {
     "toy": {},
     "imagenet": dict(run="imagenet", steps=125_000, batch_size=64, size=224, workers=10,
@@ -258,7 +257,7 @@ class SEMViT(nn.Module):
             self.register_tokens = nn.Parameter(torch.randn(1, cfg.registers, D) * 1e-6)  # (1, R, D)
         self.mask_token = nn.Parameter(torch.zeros(1, D))  # (1, D): stands in for masked patches (iBOT)
         # drop-path rates 0 -> drop_path over the blocks, DINOv2's float32 values; on the CPU even under
-        # `with torch.device("meta")` (convert), since .tolist() needs real values
+        # `with torch.device("meta")` (authors.py), since .tolist() needs real values
         dpr = torch.linspace(0, cfg.drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(Block(D, heads, ffn, p, cfg.ls_init) for p in dpr)
         self.norm = nn.LayerNorm(D, eps=1e-6)  # final norm: patch tokens, backbone CLS and the SEM output
@@ -668,7 +667,7 @@ def set_threads(cfg):
 def build_for_training(cfg, out, d):
     """Student (optionally from an official DINOv2 backbone), its EMA teacher, the centres and
     AdamW over the layer-decay groups, restored from the newest checkpoint with --resume (a
-    `convert`ed one holds weights only). Returns (student, teacher, centers, opt, path, ckpt)."""
+    checkpoint of authors.py holds weights only). Returns (student, teacher, centers, opt, path, ckpt)."""
     student = Student(cfg).to(d.device)  # backbone + SEM head + DINO head
     if cfg.init:
         load_official(student.backbone, cfg.init)
@@ -680,7 +679,7 @@ def build_for_training(cfg, out, d):
     opt = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=(0.9, 0.999),
                             fused=d.device.type == "cuda")
     ck_path, ck = utils.resume_checkpoint(os.path.join(out, "checkpoints")) if cfg.resume else (None, None)
-    if ck and "opt" not in ck:  # written by `convert`: weights only
+    if ck and "opt" not in ck:  # written by authors.py sem: weights only
         resume_converted(ck, ck_path, student, teacher)
     elif ck:
         ck = utils.check_checkpoint(ck, ck_path, "sem", ("model", "ema", "opt", "centers", "step", "config"))
@@ -886,412 +885,14 @@ def encode(cfg):
     return codes
 
 
-#################################################################################
-#                 THE AUTHORS' RELEASED FILES -> OURS (plumbing)                #
-#       convert: their SEM encoder -> one of our checkpoints (encode, resume)   #
-#################################################################################
-# Their teacher checkpoint (dinov2/dinov2/train/train.py, do_test) is {"teacher": state dict of
-# ModuleDict(backbone=DinoVisionTransformerWithSEM, dino_head=DINOHead)}. The backbone keys are
-# DINOv2's, which ours copy, plus sem_embed / sem_norm / sem_out and sem_cls_norm, a LayerNorm that
-# their forward never calls (it re-uses the backbone's `norm`), so it is dropped here.
-
-@dataclass
-class ConvertConfig(ViTConfig):
-    """convert: the ViT fields come from the file's shapes, L and V from its config or --L / --V;
-    a given --arch, --patch, --pos_grid or --registers must match the shapes, a given --size wins."""
-    authors: str = ""             # the authors' teacher .pth or a local Hugging Face folder
-    out: str = ""                 # our checkpoint .pt to write (refused if it exists)
-
-
-WRAPPERS = ("module.", "_orig_mod.", "model.", "teacher.", "sem.", "encoder.")  # DDP, compile, HF wrappers
-
-
-def strip_wrappers(sd):
-    """Remove each wrapper prefix that every key carries, as often as it appears."""
-    while sd and (p := next((p for p in WRAPPERS if all(k.startswith(p) for k in sd)), None)):  # p: prefix of all keys
-        sd = {k[len(p):]: v for k, v in sd.items()}
-    return sd
-
-
-def read_hf_folder(path):
-    """(config.json as a dict, state dict) of a local Hugging Face model folder."""
-    files = {n: os.path.join(path, n) for n in os.listdir(path)}  # file name -> path
-    if "config.json" not in files:
-        utils.fail(f"{path} has no config.json; pass the downloaded Hugging Face folder or a teacher .pth")
-    hf_cfg = json.load(open(files["config.json"]))
-    if "model.safetensors.index.json" in files:  # sharded: the index names the files
-        shards = sorted(set(json.load(open(files["model.safetensors.index.json"]))["weight_map"].values()))
-    else:
-        shards = [n for n in ("model.safetensors", "pytorch_model.bin") if n in files][:1]  # safetensors first
-    if not shards or any(n not in files for n in shards):
-        utils.fail(f"{path} has no model.safetensors / pytorch_model.bin (or a shard is missing); "
-                   "download the whole folder")
-    sd = {}
-    for n in shards:
-        if n.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            sd.update(load_file(files[n]))
-        else:
-            sd.update(utils.load_checkpoint(files[n]))
-    return hf_cfg, sd
-
-
-def find_authors_yaml(path):
-    """student: {arch, L, V, ...} of the DINOv2 config.yaml in the run folder of a teacher .pth
-    (<run>/eval/training_N/teacher_checkpoint.pth), or {} when there is none."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for up in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):  # training_N, eval, <run>
-        f = os.path.join(up, "config.yaml")
-        if os.path.isfile(f):
-            import yaml
-            return (yaml.safe_load(open(f)) or {}).get("student", {})
-    return {}
-
-
-def read_authors_sem(path):
-    """(backbone state dict, DINO head state dict or None, hints {L, V, ...}) of the authors' SEM."""
-    if os.path.isdir(path):
-        hints, sd = read_hf_folder(path)
-    elif os.path.isfile(path):
-        sd, hints = utils.load_checkpoint(path), find_authors_yaml(path)
-        sd = sd.get("teacher", sd) if isinstance(sd, dict) else sd
-    else:
-        utils.fail(f"--authors {path} does not exist (a teacher_checkpoint.pth or a Hugging Face folder)")
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        utils.fail(f"{path} is not a state dict of tensors (expected {{'teacher': {{backbone.*, dino_head.*}}}})")
-    sd = strip_wrappers(sd)
-    head = {k[len("dino_head."):]: v for k, v in sd.items() if k.startswith("dino_head.")} or None
-    sd = {k.removeprefix("backbone."): v for k, v in sd.items() if not k.startswith(("dino_head.", "ibot_head."))}
-    # block_chunks > 0 saves blocks.<chunk>.<i>.*; i is already the global block index
-    sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k) if re.match(r"^blocks\.\d+\.\d+\.", k) else k: v
-          for k, v in sd.items() if not k.startswith("sem_cls_norm.")}
-    return sd, head, hints
-
-
-def authors_arch(sd, hints, cfg, given, path):
-    """Our architecture fields from the shapes (width, depth, FFN, patch, registers, pos grid,
-    L*V), L and V separately from the authors' config or --L / --V; a conflict is one line."""
-    need = ["cls_token", "pos_embed", "patch_embed.proj.weight", "sem_embed.weight", "blocks.0.norm1.weight"]
-    if any(k not in sd for k in need):
-        known = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.", "blocks.", "norm.", "sem_")
-        unexpected, missing = [k for k in sorted(sd) if not k.startswith(known)][:6], [k for k in need if k not in sd]
-        utils.fail(f"{path} is not in the layout of the authors' DINOv2 SEM encoder: unexpected keys "
-                   f"{unexpected}, missing keys {missing}")
-    D, depth = sd["cls_token"].shape[-1], 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    ffn = "swiglu" if "blocks.0.mlp.w12.weight" in sd else "mlp"  # ViT-g has SwiGLU
-    archs = [a for a, (w, n, _, f) in ARCHS.items() if (w, n, f) == (D, depth, ffn)]  # matching (width, depth, FFN)
-    if not archs:
-        utils.fail(f"{path}: width {D}, depth {depth}, {ffn} FFN is none of our --arch sizes ({', '.join(ARCHS)})")
-    LV = sd["sem_embed.weight"].shape[0]  # sem_embed.weight: (L*V, (1+R)*D)
-    L, V = (int(given.get(k) or hints.get(k) or 0) for k in ("L", "V"))  # --L / --V, else config, else 0
-    L, V = (L or (LV // V if V else 0)), (V or (LV // L if L else 0))  # one known: the other from L*V
-    if not L or L * V != LV:
-        utils.fail(f"{path}: the SEM head has L*V = {LV} but L and V separately are not in the files "
-                   f"(or L={L} x V={V} disagrees); pass --L and --V (the paper: --L 512 --V 256)")
-    found = dict(arch=archs[0], patch=sd["patch_embed.proj.weight"].shape[-1], L=L, V=V,
-                 registers=sd["register_tokens"].shape[1] if "register_tokens" in sd else 0,
-                 pos_grid=math.isqrt(sd["pos_embed"].shape[1] - 1))
-    for k, v in found.items():
-        if k in given and k not in ("L", "V") and getattr(cfg, k) != v:
-            utils.fail(f"--{k} {getattr(cfg, k)} does not match {path} ({k} = {v} from its shapes); drop the flag")
-    # their encoding resolution: 224 for DINOv2's 518 px pos-embed grid (37), else the stored grid
-    size = cfg.size if "size" in given else 224 if found["pos_grid"] == 37 else found["pos_grid"] * found["patch"]
-    return dataclasses.replace(cfg, **found, size=size)
-
-
-def authors_head(head, path):
-    """Their DINO head -> ours, exactly, or None. Their last layer is weight_norm(Linear):
-    W_k = g_k v_k / ||v_k||; ours fixes g = 1, so it holds their head only when every g_k = 1."""
-    if head is None:
-        return None, "no dino_head in the file"
-    g = head.pop("last_layer.weight_g", head.pop("last_layer.parametrizations.weight.original0", None))
-    v = head.pop("last_layer.weight_v", head.pop("last_layer.parametrizations.weight.original1", None))
-    if g is None or v is None or sorted(head) != [f"mlp.{i}.{p}" for i in (0, 2, 4) for p in ("bias", "weight")]:
-        return None, f"dino_head has keys {sorted(head)[:6]}, not a 3-layer DINO head with a weight-normed last layer"
-    if not torch.allclose(g.float(), torch.ones_like(g.float()), rtol=0, atol=1e-6):
-        return None, f"its last-layer weight_g is not 1 (range {g.min():.4g}..{g.max():.4g}), which our head fixes"
-    # g = 1: their v as our weight gives the same W = v / ||v|| (our forward normalises)
-    return {**{f"head.{k}": t for k, t in head.items()}, "head.last_layer.weight": v}, ""
-
-
-def convert(cfg):
-    """python sem.py convert --authors PATH --out CKPT: their SEM teacher as our checkpoint
-    (model = ema = their teacher), which encode reads as usual."""
-    if not cfg.authors or not cfg.out:
-        utils.fail("convert needs --authors PATH (teacher .pth or Hugging Face folder) and --out CKPT")
-    if os.path.exists(cfg.out):
-        utils.fail(f"--out {cfg.out} already exists; remove it or pick another path")
-    sd, head, hints = read_authors_sem(cfg.authors)
-    found = authors_arch(sd, hints, cfg, {k: getattr(cfg, k) for k in utils.given(cfg)}, cfg.authors)
-    head_sd, why = authors_head(head, cfg.authors)
-    heads = {}
-    if head_sd:  # head sizes from its shapes
-        heads = dict(head_hidden=head_sd["head.mlp.0.weight"].shape[0],
-                     head_bottleneck=head_sd["head.mlp.4.weight"].shape[0],
-                     prototypes=head_sd["head.last_layer.weight"].shape[0])
-    # the checkpoint holds a train config, as ours do: encode reads its ViT fields, --resume its schedule
-    model = Config(**utils.fields_of(ViTConfig, dataclasses.asdict(found)), **heads)  # train defaults + their shapes
-    with torch.device("meta"):  # shapes only: every tensor comes from their file
-        ours = Student(model) if head_sd else SEMViT(model)
-    want = ours.state_dict()  # our keys and shapes (meta)
-    got = {**({f"backbone.{k}": v for k, v in sd.items()} if head_sd else sd), **(head_sd or {})}
-    utils.check_layout(want, got, f"{cfg.authors} is not in the layout of the authors' training code")
-    weights = {k: got[k].float().contiguous() for k in want}  # fp32, in our key order
-    if not head_sd:  # encode reads backbone.* of the EMA
-        weights = {f"backbone.{k}": v for k, v in weights.items()}
-    utils.save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": dataclasses.asdict(model),
-                           "converted_from": os.path.abspath(cfg.authors), "dino_head": not why,
-                           "versions": {"torch": torch.__version__}}, cfg.out)
-    print(f"wrote {cfg.out}: {model.arch}/{model.patch} reg{model.registers} SEM L={model.L} V={model.V}, "
-          f"{sum(v.numel() for v in weights.values()):,} weights"
-          + ("" if head_sd else f"; DINO head not converted ({why}): encode only"), flush=True)
-    return cfg.out
-
-
 def resume_converted(ck, path, student, teacher):
-    """train --resume from a `convert` checkpoint: their teacher as both student and teacher
+    """train --resume from a checkpoint of `authors.py sem`: their teacher as both student and teacher
     (DINOv2 starts the student as the teacher); optimiser and centres start fresh."""
     if not ck.get("dino_head"):
         utils.fail(f"{path} was converted without the DINO head, so training cannot continue from it; "
                    "it encodes (sem.py encode --ckpt)")
     student.load_state_dict(ck["model"])
     teacher.load_state_dict(ck["ema"])
-
-
-#################################################################################
-#        import: the authors' DLC dataset (lavoies/DLC_512x256) as a DLC set    #
-#################################################################################
-# What the columns hold, from https://github.com/lavoiems/DiscreteLatentCode (sedd/data.py trains
-# SEDD on `labels`; dit/train_diffusion.py feeds `features` to the DiT and `labels` to its SEM
-# embedder; dit/extract_features_withdlc.py writes them): `labels` = the DLC, int [L] (argmax of
-# the SEM head on the 224 px ADM centre crop); `features` = the SD-VAE latent x 0.18215,
-# float [4, 32, 32], of the 256 px crop under one random flip drawn once per image.
-# Read with pyarrow alone: parquet (the hub's files) and Arrow IPC (datasets.save_to_disk).
-
-@dataclass
-class ImportConfig:
-    """import: their rows (codes, classes, image ids, SD-VAE latents) as one of our DLC sets."""
-    authors: str = ""             # a .parquet / .arrow file, or a folder of them (hub download, save_to_disk)
-    out: str = ""                 # output DLC set folder
-    overwrite: bool = False       # replace an existing DLC set at --out
-    split: str = "train"          # the split to read where the folder holds several
-    V: int = 0                    # vocabulary; 0 = from an "<L>x<V>" in the path or dataset_info.json
-    latents: bool = True          # also write `features` as latents.npy (dit.py train --latents OUT)
-    chunk: int = 8192             # rows per parquet read (ImageNet: 1.28M rows, 21 GB of float32 latents)
-
-
-CLASS_COLUMNS = ("label", "class", "class_id", "target", "y", "cls")                 # an integer class
-NAME_COLUMNS = ("path", "id", "image_id", "filename", "file_name", "name", "key")  # an image id -> index.txt
-
-
-def import_pyarrow():
-    try:
-        import pyarrow, pyarrow.compute, pyarrow.ipc, pyarrow.parquet  # noqa: F401
-    except ImportError:
-        utils.fail("sem.py import needs pyarrow: pip install pyarrow")
-    return pyarrow
-
-
-def authors_files(path, split):
-    """The data files of `split`, in row order: parquet (a hub snapshot: data/<split>-0000k-of-n.parquet
-    or <split>/000k.parquet) or Arrow IPC (save_to_disk: state.json lists data-0000k-of-n.arrow)."""
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        utils.fail(f"--authors {path} does not exist; download lavoies/DLC_512x256 (huggingface-cli download "
-                   "--repo-type dataset) or save_to_disk it, and pass the folder")
-    if os.path.isfile(os.path.join(path, "dataset_dict.json")):  # save_to_disk of a DatasetDict
-        path = os.path.join(path, split)
-    state = os.path.join(path, "state.json")
-    if os.path.isfile(state):
-        return [os.path.join(path, f["filename"]) for f in json.load(open(state))["_data_files"]]
-    found = {}
-    for root, _, names in os.walk(path):
-        for n in names:
-            if n.endswith((".parquet", ".arrow")):
-                found[os.path.join(root, n)] = n
-    mine = [f for f, n in found.items() if n.startswith(split + "-") or os.path.basename(os.path.dirname(f)) == split]
-    files = sorted(mine or found)
-    if not files:
-        utils.fail(f"{path} holds no .parquet or .arrow files")
-    return files
-
-
-def ipc_reader(f):
-    """A pyarrow reader of the Arrow IPC file f: the stream format (what datasets writes) or the file format."""
-    pa = import_pyarrow()
-    src = pa.memory_map(f)
-    try:
-        return pa.ipc.open_stream(src)
-    except pa.ArrowInvalid:
-        return pa.ipc.open_file(src)
-
-
-def record_batches(files, columns, chunk):
-    """Stream the rows of every file as pyarrow RecordBatches, `columns` only."""
-    pa = import_pyarrow()
-    for f in files:
-        if f.endswith(".parquet"):
-            yield from pa.parquet.ParquetFile(f).iter_batches(batch_size=chunk, columns=columns)
-            continue
-        reader = ipc_reader(f)
-        if isinstance(reader, pa.ipc.RecordBatchStreamReader):
-            batches = iter(reader)
-        else:  # the file format: batches by index
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        for b in batches:
-            yield b.select(columns)
-
-
-def file_schema(f):
-    return import_pyarrow().parquet.read_schema(f) if f.endswith(".parquet") else ipc_reader(f).schema
-
-
-def count_rows(files):
-    pa = import_pyarrow()
-    n = 0
-    for f in files:
-        if f.endswith(".parquet"):
-            n += pa.parquet.ParquetFile(f).metadata.num_rows
-        else:  # memory-mapped: counting touches no row data
-            n += sum(b.num_rows for b in record_batches([f], [], 0))
-    return n
-
-
-def column_to_numpy(arr, name):
-    """A (nested) list column with equal-length rows -> numpy [rows, d1, d2, ...]."""
-    pa = import_pyarrow()
-    n, shape = len(arr), []
-    # peel one list level per loop: one more dim
-    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
-        lens = pa.compute.min_max(pa.compute.list_value_length(arr))
-        if arr.null_count or lens["min"].as_py() != lens["max"].as_py():
-            utils.fail(f"column {name!r} has rows of different lengths; expected one fixed-size array per row")
-        shape.append(lens["min"].as_py())
-        arr = arr.flatten()  # all rows' values, one level down
-    return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)  # (rows, d1, d2, ...)
-
-
-def vocab_from_names(cfg, files, L):
-    """V from --V, else from "<L>x<V>" in the dataset's path or dataset_info.json (DLC_512x256)."""
-    if cfg.V:
-        return cfg.V
-    texts = [os.path.abspath(cfg.authors)]
-    for d in {os.path.dirname(f) for f in files} | {cfg.authors}:
-        info = os.path.join(d, "dataset_info.json")
-        if os.path.isfile(info):
-            texts.append(open(info).read())
-    for t in texts:
-        for l, v in re.findall(r"(\d+)x(\d+)", t):
-            if int(l) == L:
-                return int(v)
-    utils.fail(f"V cannot be read from {cfg.authors} (no '{L}x<V>' in its name or dataset_info.json); pass --V "
-               "(lavoies/DLC_512x256: --V 256)")
-
-
-def import_columns(schema, latents, path):
-    """The optional columns the import reads besides the DLC column 'labels': an integer class
-    column, a string image-id column and (with --latents) the SD-VAE latents 'features'; None
-    where the files have none."""
-    pa, names = import_pyarrow(), schema.names
-    if "labels" not in names:
-        utils.fail(f"{path} has no 'labels' column (the DLC); columns: {', '.join(names)}")
-    cls_col = next((c for c in CLASS_COLUMNS if c in names and pa.types.is_integer(schema.field(c).type)), None)
-    name_col = next((c for c in NAME_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None)
-    return cls_col, name_col, "features" if latents and "features" in names else None
-
-
-def class_labels(classes, ids, cls_col, name_col):
-    """(labels int64 [N] or None, where they came from): the class column, else the ImageNet
-    synsets (n01440764...) in the image ids, numbered in sorted order as ImageFolder does."""
-    if cls_col:
-        return np.concatenate(classes).astype(np.int64), f"column {cls_col!r}"
-    if ids and all(re.match(r"(?:.*/)?(n\d{8})", s or "") for s in ids[:1000]):
-        syn = [re.match(r"(?:.*/)?(n\d{8})", s).group(1) for s in ids]
-        order = {s: k for k, s in enumerate(sorted(set(syn)))}  # synset -> class index
-        return np.array([order[s] for s in syn], dtype=np.int64), f"synsets of {name_col!r}, sorted"
-    return None, None
-
-
-def store_codes(codes, c, i, tmp, N, V):
-    """Rows i.. of codes.npy uint16 [N, L] from a batch of 'labels' (n, L), checked against V;
-    the file is created at the first batch."""
-    if codes is None:
-        # (N, L) uint16 on disk
-        codes = np.lib.format.open_memmap(os.path.join(tmp, "codes.npy"), "w+", np.uint16, (N, c.shape[1]))
-    if c.ndim != 2 or c.shape[1] != codes.shape[1]:
-        utils.fail(f"'labels' rows have shape {c.shape[1:]} after {i} rows of [{codes.shape[1]}]")
-    if len(c) and (c.min() < 0 or c.max() >= V):
-        utils.fail(f"'labels' holds codes outside [0, V={V}) (max {c.max()}); pass the right --V")
-    codes[i:i + len(c)] = c
-    return codes
-
-
-def store_latents(lat, f, i, tmp, N):
-    """Rows i.. of latents.npy float16 [N, 1, 4, h, h] from a batch of 'features' (n, 4, h, h)
-    (any layout with 4 h h values per row); the file is created at the first batch."""
-    f = f.reshape(len(f), -1)                                             # (n, 4*h*h)
-    if lat is None:
-        h = math.isqrt(f.shape[1] // 4)  # 4 h^2 values per row
-        if 4 * h * h != f.shape[1]:
-            utils.fail(f"'features' rows hold {f.shape[1]} values; expected a 4 x h x h SD-VAE latent")
-        lat = np.lib.format.open_memmap(os.path.join(tmp, "latents.npy"), "w+", np.float16, (N, 1, 4, h, h))
-    lat[i:i + len(f), 0] = f.reshape(len(f), 4, *lat.shape[-2:])  # (n, 4, h, h) into flip index 0
-    return lat
-
-
-def import_authors(cfg):
-    """Stream the authors' rows into a DLC set: codes.npy uint16 [N, L], labels.npy (an integer
-    class column, or the ImageNet synset of an image-id column), index.txt (image ids) and
-    latents.npy float16 [N, 1, 4, h, w] (their one fixed flip per image: index 0 only)."""
-    if not cfg.authors or not cfg.out:
-        utils.fail("import needs --authors PATH (the authors' DLC dataset) and --out DIR (the DLC set)")
-    utils.check_dlc_out(cfg.out, cfg.overwrite)  # a new or empty folder, or (--overwrite) a DLC set of ours
-    files = authors_files(cfg.authors, cfg.split)
-    cls_col, name_col, feat_col = import_columns(file_schema(files[0]), cfg.latents, files[0])
-    cols = ["labels"] + [c for c in (cls_col, name_col, feat_col) if c]
-    N = count_rows(files)
-    if N == 0:
-        utils.fail(f"{cfg.authors} holds no rows")
-    if os.path.isdir(cfg.out) and not os.listdir(cfg.out):  # an empty folder: the new set takes its place
-        os.rmdir(cfg.out)
-    classes, ids, i, V = [], [], 0, None  # i: rows written so far
-    from tqdm import tqdm
-    with utils.atomic_path(cfg.out) as tmp, tqdm(total=N, desc="import", leave=False) as bar:
-        os.makedirs(tmp)
-        codes = lat = None  # memmaps made at the first batch
-        for b in record_batches(files, cols, cfg.chunk):
-            c = column_to_numpy(b.column("labels"), "labels")                   # (n, L)
-            if V is None:  # the first batch gives L
-                V = vocab_from_names(cfg, files, c.shape[1])
-            codes = store_codes(codes, c, i, tmp, N, V)
-            if feat_col:
-                lat = store_latents(lat, column_to_numpy(b.column(feat_col), feat_col), i, tmp, N)
-            if cls_col:
-                classes.append(b.column(cls_col).to_numpy(zero_copy_only=False))
-            if name_col:
-                ids += b.column(name_col).to_pylist()  # image ids, in row order
-            i += len(c)
-            bar.update(len(c))
-        codes.flush()
-        if lat is not None:
-            lat.flush()
-        labels, source = class_labels(classes, ids, cls_col, name_col)
-        if labels is not None:
-            np.save(os.path.join(tmp, "labels.npy"), labels)
-        if ids:
-            with open(os.path.join(tmp, "index.txt"), "w") as fh:
-                fh.writelines(f"{s}\n" for s in ids)
-        meta = {"L": int(codes.shape[1]), "V": int(V), "N": int(N), "source": os.path.abspath(cfg.authors),
-                "dataset": "lavoies/DLC_512x256 (the authors' DLC dataset)",
-                "files": [os.path.basename(f) for f in files],
-                "command": "python sem.py import " + " ".join(sys.argv[2:]), "labels": source, "index": name_col}
-        if lat is not None:
-            meta["latents"] = {"column": feat_col, "scale": 0.18215, "shape": list(lat.shape),
-                               "flip": "one random flip per image, fixed at the authors' extraction (no index 1)"}
-        utils.save_json(meta, os.path.join(tmp, "meta.json"))  # atomic_path swaps it in for an older set
-    print(f"wrote {N} codes [N, L={codes.shape[1]}] V={V} to {cfg.out}" + (" + latents.npy" if lat is not None else ""))
-    return cfg.out
 
 
 #################################################################################
@@ -1344,9 +945,7 @@ def bench(cfg):
 
 COMMANDS = {"train": (train, Config, PRESETS),
             "encode": (encode, EncodeConfig, utils.presets_for(PRESETS, EncodeConfig, ENCODE_PRESETS)),
-            "bench": (bench, BenchConfig, utils.presets_for(PRESETS, BenchConfig, ENCODE_PRESETS)),
-            "convert": (convert, ConvertConfig, utils.presets_for(PRESETS, ConvertConfig)),
-            "import": (import_authors, ImportConfig, None)}
+            "bench": (bench, BenchConfig, utils.presets_for(PRESETS, BenchConfig, ENCODE_PRESETS))}
 
 
 def main(argv=None):

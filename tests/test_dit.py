@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import norm
 
-from conftest import ROOT, assert_same_optimizer_state, run_script, torchrun
-import dit
+from conftest import (ROOT, assert_same_optimizer_state, authors_ditsem, official_shapes, reference_ditsem,
+                      run_script, torchrun, write_accelerate_run)
+import authors, dit
 import utils
 
 TINY = ["--model", "DiT-toy/4", "--image_size", "8", "--batch_size", "8", "--sample_steps", "4",
@@ -25,22 +26,6 @@ def one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(n)
-
-
-def official_shapes(depth, D, patch, C=4, classes=1000, size=32):
-    """Keys and shapes of an official DiT checkpoint, from the naming of facebookresearch/DiT."""
-    T = (size // patch) ** 2
-    s = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, patch, patch), "x_embedder.proj.bias": (D,),
-         "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
-         "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
-         "y_embedder.embedding_table.weight": (classes + 1, D),
-         "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,),
-         "final_layer.linear.weight": (patch * patch * 2 * C, D), "final_layer.linear.bias": (patch * patch * 2 * C,)}
-    for i in range(depth):
-        for name, out, inp in [("attn.qkv", 3 * D, D), ("attn.proj", D, D), ("mlp.fc1", 4 * D, D),
-                               ("mlp.fc2", D, 4 * D), ("adaLN_modulation.1", 6 * D, D)]:
-            s[f"blocks.{i}.{name}.weight"], s[f"blocks.{i}.{name}.bias"] = (out, inp), (out,)
-    return s
 
 
 def make_set(path, n=64, L=8, V=16, rows=None, emb=True):
@@ -473,112 +458,8 @@ def test_extract_refuses_a_used_folder_and_resumes_an_interrupted_one(tmp_path, 
         dit.main([*args, "--latents", "lat"])
     assert calls == [] and os.path.getmtime("lat/latents.npy") == before
 #################################################################################
-#     convert: the authors' accelerate folder / HF folder; soft SEM; CFG        #
+#  The authors' DiT (converted by authors.py): GELU, schedule, VAE; soft SEM    #
 #################################################################################
-
-def authors_ditsem(depth=4, D=128, patch=2, C=4, grid=4, L=6, V=10, seed=0):
-    """Random weights with the keys and shapes of the authors' DiTSEM (dit/models.py):
-    official DiT names, no y_embedder, sem_embedder.embedding_table (L, V+1, D)."""
-    g = torch.Generator().manual_seed(seed)
-    s = {k: v for k, v in official_shapes(depth, D, patch, C, size=grid * patch).items() if not k.startswith("y_")}
-    s["sem_embedder.embedding_table"] = (L, V + 1, D)
-    std = lambda k, v: 0.5 if k == "pos_embed" else 1.0 if k.startswith("sem_") else 0.1 if len(v) == 1 else math.prod(v[1:]) ** -0.5
-    return {k: torch.randn(v, generator=g) * std(k, v) for k, v in s.items()}
-
-
-def reference_ditsem(sd, x, t, y, heads, drop=None, approximate="tanh"):
-    """Their DiTSEM.forward in eval mode written out: patchify + pos, [cos, sin] timestep MLP,
-    SEMEmbedder (one_hot(y, V+1) or y with a zero drop column, @ table, mean over L), adaLN-Zero
-    blocks with explicit attention, final layer, unpatchify (einsum nhwpqc->nchpwq)."""
-    w = lambda k: sd[k]
-    p, D = w("x_embedder.proj.weight").shape[-1], w("x_embedder.proj.weight").shape[0]
-    B = len(x)
-    h = F.conv2d(x, w("x_embedder.proj.weight"), w("x_embedder.proj.bias"), stride=p).flatten(2).transpose(1, 2)
-    h = h + w("pos_embed")
-    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
-    a = t[:, None].float() * freqs[None]
-    temb = torch.cat([torch.cos(a), torch.sin(a)], -1)
-    temb = F.linear(F.silu(F.linear(temb, w("t_embedder.mlp.0.weight"), w("t_embedder.mlp.0.bias"))),
-                    w("t_embedder.mlp.2.weight"), w("t_embedder.mlp.2.bias"))
-    table = w("sem_embedder.embedding_table")
-    L, V1, _ = table.shape
-    o = torch.cat([y, torch.zeros(B, L, 1)], -1) if y.is_floating_point() else F.one_hot(y, V1).float()
-    if drop is not None:                                   # token_drop / token_drop_vec: one-hot of V everywhere
-        o = torch.where(drop[:, None, None], F.one_hot(torch.tensor(V1 - 1), V1).float(), o)
-    c = temb + (o.transpose(0, 1) @ table).mean(0)
-    mod = lambda z, sh, sc: z * (1 + sc[:, None]) + sh[:, None]
-    ln = lambda z: F.layer_norm(z, (D,), eps=1e-6)
-    i = 0
-    while f"blocks.{i}.attn.qkv.weight" in sd:
-        b = f"blocks.{i}."
-        sh1, sc1, g1, sh2, sc2, g2 = F.linear(F.silu(c), w(b + "adaLN_modulation.1.weight"), w(b + "adaLN_modulation.1.bias")).chunk(6, 1)
-        q, k, v = F.linear(mod(ln(h), sh1, sc1), w(b + "attn.qkv.weight"), w(b + "attn.qkv.bias")).view(B, -1, 3, heads, D // heads).unbind(2)
-        att = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
-        h = h + g1[:, None] * F.linear(torch.einsum("bhqk,bkhd->bqhd", att, v).reshape(B, -1, D), w(b + "attn.proj.weight"), w(b + "attn.proj.bias"))
-        m = F.gelu(F.linear(mod(ln(h), sh2, sc2), w(b + "mlp.fc1.weight"), w(b + "mlp.fc1.bias")), approximate=approximate)
-        h = h + g2[:, None] * F.linear(m, w(b + "mlp.fc2.weight"), w(b + "mlp.fc2.bias"))
-        i += 1
-    sh, sc = F.linear(F.silu(c), w("final_layer.adaLN_modulation.1.weight"), w("final_layer.adaLN_modulation.1.bias")).chunk(2, 1)
-    out = F.linear(mod(ln(h), sh, sc), w("final_layer.linear.weight"), w("final_layer.linear.bias"))
-    g, cout = math.isqrt(out.shape[1]), out.shape[-1] // (p * p)
-    out = torch.einsum("nhwpqc->nchpwq", out.reshape(B, g, g, p, p, cout))
-    return out.reshape(B, cout, g * p, g * p)
-
-
-def reference_cfg(sd, x, t, y, scale, heads):
-    """Their DiTSEM.forward_with_cfg / pipeline cfg_wrapper: conditional and null (index V) halves,
-    guidance on all in_channels epsilon channels, variances of the conditional half."""
-    C, B = x.shape[1], len(x)
-    null = torch.ones(B, dtype=torch.bool)
-    out = torch.cat([reference_ditsem(sd, x, t, y, heads), reference_ditsem(sd, x, t, y, heads, null)])
-    eps, rest = out[:, :C], out[:, C:]
-    cond, uncond = eps.split(B)
-    return torch.cat([uncond + scale * (cond - uncond), rest[:B]], 1)
-
-
-def write_accelerate_run(root, ema, raw, args):
-    """<run>/checkpoints/checkpoints/checkpoint_3/ as accelerate's save_state writes it for their
-    train_diffusion.py, and <run>/checkpoints/metadata.json."""
-    from safetensors.torch import save_file
-    ck = root / "checkpoints/checkpoints/checkpoint_3"
-    ck.mkdir(parents=True)
-    torch.save({"_orig_mod." + k: v for k, v in ema.items()}, ck / "custom_checkpoint_0.pkl")
-    save_file({"module._orig_mod." + k: v.contiguous() for k, v in raw.items()}, str(ck / "model.safetensors"))
-    torch.save({"state": {}, "param_groups": []}, ck / "optimizer.bin")
-    (root / "checkpoints/metadata.json").write_text(json.dumps({"current_epoch": 3, "args": args}))
-    return ck
-
-
-def test_convert_accelerate_folder_matches_their_forward_and_cfg(tmp_path):
-    ema, raw = authors_ditsem(seed=0), authors_ditsem(seed=1)
-    ck = write_accelerate_run(tmp_path / "run", ema, raw, {"model": "DiTSEM-toy/2", "L": 6, "V": 10, "image_size": 64})
-    out = str(tmp_path / "ours.pt")
-    dit.main(["convert", "--authors", str(ck), "--out", out])
-    model, state = dit.load_for_sampling(out, torch.device("cpu"))        # what sample / compose load: the EMA
-    assert state["model_args"] == dict(model="DiT-toy/2", input_size=8, in_channels=4, cond="dlc", num_classes=0,
-                                       L=6, V=10, emb_dim=0)
-    assert all(torch.equal(state["model"][k], raw[k]) for k in raw)       # the raw weights kept for reference
-    g = torch.Generator().manual_seed(3)
-    x, t = torch.randn(3, 4, 8, 8, generator=g), torch.tensor([999, 500, 3])
-    codes = torch.randint(0, 10, (3, 6), generator=g)
-    soft = torch.softmax(3 * torch.randn(3, 6, 10, generator=g), -1)
-    with torch.no_grad():
-        for y in (codes, soft):
-            torch.testing.assert_close(model(x, t, y), reference_ditsem(ema, x, t, y, 4), atol=1e-5, rtol=1e-5)
-            drop = torch.tensor([True, False, True])
-            torch.testing.assert_close(model(x, t, y, drop), reference_ditsem(ema, x, t, y, 4, drop), atol=1e-5, rtol=1e-5)
-        ref = reference_cfg(ema, x, t, codes, 1.7, 4)
-        torch.testing.assert_close(model.forward_with_cfg(x, t, codes, 1.7, channels=4), ref, atol=1e-5, rtol=1e-5)
-        three = model.forward_with_cfg(x, t, codes, 1.7, channels=3)     # the paper's wording differs on channel 3
-        assert (three[:, 3] - ref[:, 3]).abs().max() > 1e-2
-    # their model trained on DiT's linear schedule: sample / compose must use it, not the toy's cosine
-    assert state["config"]["schedule"] == "linear"
-    np.testing.assert_array_equal(dit.trained_diffusion(state).abar, dit.GaussianDiffusion.linear(1000).abar)
-    # the Table 1 presets guide as the authors' pipeline does
-    for name, scale in (("imagenet-cfg1.7", 1.7), ("imagenet-remask", 1.0)):
-        c = utils.parse_config(dit.Config, ["--preset", name], dit.PRESETS)
-        assert (c.sample_steps, c.cfg_scale, c.cfg_channels, c.cfg_interval, c.bf16) == (256, scale, 4, [], False)
-    assert utils.parse_config(dit.Config, ["--preset", "imagenet-cfg1.7", "--cfg_channels", "3"], dit.PRESETS).cfg_channels == 3
 
 
 def test_gelu_exact_is_the_toy_default_tanh_for_imagenet_authors_and_old_checkpoints(tmp_path, monkeypatch):
@@ -618,7 +499,7 @@ def test_compose_pairs_of_a_latent_model_decodes_through_the_vae(tmp_path, monke
     ema = authors_ditsem(seed=0)
     ck = write_accelerate_run(tmp_path / "run", ema, ema, {"model": "DiTSEM-toy/2", "L": 6, "V": 10, "image_size": 64})
     out = str(tmp_path / "ours.pt")
-    dit.main(["convert", "--authors", str(ck), "--out", out])
+    authors.main(["dit", "--authors", str(ck), "--out", out])
     codes = np.random.RandomState(0).randint(0, 10, (4, 6))
     utils.save_dlc_set(str(tmp_path / "set"), codes, {"L": 6, "V": 10})
     decoded = []
@@ -658,21 +539,6 @@ def test_compose_images_runs_on_the_schedule_the_model_trained_on(tmp_path, monk
     assert float(np.load("m.npz")["cfg_scale"]) == 2.0
 
 
-def test_convert_hf_folder(tmp_path):
-    from safetensors.torch import save_file
-    sd = authors_ditsem(L=5, V=7, seed=2)
-    (tmp_path / "hf/transformer").mkdir(parents=True)
-    (tmp_path / "hf/model_index.json").write_text("{}")
-    (tmp_path / "hf/transformer/config.json").write_text(json.dumps({"L": 5, "V": 7, "input_size": 8, "in_channels": 4}))
-    save_file(sd, str(tmp_path / "hf/transformer/diffusion_pytorch_model.safetensors"))
-    out = str(tmp_path / "hf.pt")
-    dit.main(["convert", "--authors", str(tmp_path / "hf"), "--out", out])
-    model, _ = dit.load_for_sampling(out, torch.device("cpu"))
-    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randint(0, 7, (2, 5))
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), reference_ditsem(sd, x, t, y, 4), atol=1e-5, rtol=1e-5)
-
-
 def test_soft_sem_embedding_agrees_with_theirs():
     e = dit.DLCEmbedder(4, 5, 7)
     assert torch.equal(e.embedding_table[:, 5], e.embedding_table[:1, 5].expand(4, 7))   # one shared drop vector at init
@@ -696,29 +562,6 @@ def test_released_dit_keys_and_parameter_count_on_meta():
     keys = set(official_shapes(28, 1152, 2)) - {"y_embedder.embedding_table.weight"} | {"sem_embedder.embedding_table"}
     assert set(m.state_dict()) == keys and len(keys) == 292
     assert sum(p.numel() for p in m.parameters()) == 825_561_248                    # DiTSEM-XL/2 L512 V256
-
-
-def test_convert_bad_input(tmp_path):
-    from safetensors.torch import save_file
-    sd = authors_ditsem()
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "model.safetensors").write_bytes(b"")                         # no EMA file, no config.json
-    label = write_accelerate_run(tmp_path / "label", {**{k: v for k, v in sd.items() if not k.startswith("sem_")},
-                                 "y_embedder.embedding_table.weight": torch.zeros(1001, 128)}, sd, {})
-    wrongL = write_accelerate_run(tmp_path / "wrongL", sd, sd, {"model": "DiTSEM-toy/2", "L": 512, "V": 10})
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"L": 6, "V": 10}))
-    save_file({k.replace("blocks.", "transformer_blocks."): v.contiguous() for k, v in sd.items()}, str(other / "model.safetensors"))
-    cases = [(empty, "no custom_checkpoint_0.pkl"), (label, "missing keys ['sem_embedder.embedding_table']"),
-             (wrongL, "config says L=512"), (other, "unexpected keys"), (tmp_path / "nothing", "is not a folder")]
-    for i, (path, msg) in enumerate(cases):
-        out = tmp_path / f"o{i}.pt"
-        p = run_script([os.path.join(ROOT, "dit.py"), "convert", "--authors", str(path), "--out", str(out)],
-                       cwd=tmp_path, check=False)
-        assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and msg in p.stderr, p.stderr[-400:]
-        assert not out.exists()
 
 
 #################################################################################

@@ -5,10 +5,9 @@ import dataclasses, json, math, os, shutil
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from conftest import ROOT, assert_same_optimizer_state, run_script, torchrun
-import sem
+from conftest import ROOT, assert_same_optimizer_state, authors_teacher, run_script, torchrun
+import authors, sem
 import utils
 
 SEM = os.path.join(ROOT, "sem.py")
@@ -381,142 +380,14 @@ def test_block_masks_are_blocks_with_dinov2_ratios():
 
 
 #################################################################################
-#        convert: the authors' DINOv2-fork teacher / HF folder -> ours          #
+#        The authors' teacher (converted by authors.py): training resumes       #
 #################################################################################
-
-def authors_teacher(D=64, depth=4, patch=8, R=4, grid=5, L=4, V=8, hidden=32, bottleneck=16, K=24, g=None):
-    """A random state dict with the keys and shapes of the authors' teacher checkpoint:
-    ModuleDict(backbone=DinoVisionTransformerWithSEM, dino_head=DINOHead), block_chunks 0."""
-    torch.manual_seed(0)
-    s = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + grid * grid, D), "register_tokens": (1, R, D),
-         "mask_token": (1, D), "patch_embed.proj.weight": (D, 3, patch, patch), "patch_embed.proj.bias": (D,),
-         "norm.weight": (D,), "norm.bias": (D,), "sem_embed.weight": (L * V, D * (1 + R)),
-         "sem_norm.weight": (L * V,), "sem_norm.bias": (L * V,), "sem_out.weight": (D, L * V),
-         "sem_cls_norm.weight": (D,), "sem_cls_norm.bias": (D,)}
-    for i in range(depth):
-        for n, shp in [("norm1.weight", (D,)), ("norm1.bias", (D,)), ("attn.qkv.weight", (3 * D, D)),
-                       ("attn.qkv.bias", (3 * D,)), ("attn.proj.weight", (D, D)), ("attn.proj.bias", (D,)),
-                       ("ls1.gamma", (D,)), ("norm2.weight", (D,)), ("norm2.bias", (D,)),
-                       ("mlp.fc1.weight", (4 * D, D)), ("mlp.fc1.bias", (4 * D,)),
-                       ("mlp.fc2.weight", (D, 4 * D)), ("mlp.fc2.bias", (D,)), ("ls2.gamma", (D,))]:
-            s[f"blocks.{i}.{n}"] = shp
-    std = lambda k, v: 0.1 if len(v) == 1 else 1.0 if len(v) == 3 else math.prod(v[1:]) ** -0.5   # biases, tokens, fan-in
-    sd = {f"backbone.{k}": torch.randn(v) * std(k, v) for k, v in s.items()}
-    for k in sd:
-        if k.endswith(("norm1.weight", "norm2.weight", "norm.weight", "ls1.gamma", "ls2.gamma")):
-            sd[k] = 1 + 0.2 * torch.randn_like(sd[k])
-    head = {"mlp.0.weight": (hidden, D), "mlp.0.bias": (hidden,), "mlp.2.weight": (hidden, hidden),
-            "mlp.2.bias": (hidden,), "mlp.4.weight": (bottleneck, hidden), "mlp.4.bias": (bottleneck,),
-            "last_layer.weight_v": (K, bottleneck)}
-    sd.update({f"dino_head.{k}": torch.randn(v) * std(k, v) for k, v in head.items()})
-    sd["dino_head.last_layer.weight_g"] = torch.ones(K, 1) if g is None else g
-    return sd
-
-
-def reference_sem(sd, x, L, V, heads, temp):
-    """Their forward written out (DinoVisionTransformerWithSEM.forward_features with
-    interpolate_antialias=True, offset 0; NestedTensorBlock; DINOHead), explicit attention."""
-    w = lambda k: sd["backbone." + k]
-    B, _, H, W = x.shape
-    p, D = w("patch_embed.proj.weight").shape[-1], w("cls_token").shape[-1]
-    t = F.conv2d(x, w("patch_embed.proj.weight"), w("patch_embed.proj.bias"), stride=p).flatten(2).transpose(1, 2)
-    t = torch.cat([w("cls_token").expand(B, -1, -1), t], 1)
-    pos, M = w("pos_embed"), math.isqrt(w("pos_embed").shape[1] - 1)
-    grid = F.interpolate(pos[:, 1:].reshape(1, M, M, D).permute(0, 3, 1, 2), size=(H // p, W // p),
-                         mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, -1, D)
-    t = t + torch.cat([pos[:, :1], grid], 1)
-    R = w("register_tokens").shape[1]
-    t = torch.cat([t[:, :1], w("register_tokens").expand(B, -1, -1), t[:, 1:]], 1)
-    ln = lambda z, k, n: F.layer_norm(z, (n,), w(k + ".weight"), w(k + ".bias"), 1e-6)
-    i = 0
-    while f"backbone.blocks.{i}.norm1.weight" in sd:
-        b = f"blocks.{i}."
-        h = ln(t, b + "norm1", D)
-        q, k, v = F.linear(h, w(b + "attn.qkv.weight"), w(b + "attn.qkv.bias")).view(B, -1, 3, heads, D // heads).unbind(2)
-        a = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D // heads), -1)
-        o = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(B, -1, D)
-        t = t + w(b + "ls1.gamma") * F.linear(o, w(b + "attn.proj.weight"), w(b + "attn.proj.bias"))
-        h = F.gelu(F.linear(ln(t, b + "norm2", D), w(b + "mlp.fc1.weight"), w(b + "mlp.fc1.bias")))
-        t = t + w(b + "ls2.gamma") * F.linear(h, w(b + "mlp.fc2.weight"), w(b + "mlp.fc2.bias"))
-        i += 1
-    z = ln(F.linear(t[:, :1 + R].reshape(B, -1), w("sem_embed.weight")), "sem_norm", L * V)
-    probs = torch.softmax(z.view(B, L, V) / temp, -1)
-    cls = ln(F.linear(probs.reshape(B, -1), w("sem_out.weight")), "norm", D)       # x_norm_clstoken
-    hd = lambda k: sd["dino_head." + k]
-    e = F.gelu(F.linear(cls, hd("mlp.0.weight"), hd("mlp.0.bias")))
-    e = F.gelu(F.linear(e, hd("mlp.2.weight"), hd("mlp.2.bias")))
-    e = F.normalize(F.linear(e, hd("mlp.4.weight"), hd("mlp.4.bias")), dim=-1)
-    v_ = hd("last_layer.weight_v")
-    logits = F.linear(e, hd("last_layer.weight_g") * v_ / v_.norm(dim=1, keepdim=True))   # weight_norm, dim 0
-    return {"cls": cls, "probs": probs, "patch": ln(t, "norm", D)[:, 1 + R:], "logits": logits}
-
-
-def converted_student(ck):
-    cfg = sem.Config(**ck["config"])
-    st = sem.Student(cfg)
-    st.load_state_dict(ck["ema"])
-    return st.eval(), cfg
-
-
-def test_convert_authors_teacher_matches_their_forward(tmp_path):
-    sd = authors_teacher()
-    (tmp_path / "run/eval/training_99").mkdir(parents=True)
-    torch.save({"teacher": sd}, tmp_path / "run/eval/training_99/teacher_checkpoint.pth")
-    (tmp_path / "run/config.yaml").write_text("student:\n  arch: vit_large_sem\n  L: 4\n  V: 8\n")
-    out = str(tmp_path / "ck.pt")
-    sem.main(["convert", "--authors", str(tmp_path / "run/eval/training_99/teacher_checkpoint.pth"), "--out", out])
-    ck = utils.load_checkpoint(out)
-    st, cfg = converted_student(ck)
-    assert (cfg.arch, cfg.patch, cfg.registers, cfg.pos_grid, cfg.L, cfg.V, cfg.size) == ("toy", 8, 4, 5, 4, 8, 40)
-    assert cfg.prototypes == 24 and "backbone.sem_cls_norm.weight" not in ck["ema"]
-    x = torch.randn(3, 3, 32, 32)                       # 4 x 4 patches: the stored 5 x 5 grid is interpolated
-    for temp in (1.0, 0.05):
-        ref = reference_sem(sd, x, 4, 8, heads=4, temp=temp)
-        with torch.no_grad():
-            got = st.backbone(x, tau=temp)
-            logits = st.head(got["cls"])
-        for k in ("cls", "probs", "patch"):
-            torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
-        torch.testing.assert_close(logits, ref["logits"], atol=1e-5, rtol=1e-5)
-    # encode / probe read it as usual (and at its own resolution: --size comes from the checkpoint)
-    enc, ecfg, _, head = sem.load_encoder(sem.EncodeConfig(ckpt=out))
-    assert ecfg.size == 40 and head == "trained"
-
-
-def test_convert_hf_folder_and_g_not_one(tmp_path):
-    from safetensors.torch import save_file
-    sd = authors_teacher(g=torch.rand(24, 1) + 0.5)      # a trained weight_g: our head cannot hold it
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    back = {"model." + k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
-    save_file(back, str(hf / "model.safetensors"))
-    (hf / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
-    out = str(tmp_path / "hf.pt")
-    sem.main(["convert", "--authors", str(hf), "--out", out])
-    enc, cfg, _, _ = sem.load_encoder(sem.EncodeConfig(ckpt=out))
-    x = torch.randn(2, 3, 40, 40)
-    ref = reference_sem(sd, x, 4, 8, heads=4, temp=1.0)
-    with torch.no_grad():
-        got = enc.eval()(x)
-    for k in ("cls", "probs", "patch"):
-        torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-5, msg=k)
-    # their .pth with a g != 1: the backbone converts, the head does not, and resuming says why
-    torch.save({"teacher": sd}, tmp_path / "t.pth")
-    p = run_script([SEM, "convert", "--authors", str(tmp_path / "t.pth"), "--out", str(tmp_path / "g.pt"),
-                    "--L", "4", "--V", "8"], cwd=tmp_path)
-    assert "weight_g is not 1" in p.stdout
-    (tmp_path / "runs/sem-a/checkpoints").mkdir(parents=True)
-    shutil.copy(tmp_path / "g.pt", tmp_path / "runs/sem-a/checkpoints/ckpt_0000000.pt")
-    p = run_script([SEM, *TINY, "--run", "a", "--resume", "--arch", "toy", "--patch", "8", "--pos_grid", "5"],
-                   cwd=tmp_path, check=False)
-    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "without the DINO head" in p.stderr
-
 
 def test_convert_then_resume_training(tmp_path):
     torch.save({"teacher": authors_teacher()}, tmp_path / "t.pth")
     (tmp_path / "runs/sem-a/checkpoints").mkdir(parents=True)
     out = tmp_path / "runs/sem-a/checkpoints/ckpt_0000000.pt"
-    sem.main(["convert", "--authors", str(tmp_path / "t.pth"), "--out", str(out), "--L", "4", "--V", "8"])
+    authors.main(["sem", "--authors", str(tmp_path / "t.pth"), "--out", str(out), "--L", "4", "--V", "8"])
     tiny = list(TINY)
     tiny[tiny.index("--prototypes") + 1] = "24"
     cwd = os.getcwd()
@@ -530,146 +401,10 @@ def test_convert_then_resume_training(tmp_path):
     assert os.path.isfile(tmp_path / "runs/sem-a/checkpoints/ckpt_0000001.pt")
 
 
-def test_convert_bad_input(tmp_path):
-    from safetensors.torch import save_file
-    sd = authors_teacher()
-    torch.save({"teacher": sd}, tmp_path / "t.pth")
-    (tmp_path / "nofile").mkdir()
-    (tmp_path / "nofile/config.json").write_text("{}")
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
-    renamed = {k.replace("backbone.blocks.", "backbone.encoder.layer."): v for k, v in sd.items() if k.startswith("backbone.")}
-    save_file(renamed, str(other / "model.safetensors"))
-    torch.save({"pos_embed": torch.zeros(1, 4, 8), "blocks.0.attn.qkv.weight": torch.zeros(24, 8)}, tmp_path / "dit.pt")
-    cases = [(["--authors", str(tmp_path / "t.pth")], "pass --L and --V"),                # no config.yaml, no flags
-             (["--authors", str(tmp_path / "t.pth"), "--L", "3"], "pass --L and --V"),      # 3 does not divide 32
-             (["--authors", str(tmp_path / "nofile")], "model.safetensors"),
-             (["--authors", str(other), "--L", "4"], "unexpected keys"),
-             (["--authors", str(tmp_path / "dit.pt"), "--L", "4"], "missing keys ['cls_token'"),
-             (["--authors", str(tmp_path / "t.pth"), "--L", "4", "--patch", "14"], "--patch 14 does not match")]
-    for i, (args, msg) in enumerate(cases):
-        out = tmp_path / f"o{i}.pt"
-        p = run_script([SEM, "convert", *args, "--out", str(out)], cwd=tmp_path, check=False)
-        assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and msg in p.stderr, p.stderr[-400:]
-        assert not out.exists()
-
-
 def test_released_sem_teacher_parameter_count_on_meta():
     """Their DinoVisionTransformerWithSEM ViT-L/14 reg4 L512 V256: 1,109,943,296 parameters, of
-    which sem_cls_norm (2 x 1024, saved, never used) is dropped by convert."""
+    which sem_cls_norm (2 x 1024, saved, never used) is dropped by authors.py sem."""
     cfg = sem.Config(**sem.PRESETS["imagenet"])
     with torch.device("meta"):
         m = sem.SEMViT(cfg)
     assert m.pos_embed.is_meta and sum(p.numel() for p in m.parameters()) + 2 * 1024 == 1_109_943_296
-#          sem.py import: the authors' DLC dataset (parquet / Arrow IPC)         #
-#################################################################################
-
-def authors_rows(n, L=8, h=2, seed=0):
-    """Rows in the authors' schema: `labels` = the DLC [L], `features` = a [4, h, h] latent."""
-    rng = np.random.RandomState(seed)
-    codes = rng.randint(0, 16, size=(n, L))
-    lat = rng.randn(n, 4, h, h).astype(np.float32)
-    syn = [f"n{1000 + (i % 3):08d}_{i}" for i in range(n)]                  # ImageNet-style image ids
-    return codes, lat, syn
-
-
-def write_parquet(path, codes, lat, extra):
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    t = pa.table({"labels": codes.tolist(), "features": lat.tolist(), **extra})   # nested lists, as datasets writes
-    pq.write_table(t, path, row_group_size=3)
-
-
-def write_save_to_disk(folder, codes, lat, syn, parts=2):
-    """datasets.save_to_disk's layout: data-0000k-of-n.arrow (IPC stream) + state.json + dataset_info.json."""
-    pa = pytest.importorskip("pyarrow")
-    os.makedirs(folder)
-    names = [f"data-{k:05d}-of-{parts:05d}.arrow" for k in range(parts)]
-    lat_type = pa.list_(pa.list_(pa.list_(pa.float32(), lat.shape[-1]), lat.shape[-1]), 4)  # fixed-size lists
-    for k, rows in enumerate(np.array_split(np.arange(len(codes)), parts)):
-        t = pa.table({"features": pa.array(lat[rows].tolist(), type=lat_type),
-                      "labels": pa.array(codes[rows].tolist(), type=pa.list_(pa.int64())),
-                      "path": syn[rows[0]:rows[-1] + 1]})
-        with pa.ipc.new_stream(os.path.join(folder, names[k]), t.schema) as w:
-            for b in t.to_batches(max_chunksize=2):
-                w.write_batch(b)
-    json.dump({"_data_files": [{"filename": n} for n in names]}, open(os.path.join(folder, "state.json"), "w"))
-    json.dump({"dataset_name": "dlc_8x16"}, open(os.path.join(folder, "dataset_info.json"), "w"))
-
-
-def test_import_authors_parquet_and_arrow(tmp_path):
-    n = 11
-    codes, lat, syn = authors_rows(n)
-    hub = tmp_path / "DLC_8x16" / "data"
-    hub.mkdir(parents=True)
-    k = np.array_split(np.arange(n), 2)
-    for j, rows in enumerate(k):      # two train shards, plus a test shard that must not be read
-        write_parquet(hub / f"train-{j:05d}-of-00002.parquet", codes[rows], lat[rows], {"label": (rows % 5).tolist()})
-    write_parquet(hub / "test-00000-of-00001.parquet", codes[:2] + 1, lat[:2], {"label": [0, 0]})
-    out = tmp_path / "dlc"
-    sem.main(["import", "--authors", str(tmp_path / "DLC_8x16"), "--out", str(out), "--chunk", "4"])
-    s = utils.load_dlc_set(str(out), L=8, V=16)             # V read from the folder name "8x16"
-    assert s["codes"].dtype == np.uint16 and isinstance(s["codes"], np.memmap)
-    assert (np.asarray(s["codes"]) == codes).all() and (s["labels"] == np.arange(n) % 5).all()
-    x = np.load(out / "latents.npy", mmap_mode="r")
-    assert x.shape == (n, 1, 4, 2, 2) and x.dtype == np.float16
-    assert np.allclose(x[:, 0], lat, atol=2e-3)
-    # save_to_disk folder: Arrow IPC streams, fixed-size list latents, classes from ImageNet synsets
-    arrow = tmp_path / "saved"
-    write_save_to_disk(arrow, codes, lat, syn)
-    out2 = tmp_path / "dlc2"
-    sem.main(["import", "--authors", str(arrow), "--out", str(out2)])
-    s2 = utils.load_dlc_set(str(out2), L=8, V=16)
-    assert (np.asarray(s2["codes"]) == codes).all() and (s2["labels"] == np.arange(n) % 3).all()
-    assert open(out2 / "index.txt").read().split() == syn
-    assert np.allclose(np.load(out2 / "latents.npy")[:, 0], lat, atol=2e-3)
-    # the imported set trains dit.py directly (latents + codes in one folder, no flipped copy)
-    import dit
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        dit.main(["train", "--latents", str(out2), "--dlc", str(out2), "--model", "DiT-toy/2", "--image_size", "16",
-                  "--steps", "1", "--batch_size", "4", "--ckpt_every", "1", "--device", "cpu"])
-    finally:
-        os.chdir(cwd)
-    assert os.path.isfile(tmp_path / "runs/dit-toy/checkpoints/ckpt_0000001.pt")
-
-
-def test_import_authors_bad_input(tmp_path):
-    codes, lat, syn = authors_rows(5)
-    (tmp_path / "plain").mkdir()
-    write_parquet(tmp_path / "plain" / "x.parquet", codes, lat, {})
-    (tmp_path / "notours").mkdir()
-    (tmp_path / "notours" / "keep.txt").write_text("mine")
-    cases = [(["--authors", str(tmp_path / "plain")], "pass --V"),                       # no "LxV" anywhere
-             (["--authors", str(tmp_path / "plain"), "--V", "8"], "outside [0, V=8)"),
-             (["--authors", str(tmp_path / "nope"), "--V", "16"], "does not exist"),
-             (["--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "notours")], "not a DLC set")]
-    for args, msg in cases:
-        out = tmp_path / "out"
-        with pytest.raises(SystemExit) as e:
-            sem.main(["import", "--out", str(out), *args])
-        assert str(e.value).startswith("error:") and msg in str(e.value) and "\n" not in str(e.value), e.value
-        assert not out.exists()
-    assert os.listdir(tmp_path / "notours") == ["keep.txt"]
-    # a folder holding a meta.json among a user's files is not ours: refused, nothing deleted
-    (tmp_path / "mixed").mkdir()
-    for name in ("meta.json", "notes.txt"):
-        (tmp_path / "mixed" / name).write_text("{}")
-    with pytest.raises(SystemExit, match="not a DLC set"):
-        sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "mixed")])
-    assert sorted(os.listdir(tmp_path / "mixed")) == ["meta.json", "notes.txt"]
-    # an existing DLC set is replaced only with --overwrite
-    sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set")])
-    before = open(tmp_path / "set" / "meta.json").read()
-    with pytest.raises(SystemExit, match="--overwrite"):
-        sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set")])
-    assert open(tmp_path / "set" / "meta.json").read() == before
-    sem.main(["import", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set"), "--overwrite"])
-    assert (np.asarray(utils.load_dlc_set(str(tmp_path / "set"), L=8, V=16)["codes"]) == codes).all()
-    pa = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as pq
-    pq.write_table(pa.table({"features": lat.tolist()}), tmp_path / "nolabels.parquet")
-    with pytest.raises(SystemExit, match="no 'labels' column"):
-        sem.main(["import", "--authors", str(tmp_path / "nolabels.parquet"), "--out", str(tmp_path / "o"), "--V", "16"])
