@@ -22,6 +22,8 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     for row in ("| dlc-sedd (CFG 4) |", "| label (CFG 6) |", "| embedding-generated (CFG 4) |", "| unconditional |",
                 "| DLC token mixing |", "| heldout |", "no remasking"):
         assert row in table
+    # what each code position carries (table 5): the evidence for the composition and held-out-text claims
+    assert "| positions it dominates |" in table and "Mean purity of a position:" in table
     # every claim the pipeline checks has its row with a number, a bar and a verdict
     claims = {}
     for line in table[table.index("## Claims"):].splitlines():
