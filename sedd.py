@@ -61,11 +61,7 @@ class Config:
     holdout: float = 0.05        # fraction of the DLC set held out for the per-token loss
     eval_every: int = 500        # held-out loss every N steps (and at the end)
     ckpt_every: int = 500        # checkpoint every N steps (and at the end)
-    bench_iters: int = 10        # bench: timed training iterations
-    bench_n: int = 64            # bench: DLCs sampled
-    bench_steps: int = 128       # bench: sampling steps
-    POSITIVE = ("steps", "batch_size", "cond_dim", "eval_every", "ckpt_every", "bench_iters", "bench_n",
-                "bench_steps")
+    POSITIVE = ("steps", "batch_size", "cond_dim", "eval_every", "ckpt_every")
 
 
 SIZES = {"toy": (128, 2, 4), "small": (768, 12, 12), "medium": (1024, 24, 16)}  # (D, depth, heads)
@@ -657,6 +653,15 @@ def sample_main(sc):
 #                        bench (throughput, memory, MFU)                        #
 #################################################################################
 
+@dataclass
+class BenchConfig(Config):
+    """bench: the train config's model, timed for a few steps, then sampling."""
+    bench_iters: int = 10        # timed training iterations
+    bench_n: int = 64            # DLCs sampled
+    bench_steps: int = 128       # sampling steps
+    POSITIVE = Config.POSITIVE + ("bench_iters", "bench_n", "bench_steps")
+
+
 def bench(cfg):
     """Training tokens/s, ms/step, peak memory and MFU at cfg's size, then sampling DLCs/s."""
     d = utils.setup_dist(cfg.device)
@@ -693,7 +698,7 @@ def bench(cfg):
 
 
 COMMANDS = {"train": (train, Config, PRESETS), "sample": (sample_main, SampleConfig, SAMPLE_PRESETS),
-            "bench": (bench, Config, PRESETS)}
+            "bench": (bench, BenchConfig, utils.presets_for(PRESETS, BenchConfig))}
 
 
 def main(argv=None):
