@@ -51,13 +51,14 @@ def read_weights(path):
 
 
 def read_hf_folder(path, what):
-    """(config.json as a dict, state dict) of a local Hugging Face model folder: one weights file
-    or the shards a model.safetensors.index.json names. `what`: the error line's advice."""
+    """(config.json as a dict, state dict, the weights file read) of a local Hugging Face model
+    folder: one weights file or the shards a model.safetensors.index.json names. `what`: the error
+    line's advice."""
     files = set(os.listdir(path))
     # the first weights file present, in HF_WEIGHTS' order: an index (shards) before a single file
     name = next((n for n in HF_WEIGHTS if n in files), None)
     if "config.json" not in files or name is None:
-        utils.fail(f"{path} is not a Hugging Face folder with config.json and {' or '.join(HF_WEIGHTS[1:4:2])}; "
+        utils.fail(f"{path} is not a Hugging Face folder: it needs config.json and one of {', '.join(HF_WEIGHTS)}; "
                    f"{what}")
     if name.endswith(".index.json"):  # sharded: the index maps each tensor to its file
         shards = sorted(set(json.load(open(os.path.join(path, name)))["weight_map"].values()))
@@ -69,7 +70,7 @@ def read_hf_folder(path, what):
     for s in shards:  # each shard holds some of the tensors; together, the whole state dict
         sd.update(read_weights(os.path.join(path, s)))
     # (config, weights): the config gives the sizes the shapes cannot (L and V apart, the heads)
-    return json.load(open(os.path.join(path, "config.json"))), sd
+    return json.load(open(os.path.join(path, "config.json"))), sd, name
 
 
 def find_key(tree, names):
@@ -128,7 +129,7 @@ def find_authors_yaml(path):
 def read_authors_sem(path):
     """(backbone state dict, DINO head state dict or None, hints {L, V, ...}) of the authors' SEM."""
     if os.path.isdir(path):  # a Hugging Face folder: config.json is the hints
-        hints, sd = read_hf_folder(path, "pass the downloaded Hugging Face folder or a teacher .pth")
+        hints, sd, _ = read_hf_folder(path, "pass the downloaded Hugging Face folder or a teacher .pth")
     elif os.path.isfile(path):
         # their training layout: the teacher .pth, its run's config.yaml as the hints
         sd, hints = utils.load_checkpoint(path), find_authors_yaml(path)
@@ -286,10 +287,10 @@ def read_authors_sedd(path, checkpoint):
     if not os.path.isfile(os.path.join(path, "config.json")):
         utils.fail(f"{path} is neither a SEDD run folder (.hydra/config.yaml + checkpoints-meta/checkpoint.pth) "
                    "nor a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)")
-    config, sd = read_hf_folder(path, "download the whole folder")
+    config, sd, name = read_hf_folder(path, "download the whole folder")
     sd = strip_wrappers(sd, SEDD_WRAPPERS)
-    check_sedd_layout(sd, authors_names(count_blocks(sd)), path)
-    return sd, config, "Hugging Face folder"
+    check_sedd_layout(sd, authors_names(count_blocks(sd)), os.path.join(path, name))
+    return sd, config, f"Hugging Face folder ({name})"
 
 
 def read_run_folder(path, checkpoint):
@@ -437,7 +438,7 @@ def read_authors_dit(path):
         path = os.path.join(path, "transformer")
     files = set(os.listdir(path))
     if "config.json" in files:                                              # Hugging Face folder
-        config, sd = read_hf_folder(path, "download the whole folder")
+        config, sd, _ = read_hf_folder(path, "download the whole folder")
         return strip_wrappers(sd, DIT_WRAPPERS), None, config
     if "custom_checkpoint_0.pkl" not in files:
         utils.fail(f"{path} has no custom_checkpoint_0.pkl (the EMA that accelerate's save_state writes) "

@@ -810,10 +810,14 @@ def position_information(codes, attrs):
 
 def position_metrics(codes, attrs, names):
     """The probe's summary of position_information: per attribute the information summed over
-    positions, the most one position carries, and how many positions it dominates; mean purity."""
+    positions, the most one position carries, and how many positions it dominates; the mean purity
+    of the informative positions. A position that carries nothing (a constant token) dominates
+    nothing and has no purity: it is counted in positions_empty."""
     info = position_information(codes, attrs)                             # (L, A)
-    top = info.argmax(1)                                                  # (L,) dominant attribute
-    m = {"purity": float((info.max(1) / np.maximum(info.sum(1), 1e-12)).mean())}
+    live = info.sum(1) > 1e-9                                             # (L,) carries some information
+    top = np.where(live, info.argmax(1), -1)                              # (L,) dominant attribute, -1: none
+    purity = info.max(1)[live] / info.sum(1)[live]                        # (live,) dominant share
+    m = {"purity": float(purity.mean()) if live.any() else 0.0, "positions_empty": int((~live).sum())}
     for j, n in enumerate(names):
         m[f"info_{n}_sum"], m[f"info_{n}_max"] = float(info[:, j].sum()), float(info[:, j].max())
         m[f"positions_{n}"] = int((top == j).sum())

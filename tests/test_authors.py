@@ -426,6 +426,29 @@ def test_sem_hf_folder_and_g_not_one(tmp_path):
     assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "without the DINO head" in p.stderr
 
 
+def test_sharded_hf_folder_reads_every_shard(tmp_path):
+    """A Hugging Face folder whose weights are split in shards named by model.safetensors.index.json
+    converts to exactly what the single-file folder converts to; a missing shard is one line."""
+    from safetensors.torch import save_file
+    back = {"model." + k.removeprefix("backbone."): v for k, v in authors_teacher().items() if k.startswith("backbone.")}
+    names = sorted(back)
+    for folder, parts in (("one", [names]), ("sharded", [names[::2], names[1::2]])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "config.json").write_text(json.dumps({"L": 4, "V": 8}))
+        files = ["model.safetensors"] if len(parts) == 1 else [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for f, keys in zip(files, parts):
+            save_file({k: back[k] for k in keys}, str(tmp_path / folder / f))
+        if len(parts) > 1:
+            weight_map = {k: f for f, keys in zip(files, parts) for k in keys}
+            (tmp_path / folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        authors.main(["sem", "--authors", str(tmp_path / folder), "--out", str(tmp_path / f"{folder}.pt")])
+    one, sharded = (utils.load_checkpoint(str(tmp_path / f"{f}.pt"))["ema"] for f in ("one", "sharded"))
+    assert sorted(one) == sorted(sharded) and all(torch.equal(one[k], sharded[k]) for k in one)
+    os.remove(tmp_path / "sharded" / "model-00002-of-00002.safetensors")
+    with pytest.raises(SystemExit, match="a shard named in model.safetensors.index.json is missing"):
+        authors.main(["sem", "--authors", str(tmp_path / "sharded"), "--out", str(tmp_path / "x.pt")])
+
+
 def test_sem_bad_input(tmp_path):
     from safetensors.torch import save_file
     sd = authors_teacher()

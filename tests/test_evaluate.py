@@ -303,14 +303,16 @@ def test_position_information_closed_forms():
     N = 20000
     attrs = np.stack([rng.randint(0, 4, N), rng.randint(0, 5, N)], 1)        # independent, uniform
     codes = np.stack([attrs[:, 0], attrs[:, 1] // 3, rng.randint(0, 16, N),   # copy, coarsened, noise
-                      attrs[:, 0] * 5 + attrs[:, 1]], 1)                        # the pair: both in full
+                      attrs[:, 0] * 5 + attrs[:, 1], np.full(N, 7)], 1)          # the pair: both in full; constant
     info = ev.position_information(codes, attrs)
     p = np.bincount(attrs[:, 1] // 3) / N                                      # H of the coarsened colour
     assert info[0, 0] == pytest.approx(np.log(4), abs=2e-3) and info[0, 1] < 1e-3
     assert info[1, 1] == pytest.approx(-(p * np.log(p)).sum(), abs=1e-9) and info[1, 0] < 1e-3
     assert info[2].max() < 3 * 15 * 4 / (2 * N)
     assert info[3] == pytest.approx([np.log(4), np.log(5)], abs=3e-3)
+    assert info[4].max() < 1e-12                                               # a constant token says nothing
     m = ev.position_metrics(codes, attrs, ["shape", "colour"])
+    assert m["positions_empty"] == 1                                           # ... dominates nothing, has no purity
     # positions 0 -> shape, 1 and 3 -> colour (log 5 > log 4); the noise position goes either way
     assert m["positions_shape"] + m["positions_colour"] == 4 and m["positions_colour"] in (2, 3)
     assert m["info_shape_max"] == pytest.approx(np.log(4), abs=3e-3)
