@@ -690,8 +690,6 @@ def import_dlc(cfg):
     N = sum(count_rows(f) for f in files)
     if N == 0:
         utils.fail(f"{cfg.authors} holds no rows")
-    if os.path.isdir(cfg.out) and not os.listdir(cfg.out):  # an empty folder: the new set takes its place
-        os.rmdir(cfg.out)
     classes, ids, i, V = [], [], 0, None  # i: rows written so far
     from tqdm import tqdm
     with utils.atomic_path(cfg.out) as tmp, tqdm(total=N, desc="import", leave=False) as bar:
@@ -726,7 +724,7 @@ def import_dlc(cfg):
         if lat is not None:
             meta["latents"] = {"column": feat_col, "scale": 0.18215, "shape": list(lat.shape),
                                "flip": "one random flip per image, fixed at the authors' extraction (no index 1)"}
-        utils.save_json(meta, os.path.join(tmp, "meta.json"))  # atomic_path swaps it in for an older set
+        utils.save_json(meta, os.path.join(tmp, "meta.json"))  # atomic_path swaps it in for an older or empty folder
     print(f"wrote {N} codes [N, L={codes.shape[1]}] V={V} to {cfg.out}" + (" + latents.npy" if lat is not None else ""))
     return cfg.out
 

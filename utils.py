@@ -677,9 +677,7 @@ def save_dlc_set(out, codes, meta, labels=None, captions=None, index=None, extra
         fail(f"codes have shape {codes.shape}, expected [N, L={meta['L']}]")
     if codes.size and (codes.min() < 0 or codes.max() >= V):  # uint16 storage would wrap bad values silently
         fail(f"codes hold values outside [0, V={V}); refusing to write {out}")
-    if os.path.isdir(out) and not os.listdir(out):  # an empty folder: take its place
-        os.rmdir(out)
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:  # swapped in for an older set or an empty folder, which a failure leaves as it was
         os.makedirs(tmp)  # the set is built in the temporary folder
         np.save(os.path.join(tmp, "codes.npy"), codes.astype(np.uint16))  # [N, L], 2 bytes a token
         with open(os.path.join(tmp, "meta.json"), "w") as f:

@@ -11,14 +11,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import ROOT, authors_ditsem, authors_teacher, reference_ditsem, run_script, write_accelerate_run
+from test_sem import TINY as SEM_TINY
 import authors, dit, sedd, sem
 import utils
 
 AUTHORS, SEM = os.path.join(ROOT, "authors.py"), os.path.join(ROOT, "sem.py")
 torch.set_num_threads(1)  # why: one thread is faster on the shared 2-core test machine
-SEM_TINY = ["--steps", "4", "--batch_size", "8", "--local_crops", "1", "--prototypes", "32",
-            "--head_hidden", "32", "--head_bottleneck", "16", "--L", "4", "--V", "8", "--warmup", "1",
-            "--freeze_last", "1", "--teacher_temp_steps", "2"]
 
 
 #################################################################################
@@ -573,6 +571,13 @@ def test_dlc_bad_input(tmp_path):
     with pytest.raises(SystemExit, match="not a DLC set"):
         authors.main(["dlc", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "mixed")])
     assert sorted(os.listdir(tmp_path / "mixed")) == ["meta.json", "notes.txt"]
+    # an empty folder: a failed import leaves it as it was, a good one fills it
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="pass --V"):
+        authors.main(["dlc", "--authors", str(tmp_path / "plain"), "--out", str(tmp_path / "empty")])
+    assert os.path.isdir(tmp_path / "empty") and os.listdir(tmp_path / "empty") == []
+    authors.main(["dlc", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "empty")])
+    assert (np.asarray(utils.load_dlc_set(str(tmp_path / "empty"), L=8, V=16)["codes"]) == codes).all()
     # an existing DLC set is replaced only with --overwrite
     authors.main(["dlc", "--authors", str(tmp_path / "plain"), "--V", "16", "--out", str(tmp_path / "set")])
     before = open(tmp_path / "set" / "meta.json").read()
