@@ -761,7 +761,6 @@ def train(cfg):
             training_grid(ema, diffusion, y, cfg, d.device, os.path.join(run_dir, f"samples_{step:07d}.png"))
         if d.world > 1:
             dist.barrier()                                                  # rank 0 writes, then all go on
-    utils.cleanup_dist()
     return run_dir
 
 
@@ -907,9 +906,6 @@ def sample(cfg):
         save_npz(cfg.out, arr_0=imgs, **extra)
         save_grid(imgs[:64], os.path.splitext(cfg.out)[0] + ".png")
         utils.print0(f"wrote {len(imgs)} samples to {cfg.out} and a grid to {os.path.splitext(cfg.out)[0]}.png")
-    if d.world > 1:
-        dist.barrier()
-    utils.cleanup_dist()
 
 
 #################################################################################
@@ -1024,7 +1020,6 @@ def compose(cfg):
     save_grid(np.concatenate(rows), os.path.splitext(cfg.out)[0] + ".png", ncol=k)
     utils.print0(f"rows per pair: source A, source B, DLC composition{', embedding average' if emb_model else ''}; "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
-    utils.cleanup_dist()
 
 
 def mixing_distribution(codes, V, probs=None):
@@ -1086,7 +1081,6 @@ def compose_images(cfg, model, state, device):
     how = f"soft SEMs at temperature {cfg.temp}" if cfg.temp > 0 else "uniform choice of a source per position"
     utils.print0(f"rows: {len(codes)} sources decoded from their DLCs, then {k} compositions ({how}); "
                  f"wrote {cfg.out} and {os.path.splitext(cfg.out)[0]}.png")
-    utils.cleanup_dist()
 
 
 #################################################################################

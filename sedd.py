@@ -532,7 +532,6 @@ def train(cfg):
         if (step + 1) % cfg.ckpt_every == 0 or last:
             finite.check(model.parameters())                               # never save a NaN model
             save_state(run_dir, step + 1, model, ema, opt, cfg, meta, d)
-    utils.cleanup_dist()
     return run_dir
 
 
@@ -644,9 +643,6 @@ def sample_main(sc):
         codes, fw, saved = gather_rows(codes, ids, fw, saved, d.world)     # (n, L) on every rank
     if d.main:
         write_samples(sc, ck, path, codes, gset, keep, fw, saved, time.perf_counter() - start)
-    if d.world > 1:
-        dist.barrier()
-    utils.cleanup_dist()
 
 
 #################################################################################

@@ -776,7 +776,6 @@ def train(cfg):
             finite.check(student.parameters())                             # never save a NaN model
             save_state(out, step + 1, student, teacher, opt, centers, cfg, d)
     log(f"done: {cfg.steps} steps, checkpoints in {out}/checkpoints")
-    utils.cleanup_dist()
     return out
 
 
@@ -881,7 +880,6 @@ def encode(cfg):
         print(f"wrote {len(codes)} codes [N, L={cfg.L}] V={cfg.V} to {cfg.out}", flush=True)
     if d.world > 1:
         dist.barrier()
-    utils.cleanup_dist()
     return codes
 
 

@@ -422,7 +422,6 @@ def train(cfg):
                     {"step": step, "config": dataclasses.asdict(cfg), "L": L, "V": V, "vocab": be.extra.get("vocab"),
                      "dlc": os.path.abspath(cfg.dlc), "data": meta.get("data")})
     log(f"done: {run_dir}")
-    utils.cleanup_dist()
 
 
 def check_train_args(cfg):

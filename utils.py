@@ -2,7 +2,7 @@
 and the embedded datasets. Everything a model is made of lives in the script of its paper
 section; this file only holds infrastructure that every script needs in the same form.
 """
-import dataclasses, glob, json, os, re, shutil, sys, time, typing
+import dataclasses, gc, glob, json, os, re, shutil, sys, time, typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -132,7 +132,17 @@ def main(commands, doc, argv=None, default="train"):
             print(f"{name} options: " + " ".join(f"--{f.name}={_default(f)}" for f in fields))
         return None  # help printed: nothing runs
     fn, cls, presets = commands[cmd]
-    return fn(parse_config(cls, argv, presets))
+    try:
+        result = fn(parse_config(cls, argv, presets))
+        if dist.is_initialized():  # torchrun: every rank has ended its last collective before any tears down
+            dist.barrier()
+        return result
+    finally:
+        # DDP / FSDP wrappers sit in reference cycles that hold the process group. Collected during
+        # the interpreter's shutdown, gloo's threads can abort the process (SIGABRT after a good
+        # run), so the cycles go now, and then the group, in this order.
+        gc.collect()
+        cleanup_dist()
 
 
 def given(cfg):
@@ -209,6 +219,7 @@ def setup_dist(device="auto"):
 
 
 def cleanup_dist():
+    """End torchrun's process group (utils.main calls it after every sub-command)."""
     if dist.is_initialized():  # nothing to do for a single process
         dist.destroy_process_group()  # recent torch warns about a group left alive
 

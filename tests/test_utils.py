@@ -185,6 +185,35 @@ def test_torchrun_two_process_allreduce(tmp_path):
     assert "world=2 sum=3.0" in p.stdout
 
 
+def test_main_frees_ddp_and_the_group_before_exit(tmp_path):
+    """A sub-command leaves a DDP model in a reference cycle (as a trainer's closures do). When
+    utils.main returns, the wrapper must be collected and the process group destroyed, so that
+    neither is left to the interpreter's shutdown (where gloo's threads can abort a good run)."""
+    script = tmp_path / "ddp_cycle.py"
+    script.write_text(textwrap.dedent("""
+        import dataclasses, gc, torch, torch.distributed as dist, utils
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        gc.disable()                                      # only utils.main may collect the cycle
+
+        @dataclasses.dataclass
+        class Cfg:
+            steps: int = 2                                # training steps of the tiny model
+
+        def train(cfg):
+            d = utils.setup_dist("cpu")
+            model = DDP(torch.nn.Linear(3, 1))
+            model.self_ref = [model]                      # a cycle: refcounting alone never frees it
+            for _ in range(cfg.steps):
+                model(torch.randn(4, 3)).sum().backward()
+
+        utils.main({"train": (train, Cfg, None)}, "doc", [])
+        alive = sum(isinstance(o, DDP) for o in gc.get_objects())
+        utils.print0(f"group={dist.is_initialized()} ddp_alive={alive}")
+    """))
+    p = torchrun([str(script)], nproc=2, timeout=240)
+    assert "group=False ddp_alive=0" in p.stdout
+
+
 def test_logger_writes_log_txt(tmp_path, capsys):
     log = utils.Logger(str(tmp_path / "run"), utils.Dist())
     log("step 1 loss 0.5")
