@@ -44,7 +44,7 @@ class Common:
     model: str = "DiT-toy/4"        # size key: DiT-{S,B,L,XL}/{2,4,8}, DiT-toy/{2,4,8} (paper: DiT-XL/2)
     image_size: int = 16            # pixels (toy is pixel space; paper 256 px -> 32 x 32 latents)
     batch_size: int = 64            # per process: training batch (paper: 256 global), samples per forward
-    bf16: bool = True               # bf16 autocast on CUDA and AMX CPUs (utils.fast_bf16; the authors use fp16)
+    bf16: bool = True               # bf16 autocast on CUDA and bf16 CPUs (utils.fast_bf16; the authors use fp16)
     # the sampler (train: its progress grids)
     diffusion_steps: int = 1000     # T of the noise schedule
     sample_steps: int = 250         # respaced DDPM steps at sampling (DiT: 250)

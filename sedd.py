@@ -272,7 +272,7 @@ class DDiT(nn.Module):
 
 def bf16_raw(model, device):
     """raw_fn(x, sigma) for the sampler: model.raw under utils.autocast(device) (bf16 matmuls on
-    CUDA and AMX CPUs; the network output stays float32)."""
+    CUDA and bf16 CPUs (utils.fast_bf16); the network output stays float32)."""
     def raw_fn(x, sigma):
         with utils.autocast(device):
             return model.raw(x, sigma)                                  # bf16 matmuls; raw's .float() returns z in fp32

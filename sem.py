@@ -827,7 +827,7 @@ def encode_images(enc, images, cfg, d, idx, continuous=False, soft_tau=0.0):
     norm = v2.Normalize(MEAN, STD)
     enc.eval().to(d.device)  # eval: no drop-path
     codes, embs = [], []
-    amp = utils.autocast(d.device)  # bf16 where fast (CUDA, AMX CPU)
+    amp = utils.autocast(d.device)  # bf16 where fast (CUDA, AMX / AVX512-BF16 CPUs)
     for s in tqdm(range(0, len(idx), cfg.encode_batch), disable=not d.main, desc="encode", leave=False):
         # (b, 3, S, S), b <= encode_batch
         x = torch.stack([norm(adm_center_crop(images[int(i)], cfg.size)) for i in idx[s:s + cfg.encode_batch]])
@@ -935,7 +935,7 @@ def bench(cfg):
     with torch.no_grad(), amp:
         dt, enc_flops = utils.measure(lambda: enc(x), d.device, 3)
     enc_dtype = torch.bfloat16 if utils.fast_bf16(d.device) else torch.float32  # encode's autocast
-    if enc_dtype != dtype:                                                 # an AMX CPU: train fp32, encode bf16
+    if enc_dtype != dtype:                                                 # a bf16 CPU: train fp32, encode bf16
         peak = utils.matmul_peak_flops(d.device, enc_dtype)
     print(f"encode: {cfg.encode_batch / dt:8.1f} img/s | MFU {enc_flops / dt / peak:.1%} | "
           f"{utils.peak_memory_mb(d.device):.0f} MB peak | {cfg.arch} {cfg.size}px L={cfg.L} V={cfg.V}")

@@ -735,7 +735,7 @@ class TrainState:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
             set_optimizer_state_dict(model, opt, state["opt"], options=StateDictOptions(full_state_dict=True))
         self.cfg, self.d, self.model, self.ema, self.opt, self.fsdp = cfg, d, model, ema, opt, fsdp
-        # bf16 autocast for DDP / one device (GPU or AMX CPU); FSDP's MixedPrecisionPolicy casts by itself
+        # bf16 autocast for DDP / one device (GPU or bf16 CPU); FSDP's MixedPrecisionPolicy casts by itself
         self.amp = utils.autocast(d.device, enabled=not fsdp)
 
     def update_ema(self):

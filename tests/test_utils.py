@@ -332,14 +332,17 @@ def test_attention_matches_explicit_and_stays_fp32_under_cpu_autocast():
 
 
 def test_autocast_only_where_bf16_is_fast(monkeypatch):
-    for amx in (True, False):
+    for amx, avx512_bf16 in ((True, False), (False, True), (True, True), (False, False)):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
-        assert utils.fast_bf16("cpu") is amx
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        fast = amx or avx512_bf16                                          # either instruction set multiplies bf16
+        assert utils.fast_bf16("cpu") is fast
         with utils.autocast("cpu"):
-            assert torch.is_autocast_enabled("cpu") is amx
+            assert torch.is_autocast_enabled("cpu") is fast
             y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
-        assert y.dtype == (torch.bfloat16 if amx else torch.float32)
+        assert y.dtype == (torch.bfloat16 if fast else torch.float32)
         with utils.autocast("cpu", enabled=False):                         # a config's --bf16=false
             assert not torch.is_autocast_enabled("cpu")
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")              # an older torch: fp32
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert utils.fast_bf16("cpu") is False and utils.fast_bf16("meta") is False
