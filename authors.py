@@ -45,9 +45,9 @@ HF_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "diffusion_py
 def read_weights(path):
     """A state dict from a .safetensors file (safetensors, imported only here) or a torch file."""
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # lazy: only Hugging Face folders need the package
         return load_file(path)
-    return utils.load_checkpoint(path)
+    return utils.load_checkpoint(path)  # weights_only: a .bin / .pt never runs code on load
 
 
 def read_hf_folder(path, what):
@@ -75,9 +75,9 @@ def read_hf_folder(path, what):
 
 def find_key(tree, names):
     """First value under any of `names` in a nested dict (their YAML / config.json), or None."""
-    if not isinstance(tree, dict):
+    if not isinstance(tree, dict):  # a leaf (number, string, list): nothing to search below it
         return None
-    for k in names:
+    for k in names:  # this level first: a top-level key beats a nested one of the same name
         if k in tree:
             return tree[k]
     for sub in tree.values():  # depth first, in the file's order

@@ -1,6 +1,7 @@
 """The documentation stays true: every `python X.py CMD` line of README.md, pipeline.sh, paper.sh and
-docs/*.md names a sub-command that exists, the README stays readable in one sitting, and no file
-points at documents that are not in the repository."""
+docs/*.md names a sub-command that exists, the README stays readable in one sitting, the scripts
+keep >= 20 comment lines per 100 and functions of at most 60 lines, and no file points at documents
+that are not in the repository."""
 import ast, glob, json, os, re, subprocess, sys
 
 from conftest import ROOT
@@ -143,3 +144,36 @@ def test_no_reference_to_files_outside_the_repository():
 
 # written in two pieces so that this file does not name them itself
 FORBIDDEN = ["REFERENCE" + ".md", "DESIGN" + ".md", "GUIDELINES" + ".md"]
+
+
+SCRIPTS = ["toy_gmm.py", "sem.py", "sedd.py", "dit.py", "text2dlc.py", "evaluate.py", "authors.py", "utils.py"]
+
+
+def readability(path):
+    """(lines, comment lines, [(function, its lines) over 60]) of a Python file."""
+    import io, tokenize
+    src = open(path).read()
+    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(ast.parse(src))
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60]
+    return len(src.splitlines()), len(comments), long
+
+
+def test_scripts_commented_and_functions_short():
+    """Every script: >= 20 comment lines per 100 lines, and no function longer than 60 lines."""
+    bad = []
+    for name in SCRIPTS:
+        n, c, long = readability(os.path.join(ROOT, name))
+        if 100 * c < 20 * n:
+            bad.append(f"{name}: {c} comment lines in {n} ({100 * c / n:.1f} per 100; at least 20)")
+        bad += [f"{name}: {f}() is {k} lines (at most 60)" for f, k in long]
+    assert not bad, bad
+
+
+def test_readability_measure(tmp_path):
+    """The measure itself: a comment-free 61-line function fails both checks; a comment counts once."""
+    body = "\n".join(f"    x{i} = {i}" for i in range(60))
+    (tmp_path / "a.py").write_text(f"def f():\n{body}\n")
+    assert readability(tmp_path / "a.py") == (61, 0, [("f", 61)])
+    (tmp_path / "b.py").write_text("x = 1  # one\n# two\ns = '# not a comment'\n")
+    assert readability(tmp_path / "b.py") == (3, 2, [])
