@@ -605,6 +605,7 @@ def attention(q, k, v):
         out = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float())
     return out.to(q.dtype)  # back to the caller's dtype (bf16 under autocast)
 
+
 def matmul_peak_flops(device, dtype=torch.float32, n=None, iters=10):
     """FLOP/s of a large square matmul on `device` (best of 3 timings): the denominator of
     every MFU we report. GPUs need n = 8192 to reach their peak (1024 gives a tenth of it)."""
