@@ -289,6 +289,7 @@ def read_authors_sedd(path, checkpoint):
                    "nor a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)")
     config, sd, name = read_hf_folder(path, "download the whole folder")
     sd = strip_wrappers(sd, SEDD_WRAPPERS)
+    # their key names for as many blocks as the file holds: a missing or extra tensor fails here
     check_sedd_layout(sd, authors_names(count_blocks(sd)), os.path.join(path, name))
     return sd, config, f"Hugging Face folder ({name})"
 
@@ -329,9 +330,11 @@ def check_sedd_layout(sd, names, where):
     unexpected = sorted(set(sd) - set(names) - {_INV_FREQ})
     missing = [n for n in names if n not in sd]
     if unexpected or missing:
+        # the first five of each list: enough to tell a wrong model from a wrapped one
         short = lambda ks: ", ".join(ks[:5]) + (f" (+{len(ks) - 5} more)" if len(ks) > 5 else "") or "none"
         utils.fail(f"{where} is not in the SEDD layout: unexpected keys {short(unexpected)}; "
                    f"missing keys {short(missing)}")
+    # SEDD can learn one embedding table per position (3-D); ours, like the released models, shares one
     if sd["vocab_embed.embedding"].dim() != 2:
         utils.fail(f"{where} has a per-position token embedding {tuple(sd['vocab_embed.embedding'].shape)} "
                    "(model.shared_embedding: False); only the shared one (the released models') is supported")
@@ -349,9 +352,9 @@ def authors_dims(sd, config, c):
     for k in sizes:  # each size: the weights' value; the config's and a flag's must equal it
         for source, val in (("the config", find_key(config, aliases.get(k, (k,)))),
                             ("--heads" if k == "n_heads" else f"--{k}", flags.get(k))):
-            if val in (None, 0):
+            if val in (None, 0):  # not given: nothing to check
                 continue
-            if sizes[k] is None:
+            if sizes[k] is None:  # the heads, when the file has no rotary buffer: the config decides
                 sizes[k] = int(val)
             elif int(val) != sizes[k]:
                 utils.fail(f"{c.authors}: the weights give {k}={sizes[k]} but {source} says {val}")
@@ -565,7 +568,7 @@ def authors_files(path, split):
             if n.endswith((".parquet", ".arrow")):
                 found[os.path.join(root, n)] = n
     mine = [f for f, n in found.items() if n.startswith(split + "-") or os.path.basename(os.path.dirname(f)) == split]
-    files = sorted(mine or found)
+    files = sorted(mine or found)  # sorted by path: the same row order on every run
     if not files:
         utils.fail(f"{path} holds no .parquet or .arrow files")
     return files
@@ -619,8 +622,8 @@ def vocab_from_names(cfg, files, L):
         if os.path.isfile(info):
             texts.append(open(info).read())
     for t in texts:
-        for l, v in re.findall(r"(\d+)x(\d+)", t):
-            if int(l) == L:
+        for l, v in re.findall(r"(\d+)x(\d+)", t):  # every "<number>x<number>" in the text
+            if int(l) == L:  # the one whose first number is the codes' length gives V
                 return int(v)
     utils.fail(f"V cannot be read from {cfg.authors} (no '{L}x<V>' in its name or dataset_info.json); pass --V "
                "(lavoies/DLC_512x256: --V 256)")
@@ -708,9 +711,10 @@ def import_dlc(cfg):
                 ids += b.column(name_col).to_pylist()  # image ids, in row order
             i += len(c)
             bar.update(len(c))
-        codes.flush()
+        codes.flush()  # the memmaps reach the disk before meta.json says the set is complete
         if lat is not None:
             lat.flush()
+        # class labels from the class column, or from the ImageNet ids in the image names
         labels, source = class_labels(classes, ids, cls_col, name_col)
         if labels is not None:
             np.save(os.path.join(tmp, "labels.npy"), labels)

@@ -132,17 +132,15 @@ def main(commands, doc, argv=None, default="train"):
             print(f"{name} options: " + " ".join(f"--{f.name}={_default(f)}" for f in fields))
         return None  # help printed: nothing runs
     fn, cls, presets = commands[cmd]
-    try:
-        result = fn(parse_config(cls, argv, presets))
-        if dist.is_initialized():  # torchrun: every rank has ended its last collective before any tears down
-            dist.barrier()
-        return result
-    finally:
-        # DDP / FSDP wrappers sit in reference cycles that hold the process group. Collected during
-        # the interpreter's shutdown, gloo's threads can abort the process (SIGABRT after a good
-        # run), so the cycles go now, and then the group, in this order.
-        gc.collect()
-        cleanup_dist()
+    result = fn(parse_config(cls, argv, presets))  # a failure leaves here with its one-line error
+    if dist.is_initialized():  # torchrun: every rank has ended its last collective before any tears down
+        dist.barrier()
+    # DDP / FSDP wrappers sit in reference cycles that hold the process group. Collected during
+    # the interpreter's shutdown, gloo's threads can abort the process (SIGABRT after a good
+    # run), so the cycles go now, and then the group, in this order.
+    gc.collect()
+    cleanup_dist()
+    return result
 
 
 def given(cfg):

@@ -150,10 +150,13 @@ SCRIPTS = ["toy_gmm.py", "sem.py", "sedd.py", "dit.py", "text2dlc.py", "evaluate
 
 
 def readability(path):
-    """(lines, comment lines, [(function, its lines) over 60]) of a Python file."""
+    """(lines, comment lines, [(function, its lines) over 60]) of a Python file. A comment line
+    has words: section banners (#####) and pragmas (# noqa, # type: ...) do not count."""
     import io, tokenize
     src = open(path).read()
-    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    words = lambda c: re.search(r"[A-Za-z]", c) and not re.match(r"#\s*(noqa|type:|pragma)", c)
+    comments = {t.start[0] for t in tokenize.generate_tokens(io.StringIO(src).readline)
+                if t.type == tokenize.COMMENT and words(t.string)}
     long = [(f.name, f.end_lineno - f.lineno + 1) for f in ast.walk(ast.parse(src))
             if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno + 1 > 60]
     return len(src.splitlines()), len(comments), long
@@ -171,9 +174,10 @@ def test_scripts_commented_and_functions_short():
 
 
 def test_readability_measure(tmp_path):
-    """The measure itself: a comment-free 61-line function fails both checks; a comment counts once."""
+    """The measure itself: a comment-free 61-line function fails both checks; a comment counts once,
+    a banner or a pragma not at all."""
     body = "\n".join(f"    x{i} = {i}" for i in range(60))
     (tmp_path / "a.py").write_text(f"def f():\n{body}\n")
     assert readability(tmp_path / "a.py") == (61, 0, [("f", 61)])
-    (tmp_path / "b.py").write_text("x = 1  # one\n# two\ns = '# not a comment'\n")
-    assert readability(tmp_path / "b.py") == (3, 2, [])
+    (tmp_path / "b.py").write_text("x = 1  # one\n# two\ns = '# not a comment'\n####\ny = 2  # noqa\n")
+    assert readability(tmp_path / "b.py") == (5, 2, [])
