@@ -878,9 +878,7 @@ def encode(cfg):
         utils.save_dlc_set(cfg.out, codes, meta, labels=images.labels, captions=images.captions,
                            index=images.index, extra=extra, overwrite=cfg.overwrite)
         print(f"wrote {len(codes)} codes [N, L={cfg.L}] V={cfg.V} to {cfg.out}", flush=True)
-    if d.world > 1:
-        dist.barrier()
-    return codes
+    return codes  # under torchrun, utils.main's closing barrier holds the other ranks until rank 0 has written
 
 
 def resume_converted(ck, path, student, teacher):
