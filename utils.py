@@ -567,7 +567,7 @@ def fast_bf16(device):
     """Whether bf16 matmuls beat fp32 on `device`: on CUDA, and on a CPU with bf16 dot-product
     instructions: AMX tiles (Intel Xeon 4th generation on; one core: 1.1 TFLOP/s in bf16 against
     0.17 in fp32) or AVX512-BF16 (AMD Zen 4 on, Intel Cooper Lake; one Zen 4 core: 0.20-0.21
-    TFLOP/s against 0.065-0.086). Other CPUs emulate bf16 and are slower with it: fp32 there."""
+    TFLOP/s against 0.06-0.09, BENCHMARKS.md). Other CPUs emulate bf16 and are slower: fp32 there."""
     device = torch.device(device)
     if device.type == "cuda":  # assumes a GPU with bf16 tensor cores (Ampere or later)
         return True
