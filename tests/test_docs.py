@@ -1,13 +1,14 @@
-"""The documentation stays true: every `python X.py CMD` line of README.md, pipeline.sh, paper.sh and
-docs/*.md names a sub-command that exists, the README stays readable in one sitting, the scripts
-keep >= 20 comment lines per 100 and functions of at most 60 lines, and no file points at documents
-that are not in the repository."""
+"""The documentation stays true: every `python X.py CMD` line of README.md, pipeline.sh, paper.sh,
+BENCHMARKS.md, docs/*.md and the scripts' docstrings names a sub-command that exists and options
+it takes; the README stays readable in one sitting; the scripts keep >= 20 comment lines per 100
+and functions of at most 60 lines; and no file points at documents outside the repository."""
 import ast, glob, json, os, re, subprocess, sys
 
 from conftest import ROOT
 
-DOCS = ["README.md", "pipeline.sh", "paper.sh"] + sorted(
+DOCS = ["README.md", "pipeline.sh", "paper.sh", "BENCHMARKS.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+SCRIPTS = ["toy_gmm.py", "sem.py", "sedd.py", "dit.py", "text2dlc.py", "evaluate.py", "authors.py", "utils.py"]
 # `python X.py`, `$PY "$D/X.py"` (pipeline.sh) or `torchrun [options] X.py`, then the next word
 LAUNCH = r'(?:\bpython3?|\$PY|\$\{PYTHON[^}]*\}|\btorchrun(?:\s+-\S+)*)'
 COMMAND = re.compile(LAUNCH + r'\s+"?(?:\$D/|\./)?([A-Za-z_]\w*)\.py"?((?:\s+\S+){0,2})')
@@ -124,6 +125,73 @@ def test_parser_sees_commands():
     assert commands_in(text) == {("sem", "encode"), ("dit", "sample"), ("toy_gmm", None)}
 
 
+# a documented command line: the launcher, the script, then everything up to the end of the line
+# (shell continuations joined), a backtick, a comment or a shell operator
+LINE = re.compile(LAUNCH + r'\s+"?(?:\$D/|\./)?([A-Za-z_]\w*)\.py"?([^`#|;&>\n]*)')
+
+
+def documented_lines():
+    """[(where, script, words after X.py)] of every documented command line, the scripts' own
+    docstrings included (students read them first)."""
+    texts = [(name, open(os.path.join(ROOT, name)).read()) for name in DOCS if os.path.exists(os.path.join(ROOT, name))]
+    texts += [(name, ast.get_docstring(ast.parse(open(os.path.join(ROOT, name)).read())) or "") for name in SCRIPTS]
+    out = []
+    for where, text in texts:
+        for script, rest in LINE.findall(text.replace("\\\n", " ")):
+            if os.path.exists(os.path.join(ROOT, script + ".py")):
+                out.append((where, script, [w.strip('"`\'') for w in rest.split()]))
+    return out
+
+
+def option_errors(where, script, words):
+    """Why a documented line would not parse: an option that is no field of its sub-command's
+    config (aliases allowed) or a preset it does not have. Values are not checked (placeholders)."""
+    import importlib
+    import utils
+    mod = importlib.import_module(script)
+    words = words[1:] if words[:1] == ["--"] else words                 # torchrun ... X.py -- CMD
+    cmd = words[0] if words and re.fullmatch(r"[a-z][a-z0-9_]*", words[0]) else None
+    if cmd is None and (not words or words[0].startswith("-")):
+        cmd = "train"                                                   # the default sub-command
+    if cmd is None:
+        return []                                                       # a placeholder such as CMD
+    if cmd not in mod.COMMANDS:
+        return [f"{where}: python {script}.py: no sub-command {cmd!r}"]
+    _, cls, presets = mod.COMMANDS[cmd]
+    fields = {f.name for f in __import__("dataclasses").fields(cls)}
+    bad = []
+    for i, w in enumerate(words):
+        m = re.fullmatch(r"--([A-Za-z][\w-]*)(=.*)?", w)
+        if not m:
+            continue
+        key = m.group(1).replace("-", "_")
+        key = utils.ALIASES.get(key, key) if utils.ALIASES.get(key) in fields else key
+        if key == "preset":
+            name = (m.group(2) or "=")[1:] or (words[i + 1] if i + 1 < len(words) else "")
+            if not name.startswith("$") and name not in (presets or {}):
+                bad.append(f"{where}: python {script}.py {cmd}: no preset {name!r}")
+        elif key not in fields and key != "help":
+            bad.append(f"{where}: python {script}.py {cmd}: no option --{key}")
+    return bad
+
+
+def test_documented_options_exist():
+    """Every option written on a documented command line is one its sub-command takes."""
+    lines = documented_lines()
+    assert len(lines) > 50 and {s for _, s, _ in lines} >= {"sem", "sedd", "dit", "text2dlc", "evaluate"}
+    bad = [e for line in lines for e in option_errors(*line)]
+    assert not bad, "documented options that do not exist:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_option_check_catches_a_wrong_option():
+    assert option_errors("x", "sedd", ["sample", "--ckpt", "a", "--num", "3", "--run-name", "b"]) == [
+        "x: python sedd.py sample: no option --run_name"]                  # --num is an alias of --n
+    assert option_errors("x", "dit", ["--preset", "imagenet", "--steps=2"]) == []
+    assert option_errors("x", "dit", ["--preset=nope"]) == ["x: python dit.py train: no preset 'nope'"]
+    assert option_errors("x", "sedd", ["synth", "--n", "3"]) == ["x: python sedd.py: no sub-command 'synth'"]
+    assert option_errors("x", "evaluate", ["CMD", "--help"]) == []      # a placeholder
+
+
 def test_readme_readable_in_one_sitting():
     n = len(open(os.path.join(ROOT, "README.md")).read().splitlines())
     assert n <= 350, f"README.md has {n} lines (at most 350; per-script detail goes to docs/)"
@@ -145,8 +213,6 @@ def test_no_reference_to_files_outside_the_repository():
 # written in two pieces so that this file does not name them itself
 FORBIDDEN = ["REFERENCE" + ".md", "DESIGN" + ".md", "GUIDELINES" + ".md"]
 
-
-SCRIPTS = ["toy_gmm.py", "sem.py", "sedd.py", "dit.py", "text2dlc.py", "evaluate.py", "authors.py", "utils.py"]
 
 
 def readability(path):
