@@ -4,9 +4,9 @@ and small "judge" classifiers for the toy data (paper Tables 1 and 3, Figures 6-
 A sub-command is always required (`python evaluate.py CMD --help` lists its options):
 fid | judge | probe | novelty | table | plot | report | bench; docs/evaluate.md says what each
 writes and the protocol in full.
-  python evaluate.py judge --samples runs/dit-toy/samples.npz --data shapes --out runs/eval-dit
-  python evaluate.py probe --dlc runs/sem-toy/dlc --out runs/eval-probe
-  python evaluate.py table --inputs runs/eval-dit/metrics.json,runs/eval-probe/metrics.json --out results.md
+  python evaluate.py judge --samples samples.npz --data shapes --out runs/eval-samples   # dit.py sample's file
+  python evaluate.py probe --dlc runs/dlc-shapes --out runs/eval-probe                  # sem.py encode's set
+  python evaluate.py table --inputs runs/eval-samples/metrics.json,runs/eval-probe/metrics.json --out results.md
   python evaluate.py fid --preset imagenet --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz \
       --inception weights/pt_inception-2015-12-05-6726825d.pth --out runs/eval-imagenet
 
