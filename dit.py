@@ -17,8 +17,8 @@ Dhariwal 2021, DDIM = Song et al. 2021, CFG = Ho & Salimans 2022.
 
 Key commands (every sub-command, the paper-scale recipe and the authors' checkpoints: docs/dit.md):
   python dit.py train --cond dlc --dlc runs/dlc-shapes          # toy: 16 px shapes, minutes on a CPU
-  python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --out samples.npz
-  python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 --out compose.npz
+  python dit.py sample --ckpt runs/dit-toy --dlc runs/dlc-shapes --n 64 --cfg_scale 4 --out samples.npz
+  python dit.py compose --ckpt runs/dit-toy --dlc runs/dlc-shapes --pairs 0:1,2:3 --cfg_scale 4 --out compose.npz
   torchrun --nproc_per_node=8 dit.py -- --preset imagenet --latents /data/in256-latents --dlc /data/dlc512
   python authors.py dit --authors <their checkpoint_<i>/ or Hugging Face folder> --out dit_authors.pt
 """
