@@ -2,42 +2,58 @@
 BENCHMARKS.md, docs/*.md and the scripts' docstrings names a sub-command that exists and options
 it takes; the README stays readable in one sitting; the scripts keep >= 20 comment lines per 100
 and functions of at most 60 lines; and no file points at documents outside the repository."""
-import ast, glob, json, os, re, subprocess, sys
+import ast, dataclasses, glob, importlib, json, os, re, subprocess, sys
 
 from conftest import ROOT
+import utils
 
 DOCS = ["README.md", "pipeline.sh", "paper.sh", "BENCHMARKS.md"] + sorted(
     os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ["toy_gmm.py", "sem.py", "sedd.py", "dit.py", "text2dlc.py", "evaluate.py", "authors.py", "utils.py"]
-# `python X.py`, `$PY "$D/X.py"` (pipeline.sh) or `torchrun [options] X.py`, then the next word
+# a documented command line: `python X.py`, `$PY "$D/X.py"` (pipeline.sh) or `torchrun [options] X.py`,
+# then its words up to the end of the line (shell continuations joined), a backtick, a comment or a
+# shell operator
 LAUNCH = r'(?:\bpython3?|\$PY|\$\{PYTHON[^}]*\}|\btorchrun(?:\s+-\S+)*)'
-COMMAND = re.compile(LAUNCH + r'\s+"?(?:\$D/|\./)?([A-Za-z_]\w*)\.py"?((?:\s+\S+){0,2})')
+LINE = re.compile(LAUNCH + r'\s+"?(?:\$D/|\./)?([A-Za-z_]\w*)\.py"?([^`#|;&>\n]*)')
+
+
+def command_lines(text):
+    """[(script, words after X.py)] of the command lines in a text that name one of our scripts."""
+    return [(script, [w.strip('"`\'') for w in rest.split()])
+            for script, rest in LINE.findall(text.replace("\\\n", " "))
+            if os.path.exists(os.path.join(ROOT, script + ".py"))]  # not `python -m pytest`, other tools
+
+
+def subcommand(words):
+    """(sub-command, its options) of a line's words: None for the script's default sub-command, ""
+    for a placeholder such as CMD that names no concrete one."""
+    if words[:1] == ["--"]:                               # torchrun ... X.py -- CMD: torchrun drops the --
+        words = words[1:]
+    if not words or words[0].startswith("-"):
+        return None, words
+    return (words[0] if re.fullmatch(r"[a-z][a-z0-9_]*", words[0]) else ""), words[1:]
+
+
+def commands_of(lines):
+    """{(script, cmd)} of (script, words) lines; cmd is None for the script's default sub-command,
+    and placeholders (CMD) are left out."""
+    return {(script, cmd) for script, words in lines for cmd in [subcommand(words)[0]] if cmd != ""}
 
 
 def commands_in(text):
-    """{(script, cmd)} named in a text; cmd is None for the script's default sub-command."""
-    pairs = set()
-    for script, rest in COMMAND.findall(text):
-        if not os.path.exists(os.path.join(ROOT, script + ".py")):
-            continue                                      # e.g. `python -m pytest`, other tools
-        words = [w.strip('"`') for w in rest.split()]
-        if words and words[0] == "--":                    # torchrun ... X.py -- CMD: torchrun drops the --
-            words = words[1:]
-        if not words or words[0].startswith("-") or words[0] in ("&&", "|", "#", ";"):
-            pairs.add((script, None))
-        elif re.fullmatch(r"[a-z][a-z0-9_]*", words[0]):
-            pairs.add((script, words[0]))
-        # anything else (a placeholder such as CMD) names no concrete sub-command
-    return pairs
+    return commands_of(command_lines(text))
+
+
+def documented_lines():
+    """[(where, script, words after X.py)] of every documented command line, the scripts' own
+    docstrings included (students read them first)."""
+    texts = [(name, open(os.path.join(ROOT, name)).read()) for name in DOCS if os.path.exists(os.path.join(ROOT, name))]
+    texts += [(name, ast.get_docstring(ast.parse(open(os.path.join(ROOT, name)).read())) or "") for name in SCRIPTS]
+    return [(where, script, words) for where, text in texts for script, words in command_lines(text)]
 
 
 def documented_commands():
-    pairs = set()
-    for name in DOCS:
-        path = os.path.join(ROOT, name)
-        if os.path.exists(path):
-            pairs |= commands_in(open(path).read())
-    return pairs
+    return commands_of((script, words) for _, script, words in documented_lines())
 
 
 def dispatcher_names(script):
@@ -125,40 +141,18 @@ def test_parser_sees_commands():
     assert commands_in(text) == {("sem", "encode"), ("dit", "sample"), ("toy_gmm", None)}
 
 
-# a documented command line: the launcher, the script, then everything up to the end of the line
-# (shell continuations joined), a backtick, a comment or a shell operator
-LINE = re.compile(LAUNCH + r'\s+"?(?:\$D/|\./)?([A-Za-z_]\w*)\.py"?([^`#|;&>\n]*)')
-
-
-def documented_lines():
-    """[(where, script, words after X.py)] of every documented command line, the scripts' own
-    docstrings included (students read them first)."""
-    texts = [(name, open(os.path.join(ROOT, name)).read()) for name in DOCS if os.path.exists(os.path.join(ROOT, name))]
-    texts += [(name, ast.get_docstring(ast.parse(open(os.path.join(ROOT, name)).read())) or "") for name in SCRIPTS]
-    out = []
-    for where, text in texts:
-        for script, rest in LINE.findall(text.replace("\\\n", " ")):
-            if os.path.exists(os.path.join(ROOT, script + ".py")):
-                out.append((where, script, [w.strip('"`\'') for w in rest.split()]))
-    return out
-
-
 def option_errors(where, script, words):
     """Why a documented line would not parse: an option that is no field of its sub-command's
     config (aliases allowed) or a preset it does not have. Values are not checked (placeholders)."""
-    import importlib
-    import utils
     mod = importlib.import_module(script)
-    words = words[1:] if words[:1] == ["--"] else words                 # torchrun ... X.py -- CMD
-    cmd = words[0] if words and re.fullmatch(r"[a-z][a-z0-9_]*", words[0]) else None
-    if cmd is None and (not words or words[0].startswith("-")):
-        cmd = "train"                                                   # the default sub-command
-    if cmd is None:
+    cmd, words = subcommand(words)
+    if cmd == "":
         return []                                                       # a placeholder such as CMD
+    cmd = cmd or "train"                                                # the default sub-command
     if cmd not in mod.COMMANDS:
         return [f"{where}: python {script}.py: no sub-command {cmd!r}"]
     _, cls, presets = mod.COMMANDS[cmd]
-    fields = {f.name for f in __import__("dataclasses").fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)}
     bad = []
     for i, w in enumerate(words):
         m = re.fullmatch(r"--([A-Za-z][\w-]*)(=.*)?", w)
@@ -212,7 +206,6 @@ def test_no_reference_to_files_outside_the_repository():
 
 # written in two pieces so that this file does not name them itself
 FORBIDDEN = ["REFERENCE" + ".md", "DESIGN" + ".md", "GUIDELINES" + ".md"]
-
 
 
 def readability(path):
