@@ -12,7 +12,7 @@ D=$(cd "$(dirname "$0")" && pwd)          # the scripts; runs/ goes under the cu
 PY=${PYTHON:-python}
 if [ "$SCALE" = full ]; then
   GMM=(--steps=2500 --n_eval=5000)
-  NDATA=4000; NPROBE=30000; SEM=(); SEDD=(--steps 1600); DIT=(--steps 2000); T2D=(--steps 1500 --lr 2e-3)
+  NDATA=4000; NPROBE=30000; SEM=(); SEDD=(--steps 1300); DIT=(--steps 2000); T2D=(--steps 1500 --lr 2e-3)
   NS=500; STEPS=50; NPAIRS=24; K=8; NP=32; JUDGE=(--judge_steps 400)
 elif [ "$SCALE" = tiny ]; then
   GMM=(--steps=5 --batch_size=64 --width=16 --n_eval=300 --sample_steps=5 --pool=4096)
@@ -29,26 +29,28 @@ t0=$SECONDS; stage() { echo; echo "### [$((SECONDS - t0)) s] $*"; }
 
 # Two chains of one-thread steps side by side (faster than one after the other on 2 threads); each reads
 # only what it or an earlier stage wrote. Logs: $OUT/lane-{a,b}.log.
-lanes() {
-  (export OMP_NUM_THREADS=1; $1) > "$OUT/lane-a.log" 2>&1 & local a=$! ra=0 rb=0
-  (export OMP_NUM_THREADS=1; $2) > "$OUT/lane-b.log" 2>&1 & local b=$!
-  wait $a || ra=$?; wait $b || rb=$?
-  grep -h "^###" "$OUT"/lane-[ab].log || true
-  [ $ra = 0 ] && [ $rb = 0 ] || { tail -n 5 "$OUT"/lane-[ab].log >&2; echo "error: a step failed (logs: $OUT/lane-[ab].log)" >&2; exit 1; }
+lane() { (export OMP_NUM_THREADS=1; $1) >> "$OUT/lane-$2.log" 2>&1; }
+finished() {  # wait for the lane jobs $@; if a step failed: wait for every job, show the logs' ends, stop
+  local rc=0; for p in "$@"; do wait "$p" || rc=$?; done
+  [ $rc = 0 ] && return; wait || true
+  tail -n 5 "$OUT"/lane-[ab].log >&2; echo "error: a step failed (logs: $OUT/lane-[ab].log)" >&2; exit 1
 }
 dit_train() { $PY "$D/dit.py" train --cond $1 --dlc "$OUT/dlc" --data_n $NDATA --run pipeline-$1 --overwrite "${DIT[@]}"; }
 S=(--n $NS --sample_steps $STEPS); G=(--cfg_scale 4)     # the DLC and embedding models guided at DiT's figure scale
 judge() { $PY "$D/evaluate.py" judge --samples "$OUT/s/$1.npz" --out "$OUT/eval/$1" "${@:2}" "${JUDGE[@]}"; }
 
-stage "1. SEM encoder (self-distillation) on shapes, DLCs + continuous embeddings of its training images; the judge"
-$PY "$D/sem.py" --run pipeline --overwrite --n $NDATA "${SEM[@]}"
-$PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NDATA --out "$OUT/dlc" --continuous --overwrite
-$PY "$D/dit.py" real --n $NS --out "$OUT/s/real-16px.npz"              # the training images at 16 px: the floor
-judge real-16px --target_attrs "$OUT/dlc/attrs.npy"                      # trains the judge once, before the lanes read it
-
-lane_a() {
-  stage "2a. Section 3: grid GMMs, unconditional vs oracle-index conditioning (python toy_gmm.py: all four variants)"
+section3() {
+  stage "1a. Section 3: grid GMMs, unconditional vs oracle-index conditioning (python toy_gmm.py: all four variants)"
   $PY "$D/toy_gmm.py" --run=pipeline --overwrite --variants=uncond,oracle "${GMM[@]}"
+}
+encoder() {
+  stage "1b. SEM encoder (self-distillation) on shapes, DLCs + continuous embeddings of its training images; the judge"
+  $PY "$D/sem.py" --run pipeline --overwrite --n $NDATA "${SEM[@]}"
+  $PY "$D/sem.py" encode --ckpt runs/sem-pipeline --data shapes --n $NDATA --out "$OUT/dlc" --continuous --overwrite
+  $PY "$D/dit.py" real --n $NS --out "$OUT/s/real-16px.npz"            # the training images at 16 px: the floor
+  judge real-16px --target_attrs "$OUT/dlc/attrs.npy"                    # trains the judge once, before others read it
+}
+lane_a() {
   stage "2a. SEDD over the DLCs, then generated DLCs, with and without remasking"
   $PY "$D/sedd.py" --dlc "$OUT/dlc" --run pipeline --overwrite "${SEDD[@]}"
   $PY "$D/sedd.py" sample --ckpt runs/sedd-pipeline --n $NS --out "$OUT/dlc-sedd" --overwrite
@@ -82,14 +84,18 @@ lane_b() {
   stage "2b. Text -> DLC -> image (Sec. 6): seen vs held-out attribute combinations (prompts/*.txt)"
   for split in seen heldout; do
     $PY "$D/text2dlc.py" sample --ckpt runs/text2dlc-pipeline --prompts_file "$D/prompts/$split.txt" --n $NP \
-      --out "$OUT/t2d-$split" --overwrite
+      --steps 64 --out "$OUT/t2d-$split" --overwrite                  # two of the 128 tokens per step
     $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/t2d-$split" --n $((6 * NP)) \
       --sample_steps $STEPS "${G[@]}" --out "$OUT/s/text-$split.npz"
     judge text-$split --target_attrs "$OUT/t2d-$split/attrs.npy"
   done
 }
-stage "2. Two lanes: (a) Section 3, SEDD, label DiT, probe; (b) text2dlc, DLC / embedding / unconditional DiTs"
-lanes lane_a lane_b
+stage "1-2. Two lanes: (a) Section 3, then SEDD, label DiT, probe; (b) SEM, then text2dlc, the other DiTs"
+: > "$OUT/lane-a.log"; : > "$OUT/lane-b.log"
+lane section3 a & a=$!; lane encoder b & b=$!     # Section 3 needs nothing: it runs beside the encoder
+finished $b; lane lane_b b & b=$!                   # everything else reads the encoder's DLCs and judge
+finished $a; lane lane_a a & a=$!
+finished $a $b; grep -h "^###" "$OUT"/lane-[ab].log
 
 stage "3. The DLC DiT on SEDD's generated codes (Table 1)"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc-sedd" "${S[@]}" "${G[@]}" --out "$OUT/s/dlc-sedd.npz"

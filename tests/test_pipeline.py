@@ -113,3 +113,22 @@ def test_pipeline_stops_when_a_step_in_a_lane_fails(tmp_path):
     assert "sedd.py sample" in calls and "text2dlc.py" in calls      # both lanes ran up to the failure
     assert "dit.py train --cond label" not in calls                  # lane a stopped at its failed step
     assert " report " not in calls
+
+
+def test_pipeline_stops_when_the_encoder_fails_beside_section_3(tmp_path):
+    """Section 3 runs beside the encoder stage; when the encoder stage fails, the pipeline lets Section 3
+    finish (no orphaned job), starts nothing that reads the encoder's files, and stops with one error line."""
+    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
+    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
+                    'case "$1" in *toy_gmm.py) sleep 2; echo gmm-finished >> "$FAKE_LOG" ;; esac\n'
+                    'case "$1" in *dit.py) [ "${2:-}" = real ] && { echo "no data" >&2; exit 4; } ;; esac; exit 0\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log)}
+    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "error: a step failed" in p.stderr and "no data" in p.stderr
+    calls = open(log).read()
+    assert "gmm-finished" in calls                                   # Section 3 was waited for, not orphaned
+    for later in ("sedd.py", "text2dlc.py", "dit.py train", " report "):
+        assert later not in calls, later
