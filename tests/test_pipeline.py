@@ -75,18 +75,25 @@ def test_pipeline_tiny_end_to_end(tmp_path):
     assert m["resolution"] == 16 and 0 <= m["acc_all"] <= 1
 
 
+def run_with_fake_python(tmp_path, body, **env):
+    """bash pipeline.sh (SCALE=tiny) with python replaced by a bash stand-in whose body records each
+    call in $FAKE_LOG (no work done; exit 0 unless the body exits); returns (the process, the log's path)."""
+    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
+    fake.write_text("#!/usr/bin/env bash\n" + body + "exit 0\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log), **env}
+    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=60)
+    return p, log
+
+
 def test_pipeline_passes_an_out_folder_with_a_space_intact(tmp_path):
     """Every command line of pipeline.sh, recorded by a stand-in for python (no work done):
     an OUT holding a space reaches every script as one argument."""
-    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
-    # one write per call: the pipeline's two lanes call python at the same time
-    fake.write_text('#!/usr/bin/env bash\nline=; for a in "$@"; do line+="$a"$\'\\037\'; done\n'
-                    'printf \'%s\\n\' "$line" >> "$FAKE_LOG"\n')
-    fake.chmod(0o755)
     out = str(tmp_path / "my runs" / "p")
-    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log), "OUT": out}
-    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=60)
+    # one write per call: the pipeline's two lanes call python at the same time
+    p, log = run_with_fake_python(tmp_path, 'line=; for a in "$@"; do line+="$a"$\'\\037\'; done\n'
+                                            'printf \'%s\\n\' "$line" >> "$FAKE_LOG"\n', OUT=out)
     assert p.returncode == 0, p.stderr[-2000:]
     calls = [l.split("\x1f")[:-1] for l in open(log).read().splitlines()]
     judges = [c for c in calls if "judge" in c]
@@ -100,13 +107,8 @@ def test_pipeline_passes_an_out_folder_with_a_space_intact(tmp_path):
 def test_pipeline_stops_when_a_step_in_a_lane_fails(tmp_path):
     """A step that fails inside one of the two side-by-side lanes stops the pipeline with one error line
     and a non-zero exit; no later stage (the report) runs."""
-    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
-    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
-                    'case "$1" in *sedd.py) [ "${2:-}" = sample ] && { echo "boom" >&2; exit 3; } ;; esac; exit 0\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log)}
-    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=60)
+    p, log = run_with_fake_python(tmp_path, 'printf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
+                                  'case "$1" in *sedd.py) [ "${2:-}" = sample ] && { echo "boom" >&2; exit 3; } ;; esac\n')
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "error: a step failed" in p.stderr and "boom" in p.stderr
     calls = open(log).read()
@@ -118,14 +120,9 @@ def test_pipeline_stops_when_a_step_in_a_lane_fails(tmp_path):
 def test_pipeline_stops_when_the_encoder_fails_beside_section_3(tmp_path):
     """Section 3 runs beside the encoder stage; when the encoder stage fails, the pipeline lets Section 3
     finish (no orphaned job), starts nothing that reads the encoder's files, and stops with one error line."""
-    log, fake = tmp_path / "calls.txt", tmp_path / "fakepy"
-    fake.write_text('#!/usr/bin/env bash\nprintf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
-                    'case "$1" in *toy_gmm.py) sleep 2; echo gmm-finished >> "$FAKE_LOG" ;; esac\n'
-                    'case "$1" in *dit.py) [ "${2:-}" = real ] && { echo "no data" >&2; exit 4; } ;; esac; exit 0\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "SCALE": "tiny", "PYTHON": str(fake), "FAKE_LOG": str(log)}
-    p = subprocess.run(["bash", os.path.join(ROOT, "pipeline.sh")], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=60)
+    p, log = run_with_fake_python(tmp_path, 'printf \'%s\\n\' "$*" >> "$FAKE_LOG"\n'
+                                  'case "$1" in *toy_gmm.py) sleep 2; echo gmm-finished >> "$FAKE_LOG" ;; esac\n'
+                                  'case "$1" in *dit.py) [ "${2:-}" = real ] && { echo "no data" >&2; exit 4; } ;; esac\n')
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     assert "error: a step failed" in p.stderr and "no data" in p.stderr
     calls = open(log).read()
