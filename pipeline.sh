@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy pipeline: every experiment of the paper at toy scale, one command, on a CPU.
-#   bash pipeline.sh              # the README's numbers (14 minutes on 2 idle AVX512-BF16 cores)
+#   bash pipeline.sh              # the README's numbers (14-15 minutes on 2 idle AVX512-BF16 cores)
 #   SCALE=tiny bash pipeline.sh   # a few minutes: what the test suite runs (numbers meaningless)
 # A plain chain of the scripts' own command lines; each step's files feed the next (--overwrite):
 #   sem -> encode | toy_gmm, sedd -> sample, dit x 4 conditionings -> sample / compose | text2dlc -> sample -> dit
