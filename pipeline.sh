@@ -95,7 +95,7 @@ stage "1-2. Two lanes: (a) Section 3, then SEDD, label DiT, probe; (b) SEM, then
 lane section3 a & a=$!; lane encoder b & b=$!     # Section 3 needs nothing: it runs beside the encoder
 finished $b; lane lane_b b & b=$!                   # everything else reads the encoder's DLCs and judge
 finished $a; lane lane_a a & a=$!
-finished $a $b; grep -h "^###" "$OUT"/lane-[ab].log
+finished $a $b; grep -h "^###" "$OUT"/lane-[ab].log || true
 
 stage "3. The DLC DiT on SEDD's generated codes (Table 1)"
 $PY "$D/dit.py" sample --ckpt runs/dit-pipeline-dlc --dlc "$OUT/dlc-sedd" "${S[@]}" "${G[@]}" --out "$OUT/s/dlc-sedd.npz"
